@@ -1,0 +1,12 @@
+"""nakt: network-agnostic knowledge transfer for medical imaging.
+
+Teachers of any architecture annotate a transferal set (`label`); a student of another architecture learns
+from those annotations (`train`), is optionally fine-tuned on a small labelled set (`finetune`), and is
+scored (`evaluate`) or applied (`predict`). Each function takes an options dataclass or keyword arguments.
+"""
+
+__version__ = "0.1.0"
+
+from nakt.api import evaluate, finetune, label, load, predict, train  # noqa: E402
+
+__all__ = ["__version__", "load", "train", "label", "finetune", "predict", "evaluate"]

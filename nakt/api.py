@@ -1,0 +1,52 @@
+"""The public API: each pipeline verb takes its options dataclass, or the same fields as keyword arguments
+(plus ``config=`` for a YAML file with those keys), and returns what it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nakt.config import make_options
+from nakt.evaluate import EvaluateOptions
+from nakt.evaluate import evaluate as _evaluate
+from nakt.label import LabelOptions
+from nakt.label import label as _label
+from nakt.models import load
+from nakt.predict import PredictOptions
+from nakt.predict import predict as _predict
+from nakt.train import FinetuneOptions, TrainOptions
+from nakt.train import finetune as _finetune
+from nakt.train import train as _train
+
+__all__ = ["load", "train", "label", "finetune", "predict", "evaluate"]
+
+
+def _options(cls, opts, config, kwargs):
+    return opts if isinstance(opts, cls) else make_options(cls, config, **kwargs)
+
+
+def train(opts: TrainOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Train a model spec on images + masks (or a label set); returns the run directory.
+
+    ``nakt.train(model="smp:Unet/resnet18", images="imgs", masks="masks", out="runs/t1", size=[128])``
+    """
+    return _train(_options(TrainOptions, opts, config, kwargs))
+
+
+def finetune(opts: FinetuneOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Continue a run on a small labelled set (lower LR, encoder frozen at first); returns the new run."""
+    return _finetune(_options(FinetuneOptions, opts, config, kwargs))
+
+
+def label(opts: LabelOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Teachers annotate images; returns the label-set folder (masks/, probs/, manifest.json)."""
+    return _label(_options(LabelOptions, opts, config, kwargs))
+
+
+def predict(opts: PredictOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Segment images with a trained model; returns the output folder."""
+    return _predict(_options(PredictOptions, opts, config, kwargs))
+
+
+def evaluate(opts: EvaluateOptions | None = None, *, config: str | None = None, **kwargs) -> dict:
+    """Dice / HD95 against masks (from `model` or `pred`); writes and returns summary.json."""
+    return _evaluate(_options(EvaluateOptions, opts, config, kwargs))

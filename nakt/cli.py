@@ -1,0 +1,117 @@
+"""The ``nakt`` command: one subcommand per pipeline verb, each a thin layer over the Python API.
+
+Flags equal the options dataclass fields (``--val-images`` -> ``val_images``); ``--config FILE.yaml`` fills
+the same fields, flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nakt.errors import NaktError
+
+__all__ = ["main", "build_parser"]
+
+
+def _data_flags(p: argparse.ArgumentParser, masks: bool = True) -> None:
+    p.add_argument("--images", help="folder of images (files, or one folder per case)")
+    if masks:
+        p.add_argument("--masks", help="folder of masks paired by case name")
+        p.add_argument("--mask-file", help="glob of the mask file inside case folders (e.g. 'OTMultiClass*')")
+    p.add_argument("--cases", help="case list: text file, JSON list, or splits.json:KEY")
+    p.add_argument("--channels", nargs="+", help="file-name globs of the modality files in case folders, in order")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: GPU when present)")
+    p.add_argument("--config", help="YAML file with the same keys as the flags")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", help=model_help)
+    _data_flags(p)
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
+    p.add_argument("--val-masks", help="validation masks (default: --val-images)")
+    p.add_argument("--val-cases", help="validation case list")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--size", type=int, nargs="+", help="resize to this size before the network (128 or 256 192)")
+    p.add_argument("--patch", type=int, nargs="+", help="train on patches, infer with sliding windows (96 96 64)")
+    p.add_argument("--patches-per-case", type=int)
+    p.add_argument("--normalization", choices=["zscore", "minmax", "none"])
+    p.add_argument("--hard-labels", action="store_true", default=None,
+                   help="with a label set as --masks: train on its hard masks, not its soft probabilities")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder frozen for this many epochs")
+    p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nakt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train a model (teacher or student) and write a run directory")
+    _train_flags(p, "model spec: smp:Unet/resnet18, monai:UNet, ... (or a run directory to continue)")
+
+    p = sub.add_parser("finetune", help="continue a run on a small labelled set (lower LR, frozen encoder)")
+    _train_flags(p, "run directory to fine-tune")
+
+    p = sub.add_parser("label", help="teachers annotate images; write a fused label set")
+    p.add_argument("--teacher", action="append", help="run directory or torchscript:PATH (repeat for several)")
+    _data_flags(p, masks=False)
+    p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
+    p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"])
+    p.add_argument("--weights", type=float, nargs="+", help="teacher weights for --fusion weighted")
+    p.add_argument("--save-teacher-probs", action="store_true", default=None)
+
+    p = sub.add_parser("predict", help="segment images with a trained model")
+    p.add_argument("--model", help="run directory or torchscript:PATH")
+    _data_flags(p, masks=False)
+    p.add_argument("--out", help="folder for the predicted masks")
+    p.add_argument("--save-probs", action="store_true", default=None)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 against masks; writes summary.json")
+    p.add_argument("--model", help="run directory to evaluate")
+    p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
+    _data_flags(p)
+    p.add_argument("--out", help="folder for summary.json")
+    p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
+
+    p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a CPU)")
+    p.add_argument("--out", default="demo_runs")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _run(args: argparse.Namespace):
+    import nakt
+
+    values = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
+    if args.verb == "demo":
+        from nakt.demo import DemoOptions, demo
+
+        return demo(DemoOptions(**values))
+    return getattr(nakt, args.verb)(config=args.config, **values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except NaktError as exc:
+        print(f"nakt {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nakt {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

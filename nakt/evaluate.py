@@ -1,0 +1,94 @@
+"""`nakt evaluate`: Dice and HD95 per case and on average, from a model or from predictions on disk.
+
+Writes ``summary.json``: ``{"mean": {"dice", "hd95"}, "std": {...}, "per_case": [{"case", "dice", "hd95",
+"dice_per_class"}, ...]}``; ``mean.dice`` is the mean over cases of the foreground Dice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nakt import __version__
+from nakt.errors import NaktError
+from nakt.inference import pick_device
+from nakt.io.dataset import discover_cases
+from nakt.io.images import read_image, read_mask
+from nakt.io.rundir import write_json
+from nakt.metrics import case_scores
+from nakt.models import load
+from nakt.predict import predict_array
+from nakt.preprocess import encode_labels
+
+__all__ = ["EvaluateOptions", "evaluate", "summarize"]
+
+
+@dataclass
+class EvaluateOptions:
+    """Options of `evaluate`: give `model` (a run) or `pred` (a folder of predicted masks), not both."""
+
+    images: str
+    masks: str
+    out: str
+    model: str | None = None
+    pred: str | None = None
+    cases: str | None = None
+    channels: list[str] | None = None
+    mask_file: str | None = None
+    hd95: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+
+def summarize(per_case: list[dict]) -> dict:
+    """Mean and standard deviation over cases of each score (None values skipped)."""
+    mean, std = {}, {}
+    for key in ("dice", "hd95"):
+        values = [c[key] for c in per_case if c.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values else None
+        std[key] = float(np.std(values)) if values else None
+    return {"mean": mean, "std": std, "per_case": per_case}
+
+
+def evaluate(opts: EvaluateOptions) -> dict:
+    """Score predictions against masks; writes ``out/summary.json`` and returns the summary."""
+    if (opts.model is None) == (opts.pred is None):
+        raise NaktError(None, "give either --model RUN or --pred DIR")
+    cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
+                           require_masks=True)
+    pred_cases = None
+    model = None
+    if opts.model is not None:
+        model = load(opts.model).to(pick_device(opts.device))
+    else:
+        pred_cases = {c.name: c for c in discover_cases(opts.pred)}
+        missing = [c.name for c in cases if c.name not in pred_cases]
+        if missing:
+            raise NaktError(opts.pred, f"no prediction for {len(missing)} case(s), e.g. {missing[0]!r}")
+    pairs = []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not opts.progress):
+        image = read_image(case.images)
+        truth = read_mask(case.mask, like=image)
+        if model is not None:
+            pred = predict_array(model, image.array)
+        else:
+            pred_path = pred_cases[case.name].images[0]
+            pred = read_mask(pred_path, like=image)
+        pairs.append((case.name, pred, truth, image.spacing))
+    if model is not None:
+        values = list(model.card.label_values)
+    else:
+        values = sorted({0} | {int(v) for _, p, t, _ in pairs for v in np.unique(np.concatenate(
+            [np.unique(p), np.unique(t)]))})
+    per_case = []
+    for (name, pred, truth, spacing), case in zip(pairs, cases):
+        scores = case_scores(encode_labels(pred, values), encode_labels(truth, values, case.mask), len(values),
+                             spacing=spacing, hd95=opts.hd95)
+        per_case.append({"case": name, **scores})
+    summary = {"format": "nakt.summary/1", "nakt_version": __version__, **summarize(per_case),
+               "label_values": values, "model": opts.model, "pred": opts.pred}
+    write_json(Path(opts.out) / "summary.json", summary)
+    return summary

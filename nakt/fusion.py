@@ -1,0 +1,123 @@
+"""Multi-teacher fusion. Every rule maps teacher probabilities ``[K, C, *spatial]`` (and optional teacher
+weights ``[K]``) to fused probabilities ``[C, *spatial]`` that sum to 1 over C. Rules live in `FUSIONS`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nakt.errors import look_up_option
+
+__all__ = ["FUSIONS", "fuse", "fuse_mean", "fuse_weighted", "fuse_vote", "fuse_staple", "staple_estimates",
+           "teacher_agreement"]
+
+
+def _weights(weights, k: int) -> np.ndarray:
+    w = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (k,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need {k} non-negative teacher weights with a positive sum, got {weights}")
+    return w / w.sum()
+
+
+def fuse_mean(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Plain mean over teachers (weights ignored).
+
+    >>> fuse_mean(np.array([[[1.0], [0.0]], [[0.0], [1.0]]]))[:, 0].tolist()
+    [0.5, 0.5]
+    """
+    return probs.mean(axis=0)
+
+
+def fuse_weighted(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Mean weighted by teacher quality (e.g. validation Dice); equal weights when none are given."""
+    w = _weights(weights, probs.shape[0])
+    return np.tensordot(w, probs, axes=1).astype(probs.dtype)
+
+
+def fuse_vote(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Majority vote of the teachers' hard labels, as one-hot ``[C, *spatial]``.
+
+    Each teacher votes for its argmax class (with `weights`, a weighted vote). Ties: among the tied classes,
+    the one with the highest mean teacher probability wins (and, should that tie too, the lowest class index),
+    so a tie never yields an extra "undecided" label as SimpleITK's LabelVoting does.
+    """
+    k, c = probs.shape[:2]
+    w = _weights(weights, k)
+    hard = probs.argmax(axis=1)  # [K, *spatial]
+    votes = np.stack([(w[:, None] * (hard == j).reshape(k, -1)).sum(0) for j in range(c)]).reshape(
+        (c,) + probs.shape[2:])
+    tied = np.isclose(votes, votes.max(axis=0, keepdims=True))
+    score = np.where(tied, probs.mean(axis=0), -np.inf)
+    winner = score.argmax(axis=0)
+    return np.moveaxis(np.eye(c, dtype=probs.dtype)[winner], -1, 0)
+
+
+def _staple_binary(masks: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
+    """SimpleITK STAPLE on K binary masks ``[K, *spatial]`` -> foreground probability, sensitivities,
+    specificities."""
+    import SimpleITK as sitk
+
+    if masks.any(axis=tuple(range(1, masks.ndim))).sum() == 0:  # nobody sees foreground: nothing to estimate
+        return np.zeros(masks.shape[1:]), [1.0] * len(masks), [1.0] * len(masks)
+    if masks.all():
+        return np.ones(masks.shape[1:]), [1.0] * len(masks), [1.0] * len(masks)
+    f = sitk.STAPLEImageFilter()
+    f.SetForegroundValue(1.0)
+    out = f.Execute([sitk.GetImageFromArray(m.astype(np.uint8)) for m in masks])
+    p = np.nan_to_num(sitk.GetArrayFromImage(out).astype(np.float64), nan=0.0)
+    return np.clip(p, 0, 1), list(f.GetSensitivity()), list(f.GetSpecificity())
+
+
+def staple_estimates(probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """STAPLE over the teachers' hard labels, one foreground class against the rest at a time.
+
+    Returns fused probabilities ``[C, *spatial]`` and ``{"sensitivity": [K], "specificity": [K]}`` (means over
+    foreground classes): label-free estimates of each teacher's quality.
+    """
+    k, c = probs.shape[:2]
+    hard = probs.argmax(axis=1)
+    fg, sens, spec = [], [], []
+    for j in range(1, c):
+        p, se, sp = _staple_binary(hard == j)
+        fg.append(p)
+        sens.append(se)
+        spec.append(sp)
+    fg = np.stack(fg)
+    if c == 2:
+        fused = np.concatenate([1 - fg, fg])
+    else:
+        # Background takes what no foreground class claims; then renormalise (one-vs-rest estimates overlap).
+        fused = np.concatenate([np.clip(1 - fg.sum(0, keepdims=True), 0, 1), fg])
+        total = fused.sum(0, keepdims=True)
+        fused = np.where(total > 0, fused / np.maximum(total, 1e-8), probs.mean(0))
+    quality = {"sensitivity": np.mean(sens, axis=0).tolist(), "specificity": np.mean(spec, axis=0).tolist()}
+    return fused.astype(probs.dtype), quality
+
+
+def fuse_staple(probs: np.ndarray, weights=None) -> np.ndarray:
+    """STAPLE (Warfield et al. 2004, via SimpleITK) on the teachers' hard labels; weights ignored, since
+    STAPLE estimates each teacher's reliability itself."""
+    return staple_estimates(probs)[0]
+
+
+FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple}
+
+
+def fuse(probs: np.ndarray, method: str = "mean", weights=None) -> np.ndarray:
+    """Fuse ``[K, C, *spatial]`` teacher probabilities with the named rule -> ``[C, *spatial]``."""
+    return FUSIONS[look_up_option(method, FUSIONS, "fusion")](probs, weights)
+
+
+def teacher_agreement(probs: np.ndarray) -> dict:
+    """How much K teachers agree on one case: the fraction of pixels where all hard labels match, and the mean
+    pairwise foreground Dice (1.0 when both teachers see no foreground)."""
+    hard = probs.argmax(axis=1)
+    k = hard.shape[0]
+    all_agree = float((hard == hard[0]).all(axis=0).mean())
+    dices = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            fa, fb = hard[a] > 0, hard[b] > 0
+            denom = fa.sum() + fb.sum()
+            dices.append(1.0 if denom == 0 else float(2 * (fa & fb).sum() / denom))
+    return {"pixel_agreement": all_agree, "pairwise_dice": float(np.mean(dices)) if dices else 1.0}

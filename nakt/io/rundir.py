@@ -1,0 +1,84 @@
+"""Run directories: ``config.json`` (the model card), ``model.safetensors`` and ``metrics.json``.
+
+This is the only module that reads or writes them. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nakt import __version__
+from nakt.errors import NaktError
+from nakt.io.images import atomic_path
+from nakt.models.card import ModelCard
+
+__all__ = ["RUN_FORMAT", "is_run_dir", "write_config", "write_weights", "write_metrics", "read_config",
+           "read_metrics", "read_weights", "write_json"]
+
+RUN_FORMAT = "nakt.run/1"
+CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise NaktError(path, "not found", "is this a run directory written by nakt train?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NaktError(path, f"invalid JSON ({exc})") from None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def write_config(run: Path, card: ModelCard, training: dict) -> None:
+    write_json(Path(run) / CONFIG, {"format": RUN_FORMAT, "nakt_version": __version__, **card.to_dict(),
+                                    "training": training})
+
+
+def read_config(run: Path) -> tuple[ModelCard, dict]:
+    path = Path(run) / CONFIG
+    data = _read_json(path)
+    if not str(data.get("format", "")).startswith("nakt.run/"):
+        raise NaktError(path, f"unknown format {data.get('format')!r}", f"expected {RUN_FORMAT}")
+    return ModelCard.from_dict(data, source=str(path)), data.get("training", {})
+
+
+def write_weights(run: Path, module: torch.nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(Path(run) / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+
+
+def read_weights(run: Path) -> dict[str, torch.Tensor]:
+    from nakt.models.weights import read_state_dict
+
+    return read_state_dict(Path(run) / WEIGHTS)
+
+
+def write_metrics(run: Path, metrics: dict) -> None:
+    write_json(Path(run) / METRICS, {"format": "nakt.metrics/1", **metrics})
+
+
+def read_metrics(run: Path) -> dict:
+    path = Path(run) / METRICS
+    return _read_json(path) if path.is_file() else {}

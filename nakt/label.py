@@ -1,0 +1,138 @@
+"""`nakt label`: teachers annotate a transferal set; their probabilities are fused into a label set.
+
+Each teacher brings its own preprocessing (size, patching, normalisation, channels) from its model card;
+every teacher's probabilities are mapped back to the image's own grid before fusion, so teachers with
+different inputs can be combined. Cases already in the label set are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nakt import __version__
+from nakt.errors import NaktError, look_up_option
+from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
+from nakt.inference import infer_probs, pick_device
+from nakt.io import labelset, rundir
+from nakt.io.dataset import discover_cases
+from nakt.io.images import read_image, write_label
+from nakt.models import NaktModel, load, parse_spec
+from nakt.preprocess import decode_labels
+
+__all__ = ["LabelOptions", "label", "label_arrays", "teacher_weights"]
+
+
+@dataclass
+class LabelOptions:
+    """Options of `label` (flag names of ``nakt label``)."""
+
+    teacher: list[str]
+    images: str
+    out: str
+    fusion: str = "mean"
+    weights: list[float] | None = None
+    cases: str | None = None
+    channels: list[str] | None = None
+    save_teacher_probs: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+def _checksum(spec: str) -> str:
+    scheme, rest = parse_spec(spec)
+    path = Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_weights(specs: list[str], weights: list[float] | None = None) -> tuple[list[float], str]:
+    """Teacher weights for weighted fusion: given ones, else each run's best validation Dice, else equal."""
+    if weights is not None:
+        if len(weights) != len(specs):
+            raise NaktError(None, f"{len(weights)} weights for {len(specs)} teachers")
+        return [float(w) for w in weights], "given"
+    scores = []
+    for spec in specs:
+        scheme, rest = parse_spec(spec)
+        score = rundir.read_metrics(Path(rest)).get("best_val_dice") if scheme == "run" else None
+        scores.append(score)
+    if any(s is None for s in scores):
+        return [1.0] * len(specs), "equal (some teachers have no validation score)"
+    return [float(s) for s in scores], "validation dice"
+
+
+def _check_compatible(models: list[NaktModel], specs: list[str]) -> None:
+    first = models[0].card
+    for model, spec in zip(models[1:], specs[1:]):
+        if model.card.label_values != first.label_values or model.card.spatial_dims != first.spatial_dims:
+            raise NaktError(spec, f"labels {model.card.label_values} ({model.card.spatial_dims}D) differ from "
+                            f"{specs[0]}'s {first.label_values} ({first.spatial_dims}D)",
+                            "fused teachers must predict the same classes")
+
+
+def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean",
+                 weights: list[float] | None = None, path: Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Run K teachers on one raw image ``[C_img, *spatial]`` and fuse them.
+
+    Returns ``(fused [C, *spatial], teacher_probs [K, C, *spatial], info)``; `info` holds the teachers'
+    agreement and, for STAPLE, each teacher's estimated sensitivity and specificity.
+    """
+    teacher_probs = np.stack([infer_probs(m, image, path) for m in models])
+    info = {"agreement": teacher_agreement(teacher_probs)} if len(models) > 1 else {}
+    if fusion == "staple":
+        fused, quality = staple_estimates(teacher_probs)
+        info["staple"] = quality
+    else:
+        fused = fuse(teacher_probs, fusion, weights)
+    return fused, teacher_probs, info
+
+
+def label(opts: LabelOptions) -> Path:
+    """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder."""
+    look_up_option(opts.fusion, FUSIONS, "fusion")
+    if not opts.teacher:
+        raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
+    out = Path(opts.out)
+    cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
+    device = pick_device(opts.device)
+    models = [load(t).to(device) for t in opts.teacher]
+    _check_compatible(models, opts.teacher)
+    weights, weight_source = teacher_weights(opts.teacher, opts.weights) if opts.fusion == "weighted" else (
+        None, "unused")
+    teachers = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
+                for i, t in enumerate(opts.teacher)]
+    manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
+                "fusion": opts.fusion, "weights_from": weight_source, "teachers": teachers,
+                "classes": models[0].card.classes, "label_values": models[0].card.label_values, "cases": {}}
+    if labelset.is_label_set(out):
+        previous = labelset.read_manifest(out)
+        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in teachers]
+        if not same or previous.get("fusion") != opts.fusion:
+            raise NaktError(out, "holds a label set made by other teachers or another fusion",
+                            "choose a new --out folder")
+        manifest["cases"] = previous.get("cases", {})
+    elif out.exists() and any(out.iterdir()):
+        raise NaktError(out, "output folder exists and is not a label set", "choose a new --out folder")
+
+    todo = [c for c in cases if c.name not in manifest["cases"]]
+    for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
+        image = read_image(case.images)
+        fused, teacher_probs, info = label_arrays(models, image.array, opts.fusion, weights, case.images[0])
+        mask = decode_labels(fused.argmax(0), models[0].card.label_values)
+        mask_path = write_label(mask, image, out / "masks" / case.name)
+        labelset.write_probs(out, case.name, fused, teacher_probs if opts.save_teacher_probs else None)
+        # The manifest entry comes last: a case counts as done only once its files are complete.
+        manifest["cases"][case.name] = {"mask": str(mask_path.relative_to(out)),
+                                        "probs": f"probs/{case.name}.npz", **info}
+        labelset.write_manifest(out, manifest)
+    if not todo:
+        labelset.write_manifest(out, manifest)
+    return out

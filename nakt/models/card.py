@@ -1,0 +1,54 @@
+"""`ModelCard`: everything needed to rebuild a model and feed it (the run directory's config.json)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from nakt.errors import NaktError
+
+__all__ = ["ModelCard", "NORMALIZATIONS"]
+
+NORMALIZATIONS = ("zscore", "minmax", "none")
+
+
+@dataclass
+class ModelCard:
+    """A model's input/output contract.
+
+    `label_values` maps class index -> the integer written in mask files (e.g. ``[0, 255]``), so labels are
+    written back with the values the training masks used. `size` resizes inputs (2D or 3D) before the
+    network; `patch` trains on random patches and infers with sliding windows. `normalization` is per image
+    and per channel: ``zscore`` (mean 0, std 1), ``minmax`` (to [0, 1]) or ``none``.
+    """
+
+    spec: str
+    in_channels: int
+    classes: int
+    spatial_dims: int = 2
+    task: str = "segmentation"
+    label_values: list[int] = field(default_factory=list)
+    size: list[int] | None = None
+    patch: list[int] | None = None
+    normalization: str = "zscore"
+    output: str = "logits"
+    size_divisor: int = 1
+    model_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.label_values:
+            self.label_values = list(range(self.classes))
+        if len(self.label_values) != self.classes:
+            raise NaktError(None, f"{len(self.label_values)} label values for {self.classes} classes")
+        if self.normalization not in NORMALIZATIONS:
+            raise NaktError(None, f"unknown normalization {self.normalization!r}", f"valid: {NORMALIZATIONS}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | None = None) -> "ModelCard":
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("spec", "in_channels", "classes") if k not in data]
+        if missing:
+            raise NaktError(source, f"missing key {missing[0]!r}", "written by nakt train?")
+        return cls(**{k: v for k, v in data.items() if k in known})

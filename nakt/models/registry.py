@@ -1,0 +1,88 @@
+"""One registry from model specs (``scheme:name``) to builders, and `NaktModel`, the one model contract.
+
+Every builder has the signature ``build(name, *, in_channels, classes, spatial_dims, pretrained=None, **kw)``
+and returns ``(module, size_divisor)``; `NaktModel` wraps it so that every model maps ``[B, C_in, *spatial]``
+of any size to logits ``[B, C, *spatial]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nakt.errors import NaktError
+from nakt.models.card import ModelCard
+
+__all__ = ["NaktModel", "BUILDERS", "scheme", "parse_spec", "build_model"]
+
+BUILDERS: dict[str, Callable] = {}
+
+
+def scheme(name: str) -> Callable:
+    """Register a builder for specs ``name:<...>``."""
+
+    def register(fn: Callable) -> Callable:
+        BUILDERS[name] = fn
+        return fn
+
+    return register
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``"smp:Unet/resnet18"`` into ``("smp", "Unet/resnet18")``; a folder is a run directory."""
+    from nakt.models import monai_nets, smp_nets, torchscript  # noqa: F401  (registers the schemes)
+
+    if Path(spec).is_dir():
+        return "run", spec
+    if ":" not in spec:
+        raise NaktError(None, f"unknown model spec {spec!r}",
+                        f"use scheme:name with scheme one of {', '.join(sorted(BUILDERS))}, or a run directory")
+    name, rest = spec.split(":", 1)
+    if name not in BUILDERS:
+        raise NaktError(None, f"unknown model scheme {name!r} in {spec!r}",
+                        f"valid: {', '.join(sorted(BUILDERS))}, or the path of a run directory")
+    return name, rest
+
+
+class NaktModel(nn.Module):
+    """A network plus its `ModelCard`. Pads inputs to the network's size divisor and crops the output back.
+
+    ``forward``: ``[B, C_in, *spatial]`` -> logits ``[B, classes, *spatial]``;
+    ``predict_proba``: the same, as class probabilities summing to 1 over dim 1.
+    """
+
+    def __init__(self, net: nn.Module, card: ModelCard):
+        super().__init__()
+        self.net, self.card = net, card
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        div = self.card.size_divisor
+        spatial = x.shape[2:]
+        pad = [(-s) % div for s in spatial]
+        if any(pad):
+            # F.pad lists the last axis first
+            x = F.pad(x, [p for size in reversed(pad) for p in (0, size)], mode="replicate")
+        out = self.net(x)
+        if isinstance(out, (list, tuple)):  # deep-supervision nets return several heads; the first is full size
+            out = out[0]
+        return out[(..., *[slice(0, s) for s in spatial])]
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.forward(x)
+        return out if self.card.output == "probs" else torch.softmax(out.float(), dim=1)
+
+
+def build_model(card: ModelCard, pretrained: str | None = None) -> NaktModel:
+    """Build the untrained network a card describes (or load a foreign one) and wrap it."""
+    name, rest = parse_spec(card.spec)
+    if name == "run":
+        raise NaktError(card.spec, "a run directory is loaded with nakt.load, not built")
+    net, divisor = BUILDERS[name](rest, in_channels=card.in_channels, classes=card.classes,
+                                  spatial_dims=card.spatial_dims, pretrained=pretrained,
+                                  **{k: v for k, v in card.model_kwargs.items() if v is not None})
+    card.size_divisor = max(card.size_divisor, divisor)
+    return NaktModel(net, card)

@@ -1,0 +1,48 @@
+"""Loading weights without unpickling code: safetensors, or torch.load(weights_only=True)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nakt.errors import NaktError
+
+__all__ = ["read_state_dict", "load_pretrained"]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a PyTorch checkpoint (tensors only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NaktError(path, "weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise NaktError(path, f"cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise NaktError(path, "weights file does not hold a state dict")
+    return state
+
+
+def load_pretrained(module: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into `module`, keeping tensors whose names and shapes match.
+
+    Shape mismatches (e.g. a 3-channel stem for a 1-channel model, or another head) are skipped; an
+    error is raised when nothing matches, which means the file belongs to another architecture.
+    """
+    state = read_state_dict(path)
+    own = module.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise NaktError(path, f"no tensor matches {type(module).__name__}'s parameters",
+                        "weights of another architecture?")
+    module.load_state_dict(matched, strict=False)

@@ -1,0 +1,167 @@
+"""`nakt train` and `nakt finetune`: a model spec (or run) + images + masks or a label set -> run directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nakt.errors import NaktError
+from nakt.inference import pick_device
+from nakt.io import labelset, rundir
+from nakt.io.dataset import discover_cases
+from nakt.models import ModelCard, build_model, load, parse_spec
+from nakt.train.data import label_values_of, make_samples, read_cases
+from nakt.train.loop import fit
+
+__all__ = ["TrainOptions", "FinetuneOptions", "train", "finetune"]
+
+
+@dataclass
+class TrainOptions:
+    """Options of `train` (flag names of ``nakt train``; YAML configs use the same keys).
+
+    `masks` is a masks folder or a label set written by ``nakt label`` (then its soft probabilities are the
+    targets unless `hard_labels`). Without validation data, `val_fraction` of the cases is held out.
+    """
+
+    model: str
+    images: str
+    masks: str
+    out: str
+    val_images: str | None = None
+    val_masks: str | None = None
+    cases: str | None = None
+    val_cases: str | None = None
+    channels: list[str] | None = None
+    mask_file: str | None = None
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    size: list[int] | None = None
+    patch: list[int] | None = None
+    patches_per_case: int = 4
+    normalization: str = "zscore"
+    hard_labels: bool = False
+    augment: bool = True
+    val_fraction: float = 0.2
+    freeze_encoder_epochs: int = 0
+    pretrained: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FinetuneOptions(TrainOptions):
+    """`train` defaults for a small labelled set: a lower LR and the encoder frozen for the first epochs."""
+
+    epochs: int = 20
+    lr: float = 1e-4
+    freeze_encoder_epochs: int = 5
+
+
+def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if len(items) < 2:
+        raise NaktError(None, f"{len(items)} training case(s): too few to hold out validation cases",
+                        "give --val-images/--val-masks")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and rundir.is_run_dir(out)):
+            raise NaktError(out, "output folder exists and is not empty",
+                            "choose a new --out (or --overwrite to replace a run directory)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelCard, str | None]:
+    """The model card: from the run being continued, or from the data (channels, classes, dimensions)."""
+    if parse_spec(opts.model)[0] == "run":
+        card, _ = rundir.read_config(Path(opts.model))
+        return card, opts.model
+    first = items[0][1]
+    for case, image, _ in items:
+        if image.array.shape[0] != first.array.shape[0] or image.array.ndim != first.array.ndim:
+            raise NaktError(case.images[0], f"{image.array.shape[0]} channel(s), {image.array.ndim - 1}D; "
+                            f"{items[0][0].name} has {first.array.shape[0]}, {first.array.ndim - 1}D")
+    spatial_dims = first.array.ndim - 1
+    if soft_from is not None:
+        values = [int(v) for v in labelset.read_manifest(soft_from)["label_values"]]
+        extra = sorted(set(label_values_of([m for _, _, m in items])) - set(values))
+        if extra:
+            raise NaktError(soft_from, f"masks hold label values {extra} missing from the manifest")
+    else:
+        values = label_values_of([m for _, _, m in items])
+    if len(values) < 2:
+        raise NaktError(opts.masks, "every mask is empty: nothing to learn")
+    size, patch = opts.size, opts.patch
+    if size is None and patch is None:
+        size, patch = ([256] if spatial_dims == 2 else None), (None if spatial_dims == 2 else [96])
+    card = ModelCard(spec=opts.model, in_channels=first.array.shape[0], classes=len(values),
+                     spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
+                     normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs))
+    return card, None
+
+
+def train(opts: TrainOptions) -> Path:
+    """Train a model spec (or continue a run) and write a run directory; returns its path."""
+    started = time.time()
+    out = Path(opts.out)
+    if parse_spec(opts.model)[0] not in ("run", "torchscript"):
+        build_model(ModelCard(opts.model, 1, 2))  # an unknown architecture fails now, not after reading data
+    masks = Path(opts.masks)
+    soft_from = None
+    if labelset.is_label_set(masks):
+        soft_from = None if opts.hard_labels else masks
+        masks = masks / "masks"
+    cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file, require_masks=True)
+    items = read_cases(cases, opts.progress)
+    if opts.val_images is not None:
+        val_cases = discover_cases(opts.val_images, opts.val_masks or opts.val_images, opts.val_cases,
+                                   opts.channels, opts.mask_file, require_masks=True)
+        train_items, val_items = items, read_cases(val_cases, opts.progress)
+    else:
+        train_items, val_items = _split(items, opts.val_fraction, opts.seed)
+
+    card, init_run = _card_for(opts, train_items + val_items, soft_from)
+    _prepare_out(out, opts.overwrite)
+    torch.manual_seed(opts.seed)
+    if init_run is not None:
+        model = load(init_run)
+    else:
+        model = build_model(card, pretrained=opts.pretrained)
+    model.to(pick_device(opts.device))
+    train_samples = make_samples(train_items, card, soft_from)
+    val_samples = make_samples(val_items, card)
+    patch = None
+    if card.patch:
+        patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
+    record = {k: v for k, v in asdict(opts).items() if k not in ("progress",)}
+    record.update(init=init_run, soft_targets=soft_from is not None, train_cases=[s.name for s in train_samples],
+                  val_cases=[s.name for s in val_samples])
+    rundir.write_config(out, card, record)
+    metrics = fit(model, train_samples, val_samples, out, epochs=opts.epochs, batch_size=opts.batch_size,
+                  lr=opts.lr, weight_decay=opts.weight_decay, seed=opts.seed, patch=patch,
+                  patches_per_case=opts.patches_per_case, augment=opts.augment,
+                  freeze_encoder_epochs=opts.freeze_encoder_epochs, progress=opts.progress)
+    rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1)})
+    return out
+
+
+def finetune(opts: FinetuneOptions) -> Path:
+    """Continue training a run directory on a (small) labelled set; writes a new run directory."""
+    if parse_spec(opts.model)[0] != "run":
+        raise NaktError(opts.model, "finetune continues a run directory", "train a model with nakt train first")
+    return train(opts)

@@ -1,0 +1,90 @@
+"""The training loop: AdamW, one-cycle LR, soft Dice + CE, best checkpoint by validation Dice."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nakt.inference import probs_on_grid
+from nakt.io import rundir
+from nakt.metrics import case_scores
+from nakt.models.registry import NaktModel
+from nakt.train.data import Sample, batches, hard_target
+from nakt.train.losses import SoftDiceCELoss
+
+__all__ = ["fit", "validate", "encoder_of"]
+
+
+def encoder_of(model: NaktModel) -> torch.nn.Module | None:
+    """The encoder of encoder-decoder nets (smp), which fine-tuning may freeze; None for the others."""
+    return getattr(model.net, "encoder", None)
+
+
+@torch.no_grad()
+def validate(model: NaktModel, samples: list[Sample]) -> float:
+    """Mean foreground Dice over validation samples, on the network's grid."""
+    model.eval()
+    scores = []
+    for s in samples:
+        probs = probs_on_grid(model, s.image[None])[0].cpu()
+        scores.append(case_scores(probs.argmax(0).numpy(), hard_target(s.target).numpy(), model.card.classes,
+                                  hd95=False)["dice"])
+    return float(np.mean(scores))
+
+
+def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, epochs: int, batch_size: int,
+        lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
+        augment: bool = False, freeze_encoder_epochs: int = 0, progress: bool = True) -> dict:
+    """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``.
+
+    Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
+    """
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    loss_fn = SoftDiceCELoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train) * (patches_per_case if patch else 1) / batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch + 1,
+                                                   pct_start=0.3 if not freeze_encoder_epochs else 0.1)
+    encoder = encoder_of(model)
+    history, best, best_state = [], -1.0, None
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        frozen = encoder is not None and epoch <= freeze_encoder_epochs
+        if encoder is not None:
+            encoder.requires_grad_(not frozen)
+        model.train()
+        if frozen:
+            encoder.eval()  # keep BatchNorm statistics of the frozen encoder
+        losses = []
+        for x, y in batches(train, batch_size, model.card.classes, rng, patch, patches_per_case, augment):
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        val_dice = validate(model, val)
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_dice": val_dice,
+                 "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen, "seconds": round(time.time() - t0, 2)}
+        history.append(entry)
+        if val_dice > best:
+            best, best_state = val_dice, copy.deepcopy(model.state_dict())
+            rundir.write_weights(run, model)
+        rundir.write_metrics(run, {"history": history, "best_val_dice": best,
+                                   "best_epoch": max(history, key=lambda h: h["val_dice"])["epoch"]})
+        if progress:
+            print(f"epoch {epoch}/{epochs}  loss {entry['train_loss']:.4f}  val dice {val_dice:.4f}"
+                  f"{'  (encoder frozen)' if frozen else ''}  {entry['seconds']:.1f}s", file=sys.stderr)
+    if encoder is not None:
+        encoder.requires_grad_(True)
+    model.load_state_dict(best_state)
+    return rundir.read_metrics(run)

@@ -1,0 +1,33 @@
+"""Losses on probability targets, so hard masks (one-hot) and teachers' soft labels share one path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SoftDiceCELoss"]
+
+
+class SoftDiceCELoss(nn.Module):
+    """Dice + cross-entropy for logits ``[B, C, *spatial]`` and probability targets ``[B, C, *spatial]``.
+
+    MONAI 1.6's ``DiceCELoss`` has no soft-label Dice, so this composes ``DiceLoss(soft_label=True)`` with
+    cross-entropy on probability targets. On one-hot targets it equals ``DiceCELoss(softmax=True)``.
+
+    >>> loss = SoftDiceCELoss()
+    >>> t = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])[None]  # [B=1, C=2, 1, 2]
+    >>> bool(loss(10 * (2 * t - 1), t) < loss(-10 * (2 * t - 1), t))
+    True
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(softmax=True, soft_label=True)
+        self.ce = nn.CrossEntropyLoss()
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
