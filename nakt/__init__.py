@@ -7,6 +7,6 @@ scored (`evaluate`) or applied (`predict`). Each function takes an options datac
 
 __version__ = "0.1.0"
 
-from nakt.api import evaluate, finetune, label, load, predict, train  # noqa: E402
+from nakt.api import evaluate, finetune, label, load, predict, train
 
-__all__ = ["__version__", "load", "train", "label", "finetune", "predict", "evaluate"]
+__all__ = ["__version__", "evaluate", "finetune", "label", "load", "predict", "train"]

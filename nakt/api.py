@@ -17,7 +17,7 @@ from nakt.train import FinetuneOptions, TrainOptions
 from nakt.train import finetune as _finetune
 from nakt.train import train as _train
 
-__all__ = ["load", "train", "label", "finetune", "predict", "evaluate"]
+__all__ = ["evaluate", "finetune", "label", "load", "predict", "train"]
 
 
 def _options(cls, opts, config, kwargs):

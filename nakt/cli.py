@@ -11,7 +11,7 @@ import sys
 
 from nakt.errors import NaktError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _data_flags(p: argparse.ArgumentParser, masks: bool = True) -> None:
@@ -31,7 +31,7 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     _data_flags(p)
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
-    p.add_argument("--val-masks", help="validation masks (default: --val-images)")
+    p.add_argument("--val-masks", help="validation masks (default: the --masks folder)")
     p.add_argument("--val-cases", help="validation case list")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--epochs", type=int)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DemoOptions", "make_synthetic_dataset", "demo"]
+__all__ = ["DemoOptions", "demo", "make_synthetic_dataset"]
 
 SPLITS = {"teacher_train": 32, "teacher_val": 8, "transferal": 48, "test": 16}
 

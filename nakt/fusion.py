@@ -8,8 +8,16 @@ import numpy as np
 
 from nakt.errors import look_up_option
 
-__all__ = ["FUSIONS", "fuse", "fuse_mean", "fuse_weighted", "fuse_vote", "fuse_staple", "staple_estimates",
-           "teacher_agreement"]
+__all__ = [
+    "FUSIONS",
+    "fuse",
+    "fuse_mean",
+    "fuse_staple",
+    "fuse_vote",
+    "fuse_weighted",
+    "staple_estimates",
+    "teacher_agreement",
+]
 
 
 def _weights(weights, k: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 from nakt.models.registry import NaktModel
 from nakt.preprocess import prepare_image, resize
 
-__all__ = ["pick_device", "infer_probs", "probs_on_grid"]
+__all__ = ["infer_probs", "pick_device", "probs_on_grid"]
 
 
 def pick_device(device: str | None = "auto") -> torch.device:

@@ -12,7 +12,7 @@ import torch
 
 from nakt.preprocess import one_hot
 
-__all__ = ["dice_per_class", "hd95_per_class", "case_scores"]
+__all__ = ["case_scores", "dice_per_class", "hd95_per_class"]
 
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

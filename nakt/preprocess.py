@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 
-__all__ = ["adapt_channels", "normalize", "resize", "prepare_image", "encode_labels", "decode_labels",
-           "one_hot"]
+__all__ = [
+    "adapt_channels",
+    "decode_labels",
+    "encode_labels",
+    "normalize",
+    "one_hot",
+    "prepare_image",
+    "resize",
+]
 
 
 def adapt_channels(image: np.ndarray, in_channels: int, path: Path | None = None) -> np.ndarray:

@@ -17,8 +17,15 @@ import numpy as np
 from nakt.errors import NaktError
 
 __all__ = [
-    "Image", "IMAGE_SUFFIXES", "case_name", "is_image_file", "read_image", "read_mask", "write_label",
-    "label_suffix", "atomic_path",
+    "IMAGE_SUFFIXES",
+    "Image",
+    "atomic_path",
+    "case_name",
+    "is_image_file",
+    "label_suffix",
+    "read_image",
+    "read_mask",
+    "write_label",
 ]
 
 SUFFIXES_2D = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")

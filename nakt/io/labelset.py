@@ -15,8 +15,15 @@ from nakt.errors import NaktError
 from nakt.io.images import atomic_path
 from nakt.io.rundir import write_json
 
-__all__ = ["LABELSET_FORMAT", "is_label_set", "read_manifest", "write_manifest", "write_probs", "read_probs",
-           "probs_path"]
+__all__ = [
+    "LABELSET_FORMAT",
+    "is_label_set",
+    "probs_path",
+    "read_manifest",
+    "read_probs",
+    "write_manifest",
+    "write_probs",
+]
 
 LABELSET_FORMAT = "nakt.labelset/1"
 MANIFEST = "manifest.json"

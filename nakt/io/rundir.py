@@ -15,8 +15,17 @@ from nakt.errors import NaktError
 from nakt.io.images import atomic_path
 from nakt.models.card import ModelCard
 
-__all__ = ["RUN_FORMAT", "is_run_dir", "write_config", "write_weights", "write_metrics", "read_config",
-           "read_metrics", "read_weights", "write_json"]
+__all__ = [
+    "RUN_FORMAT",
+    "is_run_dir",
+    "read_config",
+    "read_metrics",
+    "read_weights",
+    "write_config",
+    "write_json",
+    "write_metrics",
+    "write_weights",
+]
 
 RUN_FORMAT = "nakt.run/1"
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"

@@ -8,7 +8,7 @@ from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 from nakt.models.registry import BUILDERS, NaktModel, build_model, parse_spec
 
-__all__ = ["ModelCard", "NaktModel", "BUILDERS", "build_model", "parse_spec", "load"]
+__all__ = ["BUILDERS", "ModelCard", "NaktModel", "build_model", "load", "parse_spec"]
 
 
 def load(spec: str | Path, **contract) -> NaktModel:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from nakt.errors import NaktError
 
-__all__ = ["ModelCard", "NORMALIZATIONS"]
+__all__ = ["NORMALIZATIONS", "ModelCard"]
 
 NORMALIZATIONS = ("zscore", "minmax", "none")
 
@@ -46,7 +46,7 @@ class ModelCard:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str | None = None) -> "ModelCard":
+    def from_dict(cls, data: dict, source: str | None = None) -> ModelCard:
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("spec", "in_channels", "classes") if k not in data]
         if missing:

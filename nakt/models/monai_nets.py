@@ -23,7 +23,7 @@ _NETS = {
 def build_monai(name: str, *, in_channels: int, classes: int, spatial_dims: int = 2,
                 pretrained: str | None = None, **kw) -> tuple[nn.Module, int]:
     """Build a MONAI network by class name (``UNet``, ``BasicUNet``, ``SegResNet``, ``AttentionUnet``...)."""
-    import monai.networks.nets as nets
+    from monai.networks import nets
 
     name = look_up_option(name, _NETS, "monai network")
     defaults, divisor = _NETS[name]

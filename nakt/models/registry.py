@@ -7,8 +7,8 @@ of any size to logits ``[B, C, *spatial]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import nn
 from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 
-__all__ = ["NaktModel", "BUILDERS", "scheme", "parse_spec", "build_model"]
+__all__ = ["BUILDERS", "NaktModel", "build_model", "parse_spec", "scheme"]
 
 BUILDERS: dict[str, Callable] = {}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from nakt.errors import NaktError
 
-__all__ = ["read_state_dict", "load_pretrained"]
+__all__ = ["load_pretrained", "read_state_dict"]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from nakt.models import ModelCard, build_model, load, parse_spec
 from nakt.train.data import label_values_of, make_samples, read_cases
 from nakt.train.loop import fit
 
-__all__ = ["TrainOptions", "FinetuneOptions", "train", "finetune"]
+__all__ = ["FinetuneOptions", "TrainOptions", "finetune", "train"]
 
 
 @dataclass
@@ -99,11 +99,11 @@ def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelC
     spatial_dims = first.array.ndim - 1
     if soft_from is not None:
         values = [int(v) for v in labelset.read_manifest(soft_from)["label_values"]]
-        extra = sorted(set(label_values_of([m for _, _, m in items])) - set(values))
+        extra = sorted(set(label_values_of(items)) - set(values))
         if extra:
             raise NaktError(soft_from, f"masks hold label values {extra} missing from the manifest")
     else:
-        values = label_values_of([m for _, _, m in items])
+        values = label_values_of(items)
     if len(values) < 2:
         raise NaktError(opts.masks, "every mask is empty: nothing to learn")
     size, patch = opts.size, opts.patch
@@ -113,6 +113,19 @@ def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelC
                      spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
                      normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs))
     return card, None
+
+
+def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
+    """Each side the network sees must exceed its downsampling factor, or the deepest layer gets one pixel."""
+    from nakt.preprocess import target_size
+
+    grids = [card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch] if card.patch else [
+        target_size(card, shape) for shape in shapes[:1]]
+    for grid in grids:
+        if min(grid) <= card.size_divisor:
+            what = "--patch" if card.patch else "--size"
+            raise NaktError(None, f"{what} {list(grid)} is too small for {card.spec}, which downsamples "
+                            f"{card.size_divisor}x", f"use sides larger than {card.size_divisor}")
 
 
 def train(opts: TrainOptions) -> Path:
@@ -129,7 +142,7 @@ def train(opts: TrainOptions) -> Path:
     cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file, require_masks=True)
     items = read_cases(cases, opts.progress)
     if opts.val_images is not None:
-        val_cases = discover_cases(opts.val_images, opts.val_masks or opts.val_images, opts.val_cases,
+        val_cases = discover_cases(opts.val_images, opts.val_masks or masks, opts.val_cases,
                                    opts.channels, opts.mask_file, require_masks=True)
         train_items, val_items = items, read_cases(val_cases, opts.progress)
     else:
@@ -142,6 +155,7 @@ def train(opts: TrainOptions) -> Path:
         model = load(init_run)
     else:
         model = build_model(card, pretrained=opts.pretrained)
+    _check_grid(card, [image.spatial_shape for _, image, _ in train_items])
     model.to(pick_device(opts.device))
     train_samples = make_samples(train_items, card, soft_from)
     val_samples = make_samples(val_items, card)

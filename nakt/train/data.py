@@ -21,7 +21,7 @@ from nakt.io.images import read_image, read_mask
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 
-__all__ = ["Sample", "read_cases", "label_values_of", "make_samples", "batches", "hard_target"]
+__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases"]
 
 
 @dataclass
@@ -43,11 +43,20 @@ def read_cases(cases: list[Case], progress: bool = True) -> list[tuple[Case, obj
     return out
 
 
-def label_values_of(masks: list[np.ndarray]) -> list[int]:
-    """The sorted union of label values over masks, background (0) always included."""
+MAX_LABELS = 64
+
+
+def label_values_of(items) -> list[int]:
+    """The sorted union of label values over the masks of (case, image, mask) items, 0 always included.
+
+    More than `MAX_LABELS` values means a file is not a label map (a photo, or a JPEG-compressed mask).
+    """
     values = {0}
-    for m in masks:
-        values.update(int(v) for v in np.unique(m))
+    for case, _, mask in items:
+        values.update(int(v) for v in np.unique(mask))
+        if len(values) > MAX_LABELS:
+            raise NaktError(case.mask, f"masks hold more than {MAX_LABELS} distinct values",
+                            "is this an image rather than a label map, or a lossy (JPEG) mask?")
     return sorted(values)
 
 
@@ -111,7 +120,10 @@ def batches(samples: list[Sample], batch_size: int, classes: int, rng: np.random
         for i in order[start:start + batch_size]:
             s = samples[i]
             x, y = _crop(s, patch, rng) if patch else (s.image, s.target)
-            y = y.float() if y.dtype != torch.int64 else one_hot(y[None], classes)[0]
+            if y.dtype == torch.int64:
+                y = one_hot(y[None], classes)[0]
+            else:  # float16 storage rounds; targets must sum to 1 exactly
+                y = y.float() / y.float().sum(0, keepdim=True).clamp_min(1e-6)
             if augment:
                 if rng.random() < 0.5:
                     x, y = x.flip(-1), y.flip(-1)

@@ -18,7 +18,7 @@ from nakt.models.registry import NaktModel
 from nakt.train.data import Sample, batches, hard_target
 from nakt.train.losses import SoftDiceCELoss
 
-__all__ = ["fit", "validate", "encoder_of"]
+__all__ = ["encoder_of", "fit", "validate"]
 
 
 def encoder_of(model: NaktModel) -> torch.nn.Module | None:

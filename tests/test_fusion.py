@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from nakt.fusion import FUSIONS, fuse, fuse_vote, staple_estimates, teacher_agreement
+
+
+def _probs(k=3, c=3, shape=(6, 7), seed=0):
+    p = np.random.default_rng(seed).random((k, c, *shape))
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_every_rule_shape_sum_and_single_teacher(name):
+    probs = _probs()
+    fused = FUSIONS[name](probs, np.array([1.0, 2.0, 3.0]))
+    assert fused.shape == probs.shape[1:]
+    np.testing.assert_allclose(fused.sum(0), 1, atol=1e-6)
+    single = FUSIONS[name](probs[:1], None)
+    if name in ("mean", "weighted"):
+        np.testing.assert_allclose(single, probs[0])
+    else:  # hard rules give the teacher's argmax, one-hot
+        np.testing.assert_array_equal(single.argmax(0), probs[0].argmax(0))
+        assert set(np.unique(single)) <= {0.0, 1.0}
+
+
+def test_mean_and_weighted_known_answers():
+    probs = np.array([[[0.9], [0.1]], [[0.3], [0.7]]])  # K=2, C=2, one pixel
+    np.testing.assert_allclose(fuse(probs, "mean")[:, 0], [0.6, 0.4])
+    np.testing.assert_allclose(fuse(probs, "weighted", [3, 1])[:, 0], [0.75, 0.25])
+
+
+def test_vote_majority_and_tie_rule():
+    # pixel 0: two of three teachers say class 1; pixel 1: a 1-1 tie between classes 0 and 2 (third says 1)
+    probs = np.array([
+        [[0.2, 0.6], [0.8, 0.1], [0.0, 0.3]],
+        [[0.1, 0.2], [0.9, 0.7], [0.0, 0.1]],
+        [[0.9, 0.1], [0.1, 0.2], [0.0, 0.7]],
+    ])  # [K=3, C=3, 2 pixels]: argmax per teacher: pixel0 -> 1, 1, 0; pixel1 -> 0, 1, 2
+    fused = fuse_vote(probs)
+    assert fused[:, 0].tolist() == [0, 1, 0]
+    # pixel 1 is a three-way tie; the highest mean probability decides: class 2 (0.37 vs 0.30 and 0.33)
+    assert fused[:, 1].tolist() == [0, 0, 1]
+    two = np.array([[[1.0], [0.0]], [[0.4], [0.6]]])  # a 1-1 tie between two teachers
+    assert fuse_vote(two)[:, 0].tolist() == [1, 0]  # mean probs 0.7 vs 0.3: class 0 wins
+
+
+def test_staple_recovers_truth_and_ranks_raters():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((40, 40), int)
+    truth[10:30, 12:28] = 1
+    raters = []
+    for flip in (0.0, 0.02, 0.25):  # a perfect, a good and a poor rater
+        noisy = np.where(rng.random(truth.shape) < flip, 1 - truth, truth)
+        raters.append(np.stack([1 - noisy, noisy]).astype(float))
+    fused, quality = staple_estimates(np.stack(raters))
+    assert (fused.argmax(0) == truth).mean() > 0.99
+    sens = quality["sensitivity"]
+    assert sens[0] > sens[2] and sens[1] > sens[2]
+    assert teacher_agreement(np.stack(raters))["pairwise_dice"] < 1.0

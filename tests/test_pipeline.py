@@ -1,0 +1,169 @@
+"""End-to-end runs of the CLI: generated 2D data, generated 3D volumes, and real chest X-rays."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_dataset, write_volume_case
+
+from nakt.cli import main
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_cli_pipeline_on_generated_2d(synthetic2d, tmp_path, capsys):
+    data, s = synthetic2d, synthetic2d / "splits.json"
+    common = ["--images", data / "images", "--size", 48, "--epochs", 4, "--batch-size", 4, "--no-progress"]
+    for i, spec in enumerate(["smp:Unet/resnet18", "monai:UNet"]):
+        assert run("train", "--model", spec, "--masks", data / "masks", "--cases", f"{s}:teacher_train",
+                   "--val-images", data / "images", "--val-cases", f"{s}:teacher_val", "--lr", 3e-3,
+                   "--out", tmp_path / f"t{i}", *common) == 0
+    run_dir = tmp_path / "t0"
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert config["format"] == "nakt.run/1" and config["label_values"] == [0, 255] and config["in_channels"] == 1
+    assert len(metrics["history"]) == 4 and 0 <= metrics["best_val_dice"] <= 1
+    assert (run_dir / "model.safetensors").is_file()
+
+    labels = tmp_path / "labels"
+    assert run("label", "--teacher", tmp_path / "t0", "--teacher", tmp_path / "t1", "--images",
+               data / "images", "--cases", f"{s}:transferal", "--out", labels, "--fusion", "staple",
+               "--no-progress") == 0
+    manifest = json.loads((labels / "manifest.json").read_text())
+    transferal = json.loads(s.read_text())["transferal"]
+    assert sorted(manifest["cases"]) == sorted(transferal)
+    first = manifest["cases"][transferal[0]]
+    assert 0 <= first["agreement"]["pixel_agreement"] <= 1 and len(first["staple"]["sensitivity"]) == 2
+    assert len({t["sha256"] for t in manifest["teachers"]}) == 2
+    with np.load(labels / "probs" / f"{transferal[0]}.npz") as z:
+        assert z["probs"].shape == (2, 48, 48)
+    mask_values = np.unique(np.asarray(__import__("PIL.Image").Image.open(labels / "masks" / f"{transferal[0]}.png")))
+    assert set(mask_values) <= {0, 255}
+
+    # rerunning skips finished cases: remove one case from the manifest and see only it redone
+    done = dict(manifest["cases"])
+    del manifest["cases"][transferal[0]]
+    (labels / "manifest.json").write_text(json.dumps(manifest))
+    stamp = (labels / "probs" / f"{transferal[1]}.npz").stat().st_mtime_ns
+    assert run("label", "--teacher", tmp_path / "t0", "--teacher", tmp_path / "t1", "--images",
+               data / "images", "--cases", f"{s}:transferal", "--out", labels, "--fusion", "staple",
+               "--no-progress") == 0
+    assert sorted(json.loads((labels / "manifest.json").read_text())["cases"]) == sorted(done)
+    assert (labels / "probs" / f"{transferal[1]}.npz").stat().st_mtime_ns == stamp
+
+    assert run("train", "--model", "smp:FPN/mobilenet_v2", "--masks", labels, "--cases", f"{s}:transferal",
+               "--out", tmp_path / "student", *common) == 0
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["training"]["soft_targets"] is True
+    assert run("finetune", "--model", tmp_path / "student", "--masks", data / "masks", "--cases",
+               f"{s}:teacher_val", "--epochs", 2, "--freeze-encoder-epochs", 1, "--out", tmp_path / "ft",
+               "--images", data / "images", "--no-progress") == 0
+    history = json.loads((tmp_path / "ft" / "metrics.json").read_text())["history"]
+    assert [h["encoder_frozen"] for h in history] == [True, False]
+
+    assert run("predict", "--model", tmp_path / "ft", "--images", data / "images", "--cases", f"{s}:test",
+               "--out", tmp_path / "pred", "--no-progress") == 0
+    assert sorted(p.stem for p in (tmp_path / "pred").glob("*.png")) == sorted(json.loads(s.read_text())["test"])
+    for source in (["--model", tmp_path / "t0"], ["--pred", tmp_path / "pred"]):
+        assert run("evaluate", *source, "--images", data / "images", "--masks", data / "masks", "--cases",
+                   f"{s}:test", "--out", tmp_path / "eval", "--no-progress") == 0
+        summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+        assert len(summary["per_case"]) == 6 and 0 <= summary["mean"]["dice"] <= 1
+        assert summary["mean"]["dice"] == pytest.approx(np.mean([c["dice"] for c in summary["per_case"]]))
+    # the best weights, reloaded from the run directory, score on the validation cases what training recorded
+    assert run("evaluate", "--model", tmp_path / "t0", "--images", data / "images", "--masks", data / "masks",
+               "--cases", f"{s}:teacher_val", "--out", tmp_path / "eval_val", "--no-hd95", "--no-progress") == 0
+    reloaded = json.loads((tmp_path / "eval_val" / "summary.json").read_text())["mean"]["dice"]
+    assert reloaded == pytest.approx(metrics["best_val_dice"], abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "smp:Unet/resnet18", "--images", "{tmp}/nope", "--masks", "{data}/masks", "--out", "{tmp}/o"],
+     "nope: images folder not found"),
+    (["train", "--model", "smp:Unett/resnet18", "--images", "{data}/images", "--masks", "{data}/masks", "--out",
+      "{tmp}/o"], "unknown smp architecture 'unett'"),
+    (["train", "--model", "smp:Unet/resnet18", "--images", "{tmp}/bad", "--masks", "{tmp}/bad_masks", "--out",
+      "{tmp}/o"], "broken.png: cannot read image"),
+    (["train", "--model", "smp:Unet/resnet18", "--images", "{tmp}/size", "--masks", "{tmp}/size_masks", "--out",
+      "{tmp}/o"], "differs from its image"),
+    (["label", "--teacher", "{tmp}/no_run", "--images", "{data}/images", "--out", "{tmp}/o"], "unknown model spec"),
+    (["label", "--teacher", "foo:bar", "--images", "{data}/images", "--out", "{tmp}/o"], "unknown model scheme 'foo'"),
+    (["predict", "--model", "{tmp}", "--images", "{data}/images", "--out", "{tmp}/o"], "config.json: not found"),
+    (["evaluate", "--pred", "{tmp}/nope", "--images", "{data}/images", "--masks", "{data}/masks", "--out", "{tmp}/o"],
+     "nope: images folder not found"),
+    (["finetune", "--model", "monai:UNet", "--images", "{data}/images", "--masks", "{data}/masks", "--out",
+      "{tmp}/o"], "finetune continues a run directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, synthetic2d, tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    for folder in ("bad", "bad_masks", "size", "size_masks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"garbage")
+    PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "bad_masks" / "broken.png")
+    PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "size" / "a.png")
+    PILImage.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "size_masks" / "a.png")
+    args = [a.format(tmp=tmp_path, data=synthetic2d) for a in argv]
+    assert main(args + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_3d_pipeline_on_generated_volumes(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("transferal", 2)):
+        for i in range(n):
+            write_volume_case(tmp_path / split, f"{split}{i}", rng)
+    vol = ["--channels", "flair*", "t1c*", "--mask-file", "seg*", "--no-progress"]
+    assert run("train", "--model", "monai:UNet", "--images", tmp_path / "train", "--masks", tmp_path / "train",
+               "--val-images", tmp_path / "val", "--val-masks", tmp_path / "val", "--patch", 32, "--epochs", 3,
+               "--batch-size", 2, "--lr", 1e-2, "--out", tmp_path / "t3d", *vol) == 0
+    config = json.loads((tmp_path / "t3d" / "config.json").read_text())
+    assert config["spatial_dims"] == 3 and config["in_channels"] == 2 and config["label_values"] == [0, 1, 2]
+    assert run("label", "--teacher", tmp_path / "t3d", "--images", tmp_path / "transferal", "--out",
+               tmp_path / "lab3d", "--channels", "flair*", "t1c*", "--no-progress") == 0
+    import nibabel as nib
+
+    written = nib.load(str(tmp_path / "lab3d" / "masks" / "transferal0.nii.gz"))
+    source = nib.load(str(tmp_path / "transferal" / "transferal0" / "flair.nii.gz"))
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine)
+    assert run("train", "--model", "monai:SegResNet", "--images", tmp_path / "transferal", "--masks",
+               tmp_path / "lab3d", "--patch", 32, "--epochs", 2, "--batch-size", 2, "--out", tmp_path / "s3d",
+               "--channels", "flair*", "t1c*", "--no-progress") == 0
+    assert run("evaluate", "--model", tmp_path / "s3d", "--images", tmp_path / "val", "--masks",
+               tmp_path / "val", "--out", tmp_path / "e3d", *vol) == 0
+    summary = json.loads((tmp_path / "e3d" / "summary.json").read_text())
+    assert len(summary["per_case"][0]["dice_per_class"]) == 2
+
+
+def test_cli_on_real_chest_xrays(tmp_path):
+    data = shared_dataset("cxr_lungs")
+    splits = json.loads((data / "splits.json").read_text())
+    lists = {}
+    for name, cases in (("train", splits["teacher_train"][:16]), ("val", splits["teacher_val"][:4]),
+                        ("transferal", splits["transferal"][:12]), ("test", splits["test"][:6])):
+        lists[name] = tmp_path / f"{name}.txt"
+        lists[name].write_text("\n".join(cases))
+    common = ["--images", data / "images", "--size", 64, "--epochs", 6, "--batch-size", 4, "--no-progress"]
+    assert run("train", "--model", "smp:Unet/resnet18", "--masks", data / "masks", "--cases", lists["train"],
+               "--val-images", data / "images", "--val-cases", lists["val"], "--lr", 3e-3, "--out",
+               tmp_path / "teacher", *common) == 0
+    assert run("label", "--teacher", tmp_path / "teacher", "--images", data / "images", "--cases",
+               lists["transferal"], "--out", tmp_path / "labels", "--no-progress") == 0
+    assert run("train", "--model", "smp:FPN/mobilenet_v2", "--masks", tmp_path / "labels", "--cases",
+               lists["transferal"], "--lr", 3e-3, "--out", tmp_path / "student", *common) == 0
+    for r in ("teacher", "student"):
+        assert run("evaluate", "--model", tmp_path / r, "--images", data / "images", "--masks", data / "masks",
+                   "--cases", lists["test"], "--out", tmp_path / f"eval_{r}", "--no-progress") == 0
+    teacher = json.loads((tmp_path / "eval_teacher" / "summary.json").read_text())["mean"]
+    student = json.loads((tmp_path / "eval_student" / "summary.json").read_text())["mean"]
+    # 16 images at 64 px for 6 epochs: far from converged, but lungs must clearly be found
+    assert teacher["dice"] > 0.7 and student["dice"] > 0.5, (teacher, student)
+    mask = Path(tmp_path / "labels" / "masks" / f"{splits['transferal'][0]}.png")
+    from PIL import Image as PILImage
+
+    assert PILImage.open(mask).size == PILImage.open(data / "images" / f"{splits['transferal'][0]}.jpg").size

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from nakt.models import load
+from nakt.preprocess import one_hot
+from nakt.train.data import Sample, batches
+from nakt.train.losses import SoftDiceCELoss
+
+
+def test_soft_dice_ce_equals_monai_dicece_on_one_hot():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = one_hot(torch.randint(0, 3, (2, 8, 8)), 3)
+    ours = SoftDiceCELoss()(logits, target)
+    monai = DiceCELoss(softmax=True)(logits, target)
+    assert ours.item() == pytest.approx(monai.item(), rel=1e-5)
+
+
+def test_soft_targets_pull_towards_teacher_probabilities():
+    """With a soft target of 0.7, logits that predict 0.7 beat logits that predict the hard label."""
+    target = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1).expand(1, 2, 4, 4)
+    loss = SoftDiceCELoss(dice_weight=0.0)
+    calibrated = torch.log(target)
+    confident = torch.log(torch.tensor([0.01, 0.99]).view(1, 2, 1, 1).expand(1, 2, 4, 4))
+    assert loss(calibrated, target) < loss(confident, target)
+
+
+def test_soft_label_training_step_reduces_loss():
+    torch.manual_seed(0)
+    model = load("monai:UNet", in_channels=1, classes=2)
+    rng = np.random.default_rng(0)
+    image = torch.randn(1, 32, 32)
+    probs = torch.zeros(2, 32, 32)
+    probs[1, 8:24, 8:24] = 0.8
+    probs[0] = 1 - probs[1]
+    samples = [Sample("a", image, probs.half(), None), Sample("b", image.flip(-1), probs.flip(-1).half(), None)]
+    x, y = next(batches(samples, 2, 2, rng))
+    assert y.dtype == torch.float32 and torch.allclose(y.sum(1), torch.ones(2, 32, 32))
+    assert y[:, 1].max() == pytest.approx(0.8, abs=1e-3)  # soft targets stay soft
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = SoftDiceCELoss()
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_patch_batches_have_patch_size_and_pad_small_images():
+    rng = np.random.default_rng(0)
+    target = torch.zeros(20, 12, dtype=torch.int64)
+    target[5:8, 3:6] = 1
+    samples = [Sample("a", torch.randn(2, 20, 12), target, None)]
+    x, y = next(batches(samples + samples, 2, 2, rng, patch=(16, 16)))
+    assert x.shape == (2, 2, 16, 16) and y.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(y.sum(1), torch.ones(2, 16, 16))
