@@ -46,9 +46,9 @@ class ModelCard:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str | None = None) -> ModelCard:
+    def from_dict(cls, data: dict, source: str | None = None, hint: str = "written by nakt train?") -> ModelCard:
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("spec", "in_channels", "classes") if k not in data]
         if missing:
-            raise NaktError(source, f"missing key {missing[0]!r}", "written by nakt train?")
+            raise NaktError(source, f"missing key {missing[0]!r}", hint)
         return cls(**{k: v for k, v in data.items() if k in known})

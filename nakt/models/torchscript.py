@@ -43,7 +43,8 @@ def load_torchscript(path: str | Path, **contract) -> NaktModel:
             raise NaktError(side, f"invalid JSON ({exc})") from None
     info.update({k: v for k, v in contract.items() if v is not None})
     info["spec"] = f"torchscript:{path}"
-    card = ModelCard.from_dict(info, source=str(side or path))
+    card = ModelCard.from_dict(info, source=str(side or path),
+                               hint=f"give the input contract in {path.name}.json or as keyword arguments")
     try:
         net = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
