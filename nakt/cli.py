@@ -52,7 +52,10 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nakt import __version__
+
     parser = argparse.ArgumentParser(prog="nakt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nakt {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (teacher or student) and write a run directory")

@@ -104,3 +104,33 @@ def test_bad_inputs_name_the_file(tmp_path):
     (tmp_path / "nomasks").mkdir()
     with pytest.raises(NaktError, match="no mask for case 'img'"):
         discover_cases(tmp_path, tmp_path / "nomasks", cases=["img"], require_masks=True)
+
+
+def test_dicom_series_folder_reads_as_one_volume(tmp_path):
+    volume = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 50).astype(np.int16)  # z, y, x
+    img = sitk.GetImageFromArray(volume)
+    img.SetSpacing((0.5, 0.6, 2.0))
+    img.SetOrigin((1.0, 2.0, 3.0))
+    series = tmp_path / "patient1"
+    series.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(volume.shape[0]):
+        sl = img[:, :, z]
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
+        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        sl.SetMetaData("0020|0013", str(z))
+        sl.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(series / f"slice{z:03d}.dcm"))
+        writer.Execute(sl)
+    [case] = discover_cases(tmp_path)
+    assert case.name == "patient1" and case.images == [series]
+    image = read_image(case.images)
+    assert image.array.shape == (1, 5, 6, 7)
+    assert image.spacing == pytest.approx((2.0, 0.6, 0.5))
+    np.testing.assert_array_equal(image.array[0], volume)
+    out = write_label((volume > 20).astype(int), image, tmp_path / "labels" / "patient1")
+    back = sitk.ReadImage(str(out))
+    assert out.name == "patient1.nii.gz" and back.GetSpacing() == pytest.approx((0.5, 0.6, 2.0))
+    assert back.GetOrigin() == pytest.approx((1.0, 2.0, 3.0), abs=1e-4)
