@@ -13,7 +13,7 @@ time $NAKT train --model smp:Unet/resnet18 --images $DATA/images --masks $DATA/m
   --val-images $DATA/images --val-cases $S:teacher_val --size 128 --epochs $EPOCHS --out $WORK/teacher --overwrite
 time $NAKT label --teacher $WORK/teacher --images $DATA/images --cases $S:transferal --out $WORK/labels
 time $NAKT train --model smp:FPN/mobilenet_v2 --images $DATA/images --masks $WORK/labels --cases $S:transferal \
-  --size 128 --epochs $EPOCHS --out $WORK/student --overwrite
+  --size 128 --epochs $EPOCHS --lr 3e-3 --out $WORK/student --overwrite
 for run in teacher student; do
   $NAKT evaluate --model $WORK/$run --images $DATA/images --masks $DATA/masks --cases $S:test --out $WORK/eval_$run
 done

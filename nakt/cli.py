@@ -42,6 +42,10 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--patch", type=int, nargs="+", help="train on patches, infer with sliding windows (96 96 64)")
     p.add_argument("--patches-per-case", type=int)
     p.add_argument("--normalization", choices=["zscore", "minmax", "none"])
+    p.add_argument("--in-channels", type=int, help="network input channels (default: the images'; grey<->RGB "
+                   "is converted)")
+    p.add_argument("--label-values", type=int, nargs="+",
+                   help="all label values the model predicts (default: those found in the masks)")
     p.add_argument("--hard-labels", action="store_true", default=None,
                    help="with a label set as --masks: train on its hard masks, not its soft probabilities")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)

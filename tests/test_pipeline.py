@@ -167,3 +167,23 @@ def test_cli_on_real_chest_xrays(tmp_path):
     from PIL import Image as PILImage
 
     assert PILImage.open(mask).size == PILImage.open(data / "images" / f"{splits['transferal'][0]}.jpg").size
+
+
+def test_channels_and_label_values_can_be_given(synthetic2d, tmp_path):
+    import nakt
+
+    s = synthetic2d / "splits.json"
+    run_dir = nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                         cases=f"{s}:teacher_val", out=str(tmp_path / "r"), size=[32], epochs=1, batch_size=2,
+                         in_channels=3, label_values=[0, 128, 255], progress=False)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["in_channels"] == 3 and config["classes"] == 3 and config["label_values"] == [0, 128, 255]
+    pred = nakt.predict(model=str(run_dir), images=str(synthetic2d / "images"), cases=f"{s}:test",
+                        out=str(tmp_path / "p"), progress=False)
+    assert len(list(pred.glob("*.png"))) == 6
+    from nakt.errors import NaktError
+
+    with pytest.raises(NaktError, match=r"label values \[255\] not in --label-values"):
+        nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                   cases=f"{s}:teacher_val", out=str(tmp_path / "r2"), size=[32], epochs=1, label_values=[0, 1],
+                   progress=False)

@@ -47,6 +47,8 @@ class TrainOptions:
     patch: list[int] | None = None
     patches_per_case: int = 4
     normalization: str = "zscore"
+    in_channels: int | None = None
+    label_values: list[int] | None = None
     hard_labels: bool = False
     augment: bool = True
     val_fraction: float = 0.2
@@ -87,7 +89,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelCard, str | None]:
-    """The model card: from the run being continued, or from the data (channels, classes, dimensions)."""
+    """The model card: from the run being continued, or from the data (channels, classes, dimensions)
+    unless `in_channels` / `label_values` are given."""
     if parse_spec(opts.model)[0] == "run":
         card, _ = rundir.read_config(Path(opts.model))
         return card, opts.model
@@ -104,12 +107,17 @@ def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelC
             raise NaktError(soft_from, f"masks hold label values {extra} missing from the manifest")
     else:
         values = label_values_of(items)
+    if opts.label_values is not None:
+        extra = sorted(set(values) - set(opts.label_values))
+        if extra:
+            raise NaktError(opts.masks, f"masks hold label values {extra} not in --label-values {opts.label_values}")
+        values = sorted(set(opts.label_values) | {0})
     if len(values) < 2:
         raise NaktError(opts.masks, "every mask is empty: nothing to learn")
     size, patch = opts.size, opts.patch
     if size is None and patch is None:
         size, patch = ([256] if spatial_dims == 2 else None), (None if spatial_dims == 2 else [96])
-    card = ModelCard(spec=opts.model, in_channels=first.array.shape[0], classes=len(values),
+    card = ModelCard(spec=opts.model, in_channels=opts.in_channels or first.array.shape[0], classes=len(values),
                      spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
                      normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs))
     return card, None
