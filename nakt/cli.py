@@ -33,7 +33,8 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
     p.add_argument("--val-masks", help="validation masks (default: the --masks folder)")
     p.add_argument("--val-cases", help="validation case list")
-    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--val-fraction", type=float, help="cases held out for validation without --val-images "
+                   "(0: none; the last epoch is kept)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
     _data_flags(p)
     p.add_argument("--out", help="folder for summary.json")
+    p.add_argument("--roi", help="folder of region masks (e.g. a field of view); outside counts as background")
     p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a CPU)")

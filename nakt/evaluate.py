@@ -28,7 +28,11 @@ __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 
 @dataclass
 class EvaluateOptions:
-    """Options of `evaluate`: give `model` (a run) or `pred` (a folder of predicted masks), not both."""
+    """Options of `evaluate`: give `model` (a run) or `pred` (a folder of predicted masks), not both.
+
+    `roi` is a folder of region masks paired by case name (e.g. a fundus field of view): pixels outside them
+    count as background in both prediction and truth.
+    """
 
     images: str
     masks: str
@@ -38,6 +42,7 @@ class EvaluateOptions:
     cases: str | None = None
     channels: list[str] | None = None
     mask_file: str | None = None
+    roi: str | None = None
     hd95: bool = True
     device: str = "auto"
     progress: bool = True
@@ -68,6 +73,8 @@ def evaluate(opts: EvaluateOptions) -> dict:
         missing = [c.name for c in cases if c.name not in pred_cases]
         if missing:
             raise NaktError(opts.pred, f"no prediction for {len(missing)} case(s), e.g. {missing[0]!r}")
+    rois = {c.name: c.mask for c in discover_cases(opts.images, opts.roi, opts.cases, opts.channels,
+                                                   require_masks=True)} if opts.roi else {}
     pairs = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not opts.progress):
         image = read_image(case.images)
@@ -75,8 +82,10 @@ def evaluate(opts: EvaluateOptions) -> dict:
         if model is not None:
             pred = predict_array(model, image.array)
         else:
-            pred_path = pred_cases[case.name].images[0]
-            pred = read_mask(pred_path, like=image)
+            pred = read_mask(pred_cases[case.name].images[0], like=image)
+        if rois:
+            outside = read_mask(rois[case.name], like=image) == 0
+            pred, truth = np.where(outside, 0, pred), np.where(outside, 0, truth)
         pairs.append((case.name, pred, truth, image.spacing))
     if model is not None:
         values = list(model.card.label_values)
@@ -89,6 +98,6 @@ def evaluate(opts: EvaluateOptions) -> dict:
                              spacing=spacing, hd95=opts.hd95)
         per_case.append({"case": name, **scores})
     summary = {"format": "nakt.summary/1", "nakt_version": __version__, **summarize(per_case),
-               "label_values": values, "model": opts.model, "pred": opts.pred}
+               "label_values": values, "model": opts.model, "pred": opts.pred, "roi": opts.roi}
     write_json(Path(opts.out) / "summary.json", summary)
     return summary

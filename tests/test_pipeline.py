@@ -187,3 +187,33 @@ def test_channels_and_label_values_can_be_given(synthetic2d, tmp_path):
         nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
                    cases=f"{s}:teacher_val", out=str(tmp_path / "r2"), size=[32], epochs=1, label_values=[0, 1],
                    progress=False)
+
+
+def test_no_validation_keeps_last_epoch_and_roi_restricts_scoring(synthetic2d, tmp_path):
+    from PIL import Image as PILImage
+
+    import nakt
+
+    s = synthetic2d / "splits.json"
+    run_dir = nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                         cases=f"{s}:teacher_val", out=str(tmp_path / "r"), size=[32], epochs=2, batch_size=2,
+                         val_fraction=0, progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_val_dice"] is None and metrics["best_epoch"] == 2
+    assert len(json.loads((run_dir / "config.json").read_text())["training"]["train_cases"]) == 4
+
+    # predictions = truth inside the left half, nonsense outside; an ROI on the left half scores 1.0
+    test = json.loads(s.read_text())["test"]
+    for folder in ("pred", "roi"):
+        (tmp_path / folder).mkdir()
+    for case in test:
+        truth = np.asarray(PILImage.open(synthetic2d / "masks" / f"{case}.png"))
+        pred, roi = truth.copy(), np.zeros_like(truth)
+        pred[:, 24:] = 255 - pred[:, 24:]
+        roi[:, :24] = 1
+        PILImage.fromarray(pred).save(tmp_path / "pred" / f"{case}.png")
+        PILImage.fromarray(roi).save(tmp_path / "roi" / f"{case}.png")
+    common = dict(images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), cases=f"{s}:test",
+                  pred=str(tmp_path / "pred"), progress=False, hd95=False)
+    assert nakt.evaluate(out=str(tmp_path / "e1"), roi=str(tmp_path / "roi"), **common)["mean"]["dice"] == 1.0
+    assert nakt.evaluate(out=str(tmp_path / "e2"), **common)["mean"]["dice"] < 0.9

@@ -71,6 +71,8 @@ class FinetuneOptions(TrainOptions):
 
 
 def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return items, []
     if len(items) < 2:
         raise NaktError(None, f"{len(items)} training case(s): too few to hold out validation cases",
                         "give --val-images/--val-masks")

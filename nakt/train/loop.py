@@ -41,7 +41,8 @@ def validate(model: NaktModel, samples: list[Sample]) -> float:
 def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
         augment: bool = False, freeze_encoder_epochs: int = 0, progress: bool = True) -> dict:
-    """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``.
+    """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
+    without validation samples, the last epoch's.
 
     Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
     """
@@ -54,7 +55,7 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch + 1,
                                                    pct_start=0.3 if not freeze_encoder_epochs else 0.1)
     encoder = encoder_of(model)
-    history, best, best_state = [], -1.0, None
+    history, best, best_epoch, best_state = [], -1.0, 0, None
     for epoch in range(1, epochs + 1):
         t0 = time.time()
         frozen = encoder is not None and epoch <= freeze_encoder_epochs
@@ -72,17 +73,17 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        val_dice = validate(model, val)
+        val_dice = validate(model, val) if val else None
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_dice": val_dice,
                  "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen, "seconds": round(time.time() - t0, 2)}
         history.append(entry)
-        if val_dice > best:
-            best, best_state = val_dice, copy.deepcopy(model.state_dict())
+        if val_dice is None or val_dice > best:
+            best, best_epoch, best_state = val_dice, epoch, copy.deepcopy(model.state_dict())
             rundir.write_weights(run, model)
-        rundir.write_metrics(run, {"history": history, "best_val_dice": best,
-                                   "best_epoch": max(history, key=lambda h: h["val_dice"])["epoch"]})
+        rundir.write_metrics(run, {"history": history, "best_val_dice": best, "best_epoch": best_epoch})
         if progress:
-            print(f"epoch {epoch}/{epochs}  loss {entry['train_loss']:.4f}  val dice {val_dice:.4f}"
+            shown = "-" if val_dice is None else f"{val_dice:.4f}"
+            print(f"epoch {epoch}/{epochs}  loss {entry['train_loss']:.4f}  val dice {shown}"
                   f"{'  (encoder frozen)' if frozen else ''}  {entry['seconds']:.1f}s", file=sys.stderr)
     if encoder is not None:
         encoder.requires_grad_(True)
