@@ -38,6 +38,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
     if Path(spec).is_dir():
         return "run", spec
+    if ":" not in spec and ("/" in spec or "\\" in spec):
+        raise NaktError(spec, "run directory not found")
     if ":" not in spec:
         raise NaktError(None, f"unknown model spec {spec!r}",
                         f"use scheme:name with scheme one of {', '.join(sorted(BUILDERS))}, or a run directory")

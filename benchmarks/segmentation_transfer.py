@@ -1,0 +1,273 @@
+"""Segmentation transfer benchmark: do the method's claims hold on real data?
+
+For one dataset (images/, masks/, splits.json with teacher_train, teacher_val, transferal, finetune, test) and
+each seed: train teachers of different families; label the transferal split with each teacher alone and with
+all of them fused by each fusion rule; train a student of another architecture on every label set; fine-tune
+the multi-teacher student on the finetune split; run the same-budget baselines (the student from scratch on
+the finetune split, a teacher fine-tuned on it, and the student on the transferal split's true masks); score
+everything on the test split. Writes ``<out>/<dataset>.json`` (every number, config, seeds, wall times,
+machine) and ``<out>/<dataset>.md`` (a table).
+
+    python benchmarks/segmentation_transfer.py --config configs/benchmarks/cxr_lungs.yaml [--quick]
+
+Only nakt's public API is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+import nakt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(path: Path, quick: bool) -> dict:
+    """The YAML config, with its ``quick:`` section merged over it in quick mode."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    overrides = cfg.pop("quick", {}) if quick else {}
+    cfg.pop("quick", None)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def prepare_brats_slices(source: Path, dest: Path, step: int = 3, min_brain: float = 0.05) -> Path:
+    """brats6 (3D case folders) -> 2D axial slices in the standard layout, split by subject.
+
+    Each slice is a case folder with ``flair.tif`` and ``t1c.tif`` (float32) and a mask ``masks/<case>.png``
+    (labels 0-4). Splits: train subjects -> teacher_train, the first validation subject -> teacher_val, the
+    second -> transferal (every fifth of its slices -> finetune), test subjects -> test.
+    """
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    if (dest / "splits.json").is_file():
+        return dest
+    splits = {k: [] for k in ("teacher_train", "teacher_val", "transferal", "finetune", "test")}
+    subjects = [(split, p) for split in ("train", "validation", "test") for p in sorted((source / split).iterdir())]
+    for split, subject in subjects:
+        vols = {name: np.asarray(nib.load(str(next(subject.glob(f"{name}*")))).dataobj, dtype=np.float32)
+                for name in ("Flair", "T1c", "OTMultiClass", "brainmask")}
+        kept = [k for k in range(0, vols["Flair"].shape[2], step) if vols["brainmask"][:, :, k].mean() > min_brain]
+        for i, k in enumerate(kept):
+            case = f"{subject.name}_z{k:03d}"
+            (dest / "images" / case).mkdir(parents=True, exist_ok=True)
+            (dest / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(vols["Flair"][:, :, k]).save(dest / "images" / case / "flair.tif")
+            Image.fromarray(vols["T1c"][:, :, k]).save(dest / "images" / case / "t1c.tif")
+            Image.fromarray(vols["OTMultiClass"][:, :, k].astype(np.uint8)).save(dest / "masks" / f"{case}.png")
+            if split == "train":
+                splits["teacher_train"].append(case)
+            elif split == "test":
+                splits["test"].append(case)
+            elif subject.name == sorted(p.name for p in (source / "validation").iterdir())[0]:
+                splits["teacher_val"].append(case)
+            else:
+                splits["finetune" if i % 5 == 0 else "transferal"].append(case)
+    (dest / "splits.json").write_text(json.dumps(splits, indent=1))
+    return dest
+
+
+class Bench:
+    """One dataset's benchmark: shared paths and options, and one method per pipeline stage."""
+
+    def __init__(self, cfg: dict, data: Path, work: Path, max_cases: int | None):
+        self.cfg, self.data, self.work = cfg, data, work
+        splits = json.loads((data / "splits.json").read_text())
+        self.lists = {}
+        for split in ("teacher_train", "teacher_val", "transferal", "finetune", "test"):
+            cases = splits[split][:max_cases] if max_cases else splits[split]
+            path = work / "cases" / f"{split}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(cases) + "\n")
+            self.lists[split] = str(path)
+        self.io = {"images": str(data / "images"), "channels": cfg.get("channels"), "progress": False}
+        self.masks = str(data / "masks")
+
+    def _train_options(self, role: str, seed: int) -> dict:
+        return {**self.cfg.get("train", {}), **self.cfg.get(role, {}), "seed": seed}
+
+    def train(self, spec: str, masks: str, split: str, out: Path, role: str, seed: int, val: bool = False) -> float:
+        started = time.time()
+        extra = {"val_images": self.io["images"], "val_masks": self.masks, "val_cases": self.lists["teacher_val"]} \
+            if val else {}
+        nakt.train(model=spec, masks=masks, cases=self.lists[split], out=str(out), overwrite=True,
+                   **self.io, **extra, **self._train_options(role, seed))
+        return time.time() - started
+
+    def finetune(self, run: Path, out: Path, seed: int) -> float:
+        started = time.time()
+        nakt.finetune(model=str(run), masks=self.masks, cases=self.lists["finetune"], out=str(out), overwrite=True,
+                      **self.io, **self.cfg.get("finetune", {}), seed=seed)
+        return time.time() - started
+
+    def label(self, teachers: list[Path], fusion: str, out: Path) -> float:
+        started = time.time()
+        if out.exists():
+            shutil.rmtree(out)
+        nakt.label(teacher=[str(t) for t in teachers], cases=self.lists["transferal"], out=str(out), fusion=fusion,
+                   **self.io)
+        return time.time() - started
+
+    def evaluate(self, out: Path, split: str = "test", **source) -> dict:
+        roi = str(self.data / self.cfg["roi"]) if self.cfg.get("roi") else None
+        summary = nakt.evaluate(masks=self.masks, cases=self.lists[split], out=str(out), roi=roi, **self.io,
+                                **source)
+        return summary["mean"]
+
+
+def run_seed(bench: Bench, seed: int) -> dict:
+    """Every row of the table for one seed: ``{row: {"dice", "hd95", "wall_s", ...}}``."""
+    cfg, work = bench.cfg, bench.work / f"seed{seed}"
+    rows: dict[str, dict] = {}
+
+    def log(row: str) -> None:
+        r = rows[row]
+        label = f"  labels vs truth {r['label_dice']:.3f}" if "label_dice" in r else ""
+        print(f"[seed {seed}] {row}: Dice {r['dice']:.4f}{label}  ({r['wall_s']:.0f} s)", flush=True)
+
+    teachers = []
+    for i, spec in enumerate(cfg["teachers"]):
+        run = work / f"teacher{i}"
+        wall = bench.train(spec, bench.masks, "teacher_train", run, "teacher_train", seed, val=True)
+        teachers.append(run)
+        rows[f"teacher {spec}"] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
+        log(f"teacher {spec}")
+
+    label_sets = {f"student <- {spec}": ([t], "mean") for spec, t in zip(cfg["teachers"], teachers)}
+    label_sets.update({f"student <- fused {f}": (teachers, f) for f in cfg.get("fusions", ["mean"])})
+    student = cfg["student"]
+    for row, (members, fusion) in label_sets.items():
+        name = row.replace("student <- ", "").replace(" ", "_").replace(":", "_").replace("/", "_")
+        labels = work / f"labels_{name}"
+        label_wall = bench.label(members, fusion, labels)
+        quality = bench.evaluate(work / f"eval_labels_{name}", split="transferal", pred=str(labels / "masks"))
+        run = work / f"student_{name}"
+        wall = bench.train(student, str(labels), "transferal", run, "student_train", seed)
+        rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
+                     "label_dice": quality["dice"]}
+        log(row)
+
+    fused = cfg.get("finetune_from", "weighted")
+    row = f"student <- fused {fused} + finetune"
+    run = work / "student_ft"
+    wall = bench.finetune(work / f"student_fused_{fused}", run, seed)
+    rows[row] = {**bench.evaluate(work / "eval_student_ft", model=str(run)), "wall_s": wall}
+    log(row)
+
+    row = f"baseline: {student} from scratch on finetune split"
+    run = work / "baseline_scratch"
+    wall = bench.train(student, bench.masks, "finetune", run, "scratch_train", seed)
+    rows[row] = {**bench.evaluate(work / "eval_baseline_scratch", model=str(run)), "wall_s": wall}
+    log(row)
+
+    row = f"baseline: transfer learning ({cfg['teachers'][0]} fine-tuned on finetune split)"
+    run = work / "baseline_tl"
+    wall = bench.finetune(teachers[0], run, seed)
+    rows[row] = {**bench.evaluate(work / "eval_baseline_tl", model=str(run)), "wall_s": wall}
+    log(row)
+
+    row = f"upper bound: {student} on transferal true masks"
+    run = work / "student_truth"
+    wall = bench.train(student, bench.masks, "transferal", run, "student_train", seed)
+    rows[row] = {**bench.evaluate(work / "eval_student_truth", model=str(run)), "wall_s": wall}
+    log(row)
+    return rows
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Mean and standard deviation over seeds of each row's numbers."""
+    table = {}
+    for row in next(iter(per_seed.values())):
+        entry = {"per_seed": {str(s): per_seed[s][row] for s in per_seed}}
+        for key in ("dice", "hd95", "wall_s", "label_dice"):
+            values = [per_seed[s][row][key] for s in per_seed if per_seed[s][row].get(key) is not None]
+            if values:
+                entry[f"{key}_mean"] = statistics.fmean(values)
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table[row] = entry
+    return table
+
+
+def markdown(name: str, result: dict) -> str:
+    seeds = len(result["seeds"])
+    lines = [f"# {name}: segmentation transfer ({result['mode']} mode, {seeds} seed(s), {result['machine']['device']})",
+             "", f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
+             "| row | test Dice (mean ± std) | test HD95 | labels vs transferal truth (Dice) | wall time (s) |",
+             "| --- | --- | --- | --- | --- |"]
+    for row, e in result["rows"].items():
+        hd = f"{e['hd95_mean']:.2f}" if e.get("hd95_mean") is not None else "-"
+        lab = f"{e['label_dice_mean']:.4f}" if "label_dice_mean" in e else "-"
+        wall = f"{e['wall_s_mean']:.0f}" if "wall_s_mean" in e else "-"
+        lines.append(f"| {row} | {e['dice_mean']:.4f} ± {e['dice_std']:.4f} | {hd} | {lab} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    used = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "nakt": nakt.__version__,
+            "device": torch.cuda.get_device_name() if used == "cuda" else f"CPU ({os.cpu_count()} cores)"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="configs/benchmarks/<dataset>.yaml")
+    parser.add_argument("--data", help="dataset folder (default: the config's data:)")
+    parser.add_argument("--quick", action="store_true", help="one seed, small sizes, few epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds (quick: the first)")
+    parser.add_argument("--max-cases", type=int, help="use at most this many cases per split (smoke tests)")
+    parser.add_argument("--work", help="folder for runs and label sets (default: runs/benchmarks/<dataset>)")
+    parser.add_argument("--out", help="folder for <dataset>.json and .md (default: benchmarks/results[/quick])")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(Path(args.config), args.quick)
+    name = cfg["name"]
+    data = Path(args.data or cfg["data"])
+    if not data.is_absolute() and not data.exists():
+        data = ROOT / data
+    if not data.is_dir():
+        sys.exit(f"segmentation_transfer: {data}: dataset folder not found")
+    work = Path(args.work or ROOT / "runs" / "benchmarks" / name)
+    if cfg.get("prepare") == "brats_slices":
+        data = prepare_brats_slices(data, work / "prepared")
+    seeds = args.seeds or (cfg.get("seeds", [0])[:1] if args.quick else cfg.get("seeds", [0, 1, 2]))
+    bench = Bench(cfg, data, work, args.max_cases)
+    started = time.time()
+    per_seed = {seed: run_seed(bench, seed) for seed in seeds}
+    rows = aggregate(per_seed)
+    if cfg.get("human_reference"):  # a second annotator against the first: the human-level reference
+        human = bench.evaluate(work / "eval_human", pred=str(data / cfg["human_reference"]))
+        rows["human: second observer vs first"] = {"dice_mean": human["dice"], "dice_std": 0.0,
+                                                   "hd95_mean": human["hd95"]}
+    result = {"dataset": name, "data": str(data), "mode": "quick" if args.quick else "full", "seeds": seeds,
+              "config": cfg, "command": " ".join(["python", "benchmarks/segmentation_transfer.py", *sys.argv[1:]])
+              if argv is None else " ".join(argv), "machine": machine(cfg.get("train", {}).get("device", "auto")),
+              "total_wall_s": time.time() - started, "rows": rows}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(name, result))
+    print(markdown(name, result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
