@@ -102,12 +102,13 @@ class Bench:
     def _train_options(self, role: str, seed: int) -> dict:
         return {**self.cfg.get("train", {}), **self.cfg.get(role, {}), "seed": seed}
 
-    def train(self, spec: str, masks: str, split: str, out: Path, role: str, seed: int, val: bool = False) -> float:
+    def train(self, spec: str, masks: str, split: str, out: Path, role: str, seed: int, val: bool = False,
+              **options) -> float:
         started = time.time()
         extra = {"val_images": self.io["images"], "val_masks": self.masks, "val_cases": self.lists["teacher_val"]} \
             if val else {}
         nakt.train(model=spec, masks=masks, cases=self.lists[split], out=str(out), overwrite=True,
-                   **self.io, **extra, **self._train_options(role, seed))
+                   **self.io, **extra, **{**self._train_options(role, seed), **options})
         return time.time() - started
 
     def finetune(self, run: Path, out: Path, seed: int) -> float:
@@ -116,12 +117,12 @@ class Bench:
                       **self.io, **self.cfg.get("finetune", {}), seed=seed)
         return time.time() - started
 
-    def label(self, teachers: list[Path], fusion: str, out: Path) -> float:
+    def label(self, teachers: list[Path], fusion: str, out: Path, **options) -> float:
         started = time.time()
         if out.exists():
             shutil.rmtree(out)
         nakt.label(teacher=[str(t) for t in teachers], cases=self.lists["transferal"], out=str(out), fusion=fusion,
-                   **self.io)
+                   **self.io, **options)
         return time.time() - started
 
     def evaluate(self, out: Path, split: str = "test", **source) -> dict:
@@ -149,16 +150,22 @@ def run_seed(bench: Bench, seed: int) -> dict:
         rows[f"teacher {spec}"] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
         log(f"teacher {spec}")
 
-    label_sets = {f"student <- {spec}": ([t], "mean") for spec, t in zip(cfg["teachers"], teachers)}
-    label_sets.update({f"student <- fused {f}": (teachers, f) for f in cfg.get("fusions", ["mean"])})
+    # row -> (teachers, fusion, label options, student training options)
+    label_sets = {f"student <- {spec}": ([t], "mean", {}, {}) for spec, t in zip(cfg["teachers"], teachers)}
+    label_sets.update({f"student <- fused {f}": (teachers, f, {}, {}) for f in cfg.get("fusions", ["mean"])})
+    for variant in cfg.get("variants", []):  # what the method allows when a claim fails
+        label_sets[f"student <- fused {variant['fusion']}, {variant['name']}"] = (
+            teachers, variant["fusion"], variant.get("label", {}), variant.get("train", {}))
     student = cfg["student"]
-    for row, (members, fusion) in label_sets.items():
-        name = row.replace("student <- ", "").replace(" ", "_").replace(":", "_").replace("/", "_")
+    for row, (members, fusion, label_options, train_options) in label_sets.items():
+        name = row.replace("student <- ", "")
+        for char in " :/,=<>.":
+            name = name.replace(char, "_")
         labels = work / f"labels_{name}"
-        label_wall = bench.label(members, fusion, labels)
+        label_wall = bench.label(members, fusion, labels, **label_options)
         quality = bench.evaluate(work / f"eval_labels_{name}", split="transferal", pred=str(labels / "masks"))
         run = work / f"student_{name}"
-        wall = bench.train(student, str(labels), "transferal", run, "student_train", seed)
+        wall = bench.train(student, str(labels), "transferal", run, "student_train", seed, **train_options)
         rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
                      "label_dice": quality["dice"]}
         log(row)

@@ -49,6 +49,8 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="all label values the model predicts (default: those found in the masks)")
     p.add_argument("--hard-labels", action="store_true", default=None,
                    help="with a label set as --masks: train on its hard masks, not its soft probabilities")
+    p.add_argument("--min-confidence", type=float,
+                   help="with soft labels: leave pixels whose top probability is below this out of the loss")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder frozen for this many epochs")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
     p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"])
     p.add_argument("--weights", type=float, nargs="+", help="teacher weights for --fusion weighted")
+    p.add_argument("--weighting", choices=["dice", "inverse-error"],
+                   help="weights from validation Dice: the Dice itself (default) or 1 / (1 - Dice)")
     p.add_argument("--save-teacher-probs", action="store_true", default=None)
 
     p = sub.add_parser("predict", help="segment images with a trained model")

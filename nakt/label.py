@@ -36,6 +36,7 @@ class LabelOptions:
     out: str
     fusion: str = "mean"
     weights: list[float] | None = None
+    weighting: str = "dice"
     cases: str | None = None
     channels: list[str] | None = None
     save_teacher_probs: bool = False
@@ -53,8 +54,17 @@ def _checksum(spec: str) -> str:
     return digest.hexdigest()
 
 
-def teacher_weights(specs: list[str], weights: list[float] | None = None) -> tuple[list[float], str]:
-    """Teacher weights for weighted fusion: given ones, else each run's best validation Dice, else equal."""
+WEIGHTINGS = ("dice", "inverse-error")
+
+
+def teacher_weights(specs: list[str], weights: list[float] | None = None,
+                    weighting: str = "dice") -> tuple[list[float], str]:
+    """Teacher weights for weighted fusion: given ones, else from each run's best validation Dice, else equal.
+
+    ``dice`` weights by the Dice itself (teachers of similar quality get almost equal weights);
+    ``inverse-error`` by ``1 / (1 - Dice)``, which favours the best teacher much more strongly.
+    """
+    look_up_option(weighting, WEIGHTINGS, "weighting")
     if weights is not None:
         if len(weights) != len(specs):
             raise NaktError(None, f"{len(weights)} weights for {len(specs)} teachers")
@@ -66,6 +76,8 @@ def teacher_weights(specs: list[str], weights: list[float] | None = None) -> tup
         scores.append(score)
     if any(s is None for s in scores):
         return [1.0] * len(specs), "equal (some teachers have no validation score)"
+    if weighting == "inverse-error":
+        return [1.0 / max(1.0 - float(s), 1e-3) for s in scores], "1 / (1 - validation dice)"
     return [float(s) for s in scores], "validation dice"
 
 
@@ -105,8 +117,8 @@ def label(opts: LabelOptions) -> Path:
     device = pick_device(opts.device)
     models = [load(t).to(device) for t in opts.teacher]
     _check_compatible(models, opts.teacher)
-    weights, weight_source = teacher_weights(opts.teacher, opts.weights) if opts.fusion == "weighted" else (
-        None, "unused")
+    weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
+                              if opts.fusion == "weighted" else (None, "unused"))
     teachers = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
                 for i, t in enumerate(opts.teacher)]
     manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),

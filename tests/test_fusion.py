@@ -57,3 +57,18 @@ def test_staple_recovers_truth_and_ranks_raters():
     sens = quality["sensitivity"]
     assert sens[0] > sens[2] and sens[1] > sens[2]
     assert teacher_agreement(np.stack(raters))["pairwise_dice"] < 1.0
+
+
+def test_teacher_weights_from_validation_scores(tmp_path):
+    from nakt.io.rundir import write_metrics
+    from nakt.label import teacher_weights
+
+    runs = []
+    for i, dice in enumerate([0.95, 0.90]):
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "config.json").write_text("{}")
+        write_metrics(tmp_path / f"r{i}", {"best_val_dice": dice})
+        runs.append(str(tmp_path / f"r{i}"))
+    assert teacher_weights(runs)[0] == pytest.approx([0.95, 0.90])
+    assert teacher_weights(runs, weighting="inverse-error")[0] == pytest.approx([20.0, 10.0])
+    assert teacher_weights(runs, weights=[1, 3])[0] == [1.0, 3.0]

@@ -61,3 +61,18 @@ def test_patch_batches_have_patch_size_and_pad_small_images():
     x, y = next(batches(samples + samples, 2, 2, rng, patch=(16, 16)))
     assert x.shape == (2, 2, 16, 16) and y.shape == (2, 2, 16, 16)
     torch.testing.assert_close(y.sum(1), torch.ones(2, 16, 16))
+
+
+def test_masked_loss_ignores_disputed_pixels():
+    torch.manual_seed(0)
+    target = one_hot(torch.randint(0, 2, (1, 8, 8)), 2)
+    target[..., :4] = 0.5  # disputed left half
+    logits = torch.randn(1, 2, 8, 8)
+    mask = (target.amax(1, keepdim=True) >= 0.8).float()
+    loss = SoftDiceCELoss()
+    other = logits.clone()
+    other[..., :4] = torch.randn(1, 2, 8, 4) * 5  # changing only disputed pixels does not change the loss
+    assert loss(logits, target, mask).item() == pytest.approx(loss(other, target, mask).item(), rel=1e-6)
+    assert loss(logits, target).item() != pytest.approx(loss(other, target).item(), rel=1e-3)
+    full = torch.ones_like(mask)  # an all-ones mask equals no mask
+    assert loss(logits, target, full).item() == pytest.approx(loss(logits, target).item(), rel=1e-5)

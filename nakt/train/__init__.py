@@ -50,6 +50,7 @@ class TrainOptions:
     in_channels: int | None = None
     label_values: list[int] | None = None
     hard_labels: bool = False
+    min_confidence: float = 0.0
     augment: bool = True
     val_fraction: float = 0.2
     freeze_encoder_epochs: int = 0
@@ -179,7 +180,8 @@ def train(opts: TrainOptions) -> Path:
     metrics = fit(model, train_samples, val_samples, out, epochs=opts.epochs, batch_size=opts.batch_size,
                   lr=opts.lr, weight_decay=opts.weight_decay, seed=opts.seed, patch=patch,
                   patches_per_case=opts.patches_per_case, augment=opts.augment,
-                  freeze_encoder_epochs=opts.freeze_encoder_epochs, progress=opts.progress)
+                  freeze_encoder_epochs=opts.freeze_encoder_epochs, min_confidence=opts.min_confidence,
+                  progress=opts.progress)
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1)})
     return out
 

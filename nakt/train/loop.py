@@ -40,9 +40,11 @@ def validate(model: NaktModel, samples: list[Sample]) -> float:
 
 def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
-        augment: bool = False, freeze_encoder_epochs: int = 0, progress: bool = True) -> dict:
+        augment: bool = False, freeze_encoder_epochs: int = 0, min_confidence: float = 0.0,
+        progress: bool = True) -> dict:
     """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
-    without validation samples, the last epoch's.
+    without validation samples, the last epoch's. With `min_confidence`, pixels whose soft target's largest
+    probability is below it are left out of the loss.
 
     Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
     """
@@ -67,7 +69,8 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
         losses = []
         for x, y in batches(train, batch_size, model.card.classes, rng, patch, patches_per_case, augment):
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+            mask = (y.amax(1, keepdim=True) >= min_confidence).float() if min_confidence > 0 else None
+            loss = loss_fn(model(x), y, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -25,9 +25,18 @@ class SoftDiceCELoss(nn.Module):
         from monai.losses import DiceLoss
 
         self.dice = DiceLoss(softmax=True, soft_label=True)
+        self.dice_masked = DiceLoss(softmax=False, soft_label=True)  # takes masked probabilities
         self.ce = nn.CrossEntropyLoss()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` ``[B, 1, *spatial]`` (optional, 0 or 1) leaves pixels out of both terms, e.g. pixels on which
+        the teachers disagree."""
         logits = logits.float()
-        return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+        if mask is None:
+            return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+        probs = torch.softmax(logits, dim=1) * mask
+        dice = self.dice_masked(probs, target * mask)
+        ce = -(target * torch.log_softmax(logits, dim=1)).sum(1, keepdim=True)
+        ce = (ce * mask).sum() / mask.sum().clamp_min(1)
+        return self.dice_weight * dice + self.ce_weight * ce
