@@ -125,10 +125,10 @@ class Bench:
                    **self.io, **options)
         return time.time() - started
 
-    def evaluate(self, out: Path, split: str = "test", **source) -> dict:
+    def evaluate(self, out: Path, split: str = "test", hd95: bool = True, **source) -> dict:
         roi = str(self.data / self.cfg["roi"]) if self.cfg.get("roi") else None
-        summary = nakt.evaluate(masks=self.masks, cases=self.lists[split], out=str(out), roi=roi, **self.io,
-                                **source)
+        summary = nakt.evaluate(masks=self.masks, cases=self.lists[split], out=str(out), roi=roi, hd95=hd95,
+                                **self.io, **source)
         return summary["mean"]
 
 
@@ -163,7 +163,8 @@ def run_seed(bench: Bench, seed: int) -> dict:
             name = name.replace(char, "_")
         labels = work / f"labels_{name}"
         label_wall = bench.label(members, fusion, labels, **label_options)
-        quality = bench.evaluate(work / f"eval_labels_{name}", split="transferal", pred=str(labels / "masks"))
+        quality = bench.evaluate(work / f"eval_labels_{name}", split="transferal", hd95=False,
+                                 pred=str(labels / "masks"))
         run = work / f"student_{name}"
         wall = bench.train(student, str(labels), "transferal", run, "student_train", seed, **train_options)
         rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
