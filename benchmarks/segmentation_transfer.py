@@ -214,7 +214,9 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 
 def markdown(name: str, result: dict) -> str:
     seeds = len(result["seeds"])
-    lines = [f"# {name}: segmentation transfer ({result['mode']} mode, {seeds} seed(s), {result['machine']['device']})",
+    planned = len(result.get("seeds_planned", result["seeds"]))
+    done = f"{seeds} seed(s)" if seeds == planned else f"{seeds} of {planned} seeds done"
+    lines = [f"# {name}: segmentation transfer ({result['mode']} mode, {done}, {result['machine']['device']})",
              "", f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
              "| row | test Dice (mean ± std) | test HD95 | labels vs transferal truth (Dice) | wall time (s) |",
              "| --- | --- | --- | --- | --- |"]
@@ -258,21 +260,26 @@ def main(argv: list[str] | None = None) -> dict:
         data = prepare_brats_slices(data, work / "prepared")
     seeds = args.seeds or (cfg.get("seeds", [0])[:1] if args.quick else cfg.get("seeds", [0, 1, 2]))
     bench = Bench(cfg, data, work, args.max_cases)
-    started = time.time()
-    per_seed = {seed: run_seed(bench, seed) for seed in seeds}
-    rows = aggregate(per_seed)
-    if cfg.get("human_reference"):  # a second annotator against the first: the human-level reference
-        human = bench.evaluate(work / "eval_human", pred=str(data / cfg["human_reference"]))
-        rows["human: second observer vs first"] = {"dice_mean": human["dice"], "dice_std": 0.0,
-                                                   "hd95_mean": human["hd95"]}
-    result = {"dataset": name, "data": str(data), "mode": "quick" if args.quick else "full", "seeds": seeds,
-              "config": cfg, "command": " ".join(["python", "benchmarks/segmentation_transfer.py", *sys.argv[1:]])
-              if argv is None else " ".join(argv), "machine": machine(cfg.get("train", {}).get("device", "auto")),
-              "total_wall_s": time.time() - started, "rows": rows}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{name}.md").write_text(markdown(name, result))
+    command = " ".join(["python", "benchmarks/segmentation_transfer.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.time()
+    human = None
+    if cfg.get("human_reference"):  # a second annotator against the first: the human-level reference
+        human = bench.evaluate(work / "eval_human", pred=str(data / cfg["human_reference"]))
+    per_seed: dict[int, dict] = {}
+    for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
+        per_seed[seed] = run_seed(bench, seed)
+        rows = aggregate(per_seed)
+        if human is not None:
+            rows["human: second observer vs first"] = {"dice_mean": human["dice"], "dice_std": 0.0,
+                                                       "hd95_mean": human["hd95"]}
+        result = {"dataset": name, "data": str(data), "mode": "quick" if args.quick else "full",
+                  "seeds": list(per_seed), "seeds_planned": seeds, "config": cfg, "command": command,
+                  "machine": machine(cfg.get("train", {}).get("device", "auto")),
+                  "total_wall_s": time.time() - started, "rows": rows}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{name}.md").write_text(markdown(name, result))
     print(markdown(name, result))
     return result
 
