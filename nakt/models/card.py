@@ -9,12 +9,15 @@ from nakt.errors import NaktError
 __all__ = ["NORMALIZATIONS", "ModelCard"]
 
 NORMALIZATIONS = ("zscore", "minmax", "none")
+HEADS = ("softmax", "sigmoid", "ordinal")
 
 
 @dataclass
 class ModelCard:
     """A model's input/output contract.
 
+    `head` is ``softmax`` (one class per image or pixel), ``sigmoid`` (multi-label classification) or
+    ``ordinal`` (graded classes; the network emits C-1 cumulative logits). `class_names` name the classes.
     `label_values` maps class index -> the integer written in mask files (e.g. ``[0, 255]``), so labels are
     written back with the values the training masks used. `size` resizes inputs (2D or 3D) before the
     network; `patch` trains on random patches and infers with sliding windows. `normalization` is per image
@@ -33,8 +36,14 @@ class ModelCard:
     output: str = "logits"
     size_divisor: int = 1
     model_kwargs: dict = field(default_factory=dict)
+    head: str = "softmax"
+    class_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise NaktError(None, f"unknown head {self.head!r}", f"valid: {', '.join(HEADS)}")
+        if not self.class_names:
+            self.class_names = [str(v) for v in (self.label_values or range(self.classes))]
         if not self.label_values:
             self.label_values = list(range(self.classes))
         if len(self.label_values) != self.classes:

@@ -34,7 +34,7 @@ def scheme(name: str) -> Callable:
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``"smp:Unet/resnet18"`` into ``("smp", "Unet/resnet18")``; a folder is a run directory."""
-    from nakt.models import monai_nets, smp_nets, torchscript  # noqa: F401  (registers the schemes)
+    from nakt.models import classifiers, monai_nets, smp_nets, torchscript  # noqa: F401  (registers the schemes)
 
     if Path(spec).is_dir():
         return "run", spec
@@ -71,11 +71,33 @@ class NaktModel(nn.Module):
         out = self.net(x)
         if isinstance(out, (list, tuple)):  # deep-supervision nets return several heads; the first is full size
             out = out[0]
-        return out[(..., *[slice(0, s) for s in spatial])]
+        if out.ndim == x.ndim:  # dense output: crop the padding away (classifiers return [B, C])
+            out = out[(..., *[slice(0, s) for s in spatial])]
+        return out
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[B, classes, ...]``: softmax, per-class sigmoid (multi-label), or the class
+        distribution implied by ordinal logits ``P(y > k)``."""
         out = self.forward(x)
-        return out if self.card.output == "probs" else torch.softmax(out.float(), dim=1)
+        if self.card.output == "probs":
+            return out
+        return logits_to_probs(out.float(), self.card.head)
+
+
+def logits_to_probs(logits: torch.Tensor, head: str = "softmax") -> torch.Tensor:
+    """``[B, K, ...]`` logits -> probabilities. ``ordinal``: K = C-1 cumulative logits -> ``[B, C, ...]``.
+
+    >>> logits_to_probs(torch.tensor([[0.0, -100.0]]), "ordinal").round(decimals=3).tolist()
+    [[0.5, 0.5, 0.0]]
+    """
+    if head == "sigmoid":
+        return torch.sigmoid(logits)
+    if head == "ordinal":
+        above = torch.sigmoid(logits).cummin(dim=1).values  # P(y > k) must not increase with k
+        ones = torch.ones_like(above[:, :1])
+        zeros = torch.zeros_like(above[:, :1])
+        return torch.cat([ones, above], 1) - torch.cat([above, zeros], 1)
+    return torch.softmax(logits, dim=1)
 
 
 def build_model(card: ModelCard, pretrained: str | None = None) -> NaktModel:
@@ -83,7 +105,8 @@ def build_model(card: ModelCard, pretrained: str | None = None) -> NaktModel:
     name, rest = parse_spec(card.spec)
     if name == "run":
         raise NaktError(card.spec, "a run directory is loaded with nakt.load, not built")
-    net, divisor = BUILDERS[name](rest, in_channels=card.in_channels, classes=card.classes,
+    outputs = card.classes - 1 if card.head == "ordinal" else card.classes
+    net, divisor = BUILDERS[name](rest, in_channels=card.in_channels, classes=outputs,
                                   spatial_dims=card.spatial_dims, pretrained=pretrained,
                                   **{k: v for k, v in card.model_kwargs.items() if v is not None})
     card.size_divisor = max(card.size_divisor, divisor)
