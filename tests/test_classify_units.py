@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from nakt.classify.losses import cumulative_targets, kd_loss, soften
+from nakt.classify.metrics import classification_scores, quadratic_kappa
+
+
+def test_kd_loss_matches_hand_computed_kl_with_temperature_squared():
+    student = torch.tensor([[2.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.7, 0.2, 0.1]])
+    for t in (1.0, 4.0):
+        q = torch.softmax(torch.log(teacher) / t, 1)[0]
+        p = torch.softmax(student / t, 1)[0]
+        expected = t**2 * float((q * (q / p).log()).sum())
+        assert float(kd_loss(student, teacher, temperature=t)) == pytest.approx(expected, rel=1e-5)
+    # one-hot target at T = 1 is plain cross-entropy
+    onehot = torch.tensor([[0.0, 1.0, 0.0]])
+    ce = torch.nn.functional.cross_entropy(student, torch.tensor([1]))
+    assert float(kd_loss(student, onehot)) == pytest.approx(float(ce), rel=1e-4)
+    # alpha mixes the softened teacher term with the hard-label term
+    mixed = kd_loss(student, teacher, temperature=4.0, alpha=0.3, hard_probs=onehot)
+    parts = 0.3 * kd_loss(student, teacher, temperature=4.0) + 0.7 * kd_loss(student, onehot)
+    assert float(mixed) == pytest.approx(float(parts), rel=1e-5)
+
+
+def test_binary_kd_for_multilabel_and_ordinal_targets():
+    logits = torch.tensor([[1.0, -2.0]])
+    target = torch.tensor([[0.9, 0.2]])
+    t = 2.0
+    soft = soften(target, t, "sigmoid")
+    p = torch.sigmoid(logits / t)
+    kl = soft * (soft / p).log() + (1 - soft) * ((1 - soft) / (1 - p)).log()
+    assert float(kd_loss(logits, target, head="sigmoid", temperature=t)) == pytest.approx(t**2 * float(kl.mean()),
+                                                                                      rel=1e-4)
+    assert cumulative_targets(torch.tensor([[0.2, 0.3, 0.5]]))[0].tolist() == pytest.approx([0.8, 0.5])
+    assert math.isfinite(float(kd_loss(torch.zeros(1, 2), torch.tensor([[0.2, 0.3, 0.5]]), head="ordinal")))
+
+
+def test_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4)) + 1.5 * np.eye(4)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = classification_scores(probs, labels, graded=True)["mean"]
+    pred = probs.argmax(1)
+    assert scores["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert scores["f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro"))
+    assert scores["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, pred))
+    assert scores["auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert scores["kappa"] == pytest.approx(skm.cohen_kappa_score(labels, pred, weights="quadratic"))
+    fixed_truth, fixed_pred = np.array([0, 1, 2, 3, 4, 4, 2]), np.array([0, 2, 2, 3, 3, 4, 0])
+    assert quadratic_kappa(fixed_pred, fixed_truth, 5) == pytest.approx(
+        skm.cohen_kappa_score(fixed_truth, fixed_pred, weights="quadratic"))
+    multilabel = (rng.random((100, 3)) < 0.4).astype(int)
+    mprobs = np.clip(multilabel * 0.6 + rng.random((100, 3)) * 0.5, 0, 1)
+    ml = classification_scores(mprobs, multilabel)
+    assert ml["per_class"]["auc"] == pytest.approx([skm.roc_auc_score(multilabel[:, c], mprobs[:, c]) for c in range(3)])
