@@ -26,9 +26,20 @@ def _data_flags(p: argparse.ArgumentParser, masks: bool = True) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
+def _classification_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", help="classification: CSV (image,label or one 0/1 column per finding) or a label set;"
+                   " default: class folders under --images")
+    p.add_argument("--label-column", help="classification: the CSV column holding the class (default: label)")
+
+
 def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", help=model_help)
     _data_flags(p)
+    p.add_argument("--task", choices=["segmentation", "classification"])
+    _classification_flags(p)
+    p.add_argument("--val-labels", help="classification: labels of --val-images")
+    p.add_argument("--head", choices=["softmax", "sigmoid", "ordinal"], help="classification head")
+    p.add_argument("--temperature", type=float, help="distillation temperature for soft labels (Hinton KD)")
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
     p.add_argument("--val-masks", help="validation masks (default: the --masks folder)")
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p, masks=False)
     p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
     p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"])
+    p.add_argument("--task", choices=["segmentation", "classification"])
     p.add_argument("--weights", type=float, nargs="+", help="teacher weights for --fusion weighted")
     p.add_argument("--weighting", choices=["dice", "inverse-error"],
                    help="weights from validation Dice: the Dice itself (default) or 1 / (1 - Dice)")
@@ -92,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
     _data_flags(p)
     p.add_argument("--out", help="folder for summary.json")
+    _classification_flags(p)
+    p.add_argument("--graded", action="store_true", default=None, help="classification: add quadratic kappa")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], help="classification: score under an adversarial attack")
+    p.add_argument("--eps", type=float, help="attack size in normalised intensity units (default 0.01)")
+    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
     p.add_argument("--roi", help="folder of region masks (e.g. a field of view); outside counts as background")
     p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
 

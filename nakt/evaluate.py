@@ -30,13 +30,23 @@ __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 class EvaluateOptions:
     """Options of `evaluate`: give `model` (a run) or `pred` (a folder of predicted masks), not both.
 
+    For a classification run, `labels` (CSV) or class folders give the truth; `graded` adds quadratic kappa
+    (automatic for ordinal heads); `attack` (``fgsm`` or ``pgd``, with `eps` and `steps`) scores the model on
+    adversarial versions of the images.
+
     `roi` is a folder of region masks paired by case name (e.g. a fundus field of view): pixels outside them
     count as background in both prediction and truth.
     """
 
     images: str
-    masks: str
     out: str
+    masks: str | None = None
+    labels: str | None = None
+    label_column: str | None = None
+    graded: bool = False
+    attack: str | None = None
+    eps: float = 0.01
+    steps: int = 10
     model: str | None = None
     pred: str | None = None
     cases: str | None = None
@@ -62,13 +72,19 @@ def evaluate(opts: EvaluateOptions) -> dict:
     """Score predictions against masks; writes ``out/summary.json`` and returns the summary."""
     if (opts.model is None) == (opts.pred is None):
         raise NaktError(None, "give either --model RUN or --pred DIR")
+    if opts.model is not None:
+        model = load(opts.model).to(pick_device(opts.device))
+        if model.card.task == "classification":
+            from nakt.classify.stages import evaluate_classification
+
+            return evaluate_classification(opts, model)
+    if opts.masks is None:
+        raise NaktError(None, "missing option 'masks'", "give --masks DIR")
     cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=True)
     pred_cases = None
-    model = None
-    if opts.model is not None:
-        model = load(opts.model).to(pick_device(opts.device))
-    else:
+    if opts.model is None:
+        model = None
         pred_cases = {c.name: c for c in discover_cases(opts.pred)}
         missing = [c.name for c in cases if c.name not in pred_cases]
         if missing:

@@ -35,6 +35,7 @@ class LabelOptions:
     images: str
     out: str
     fusion: str = "mean"
+    task: str = "segmentation"
     weights: list[float] | None = None
     weighting: str = "dice"
     cases: str | None = None
@@ -72,7 +73,8 @@ def teacher_weights(specs: list[str], weights: list[float] | None = None,
     scores = []
     for spec in specs:
         scheme, rest = parse_spec(spec)
-        score = rundir.read_metrics(Path(rest)).get("best_val_dice") if scheme == "run" else None
+        metrics = rundir.read_metrics(Path(rest)) if scheme == "run" else {}
+        score = metrics.get("best_val_dice", metrics.get("best_val_score"))
         scores.append(score)
     if any(s is None for s in scores):
         return [1.0] * len(specs), "equal (some teachers have no validation score)"
@@ -113,6 +115,11 @@ def label(opts: LabelOptions) -> Path:
     if not opts.teacher:
         raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
     out = Path(opts.out)
+    if opts.task == "classification":
+        from nakt.classify.stages import label_classification
+
+        weights = teacher_weights(opts.teacher, opts.weights, opts.weighting)[0] if opts.fusion == "weighted" else None
+        return label_classification(opts, weights)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     device = pick_device(opts.device)
     models = [load(t).to(device) for t in opts.teacher]

@@ -39,8 +39,12 @@ def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
 
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
-    cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     model = load(opts.model).to(pick_device(opts.device))
+    if model.card.task == "classification":
+        from nakt.classify.stages import predict_classification
+
+        return predict_classification(opts, model)
+    cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     out = Path(opts.out)
     for case in tqdm(cases, desc="predict", unit="case", disable=not opts.progress):
         image = read_image(case.images)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nakt.errors import NaktError
+from nakt.errors import NaktError, look_up_option
 from nakt.inference import pick_device
 from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
@@ -27,12 +27,21 @@ class TrainOptions:
 
     `masks` is a masks folder or a label set written by ``nakt label`` (then its soft probabilities are the
     targets unless `hard_labels`). Without validation data, `val_fraction` of the cases is held out.
+    With ``task="classification"``, `labels` (a CSV or a classification label set) or class folders under
+    `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
+    distils a label set's soft probabilities (Hinton KD).
     """
 
     model: str
     images: str
-    masks: str
     out: str
+    masks: str | None = None
+    task: str = "segmentation"
+    labels: str | None = None
+    val_labels: str | None = None
+    label_column: str | None = None
+    head: str = "softmax"
+    temperature: float = 1.0
     val_images: str | None = None
     val_masks: str | None = None
     cases: str | None = None
@@ -141,6 +150,13 @@ def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
 
 def train(opts: TrainOptions) -> Path:
     """Train a model spec (or continue a run) and write a run directory; returns its path."""
+    look_up_option(opts.task, ("segmentation", "classification"), "task")
+    if opts.task == "classification":
+        from nakt.classify.train import train_classifier
+
+        return train_classifier(opts)
+    if opts.masks is None:
+        raise NaktError(None, "missing option 'masks'", "give --masks DIR (or --task classification --labels)")
     started = time.time()
     out = Path(opts.out)
     if parse_spec(opts.model)[0] not in ("run", "torchscript"):

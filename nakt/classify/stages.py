@@ -1,0 +1,117 @@
+"""The classification side of `label`, `predict` and `evaluate` (dispatched to by those verbs)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from nakt import __version__
+from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels
+from nakt.classify.metrics import classification_scores
+from nakt.classify.train import load_images, predict_probs
+from nakt.errors import NaktError
+from nakt.fusion import fuse
+from nakt.inference import pick_device
+from nakt.io import labelset
+from nakt.io.images import atomic_path
+from nakt.io.rundir import write_json
+from nakt.models import NaktModel, load
+
+__all__ = ["label_classification", "predict_classification", "evaluate_classification"]
+
+
+def _unlabelled(images: str, cases) -> LabelTable:
+    root = Path(images)
+    files = list_images(root)
+    table = LabelTable(files, [p.relative_to(root).as_posix() for p in files], np.zeros(len(files)), [], "index")
+    if cases is None:
+        return table
+    from nakt.io.dataset import read_case_list
+    from nakt.io.images import case_name
+
+    wanted = set(read_case_list(cases))
+    keep = [i for i, (k, p) in enumerate(zip(table.keys, table.images)) if k in wanted or case_name(p) in wanted]
+    if not keep:
+        raise NaktError(root, "no image matches the case list")
+    return table.subset(keep)
+
+
+def _write_csv(path: Path, keys: list[str], class_names: list[str], probs: np.ndarray, extra=None) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", *class_names, *(extra or {})])
+    for i, key in enumerate(keys):
+        writer.writerow([key, *(f"{p:.6f}" for p in probs[i]), *(v[i] for v in (extra or {}).values())])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _teacher_probs(models: list[NaktModel], table: LabelTable, progress: bool) -> np.ndarray:
+    """``[K, N, C]``: every teacher with its own preprocessing."""
+    return np.stack([predict_probs(m, load_images(table, m.card, progress)) for m in models])
+
+
+def label_classification(opts, weights: list[float] | None) -> Path:
+    """Teachers' fused class probabilities for every image -> ``labels.csv`` + ``manifest.json``."""
+    if opts.fusion == "staple":
+        raise NaktError(None, "STAPLE fuses segmentations", "use --fusion mean, weighted or vote")
+    device = pick_device(opts.device)
+    models = [load(t).to(device) for t in opts.teacher]
+    names = models[0].card.class_names
+    for model, spec in zip(models[1:], opts.teacher[1:]):
+        if model.card.class_names != names:
+            raise NaktError(spec, f"classes {model.card.class_names} differ from {opts.teacher[0]}'s {names}")
+    table = _unlabelled(opts.images, opts.cases)
+    teacher_probs = _teacher_probs(models, table, opts.progress)  # [K, N, C]
+    if len(models) > 1:  # fusion rules take [K, C, *spatial]: the images play the role of the spatial axis
+        fused = fuse(np.transpose(teacher_probs, (0, 2, 1)), opts.fusion, weights).T
+    else:
+        fused = teacher_probs[0]
+    out = Path(opts.out)
+    agree = (teacher_probs.argmax(2) == fused.argmax(1)).mean(0)
+    _write_csv(out / LABELS_CSV, table.keys, names, fused)
+    labelset.write_manifest(out, {
+        "nakt_version": __version__, "task": "classification", "images": str(opts.images), "fusion": opts.fusion,
+        "teachers": [{"spec": str(t), "weight": None if weights is None else weights[i]}
+                     for i, t in enumerate(opts.teacher)],
+        "classes": len(names), "class_names": names, "label_values": list(range(len(names))),
+        "teacher_agreement": float(agree.mean()), "cases": len(table.keys)})
+    return out
+
+
+def predict_classification(opts, model: NaktModel) -> Path:
+    """``predictions.csv``: one probability column per class and the predicted class."""
+    table = _unlabelled(opts.images, opts.cases)
+    probs = predict_probs(model, load_images(table, model.card, opts.progress))
+    names = model.card.class_names
+    decided = [names[i] for i in probs.argmax(1)]
+    _write_csv(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
+    return Path(opts.out)
+
+
+def evaluate_classification(opts, model: NaktModel) -> dict:
+    """AUC, accuracy, F1, balanced accuracy, ECE (and quadratic kappa for graded tasks) -> summary.json."""
+    table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
+    if table.class_names != model.card.class_names:
+        raise NaktError(opts.labels or opts.images, f"classes {table.class_names} differ from the model's "
+                        f"{model.card.class_names}")
+    images = load_images(table, model.card, opts.progress)
+    probs = predict_probs(model, images)
+    if opts.attack:
+        from nakt.classify.robustness import attack_images
+
+        images = attack_images(model, images, table, opts.attack, opts.eps, opts.steps)
+        probs = predict_probs(model, images)
+    labels = table.targets.argmax(1) if table.kind == "probs" else table.targets.astype(int)
+    graded = opts.graded or model.card.head == "ordinal"
+    scores = classification_scores(probs, labels, graded=graded)
+    per_case = [{"case": k, "label": labels[i].tolist(), "probs": probs[i].round(5).tolist()}
+                for i, k in enumerate(table.keys)]
+    summary = {"format": "nakt.summary/1", "nakt_version": __version__, "task": "classification", **scores,
+               "class_names": table.class_names, "attack": opts.attack, "eps": opts.eps if opts.attack else None,
+               "model": opts.model, "per_case": per_case}
+    write_json(Path(opts.out) / "summary.json", summary)
+    return summary

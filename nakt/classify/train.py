@@ -1,0 +1,147 @@
+"""Training classifiers: from labels (CSV or class folders) or a teacher label set of class probabilities.
+
+Targets are always class probabilities (one-hot for hard labels), and the loss is Hinton KD (`kd_loss`), so a
+student trained on a label set with ``temperature > 1`` is distilled, and one trained on hard labels is trained
+with plain cross-entropy. The best epoch by validation macro AUC is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nakt.classify.data import LabelTable, read_labels
+from nakt.classify.losses import kd_loss
+from nakt.classify.metrics import classification_scores
+from nakt.errors import NaktError
+from nakt.inference import pick_device
+from nakt.io import rundir
+from nakt.io.images import read_image
+from nakt.models import ModelCard, NaktModel, build_model, load, parse_spec
+from nakt.preprocess import prepare_image
+
+__all__ = ["load_images", "target_probs", "predict_probs", "train_classifier"]
+
+
+def load_images(table: LabelTable, card: ModelCard, progress: bool = True) -> torch.Tensor:
+    """Prepared images ``[N, C_in, *size]`` (float16 to halve memory; cast back per batch)."""
+    out = torch.empty((len(table.images), card.in_channels, *card.size * (2 if len(card.size) == 1 else 1)),
+                      dtype=torch.float16)
+    for i, path in enumerate(tqdm(table.images, desc="read", unit="img", disable=not progress, leave=False)):
+        out[i] = prepare_image(read_image(path).array, card, path).half()
+    return out
+
+
+def target_probs(table: LabelTable) -> torch.Tensor:
+    """Targets as probabilities ``[N, C]``: one-hot for class indices, as given otherwise."""
+    if table.kind == "index":
+        return torch.eye(len(table.class_names))[torch.as_tensor(table.targets)]
+    return torch.as_tensor(table.targets, dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_probs(model: NaktModel, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities ``[N, C]`` for prepared images ``[N, C_in, H, W]``."""
+    model.eval()
+    device = next(model.parameters()).device
+    parts = [model.predict_proba(images[i:i + batch_size].float().to(device)).cpu()
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def _score(model: NaktModel, images: torch.Tensor, table: LabelTable) -> float:
+    probs = predict_probs(model, images)
+    labels = table.targets if table.kind != "probs" else table.targets.argmax(1)
+    mean = classification_scores(probs, labels.astype(int) if table.kind != "probs" else labels)["mean"]
+    return mean["auc"] if mean["auc"] is not None else mean["accuracy"]
+
+
+def _card(opts, table: LabelTable) -> ModelCard:
+    if parse_spec(opts.model)[0] == "run":
+        card, _ = rundir.read_config(Path(opts.model))
+        if card.task != "classification":
+            raise NaktError(opts.model, "is a segmentation run", "use --task segmentation")
+        return card
+    first = read_image(table.images[0])
+    head = opts.head if table.kind != "multihot" else "sigmoid"
+    return ModelCard(spec=opts.model, in_channels=opts.in_channels or first.array.shape[0],
+                     classes=len(table.class_names), spatial_dims=2, task="classification", size=opts.size or [128],
+                     normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs), head=head,
+                     class_names=table.class_names)
+
+
+def train_classifier(opts) -> Path:
+    """`nakt train --task classification`: `opts` is a `TrainOptions` with `labels` (CSV or label set) or
+    class folders under `images`."""
+    from nakt.train import _prepare_out, _split
+
+    started = time.time()
+    table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
+    if opts.val_images is not None:
+        val_table = read_labels(opts.val_images, opts.val_labels, opts.val_cases, opts.label_column)
+        train_idx, val_table = list(range(len(table.images))), val_table
+    else:
+        train_idx, val_idx = _split(list(range(len(table.images))), opts.val_fraction, opts.seed)
+        val_table = table.subset(val_idx)
+    train_table = table.subset(train_idx)
+    card = _card(opts, table)
+    if val_table.class_names != card.class_names:
+        raise NaktError(opts.val_labels or opts.images, f"classes {val_table.class_names} differ from the "
+                        f"training classes {card.class_names}")
+    _prepare_out(Path(opts.out), opts.overwrite)
+    torch.manual_seed(opts.seed)
+    model = load(opts.model) if parse_spec(opts.model)[0] == "run" else build_model(card, pretrained=opts.pretrained)
+    model.to(pick_device(opts.device))
+    x_train, y_train = load_images(train_table, card, opts.progress), target_probs(train_table)
+    x_val = load_images(val_table, card, opts.progress)
+    record = {k: v for k, v in vars(opts).items() if k != "progress"}
+    record.update(soft_targets=train_table.kind == "probs", train_cases=train_table.keys, val_cases=val_table.keys)
+    rundir.write_config(Path(opts.out), card, record)
+
+    run, device = Path(opts.out), next(model.parameters()).device
+    rng = np.random.default_rng(opts.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    steps = max(1, math.ceil(len(x_train) / opts.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=opts.epochs * steps + 1)
+    history, best, best_epoch, best_state = [], -1.0, 0, None
+    for epoch in range(1, opts.epochs + 1):
+        t0 = time.time()
+        model.train()
+        losses = []
+        order = rng.permutation(len(x_train))
+        for start in range(0, len(order), opts.batch_size):
+            idx = order[start:start + opts.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            x, y = x_train[idx].float().to(device), y_train[idx].to(device)
+            if opts.augment:
+                flip = torch.as_tensor(rng.random(len(idx)) < 0.5, device=device)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = kd_loss(model(x), y, card.head, temperature=opts.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        score = _score(model, x_val, val_table) if len(x_val) else None
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": score,
+                        "seconds": round(time.time() - t0, 2)})
+        if score is None or score > best:
+            best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+            rundir.write_weights(run, model)
+        rundir.write_metrics(run, {"history": history, "best_val_score": best, "best_val_metric": "auc",
+                                   "best_epoch": best_epoch})
+        if opts.progress:
+            shown = "-" if score is None else f"{score:.4f}"
+            print(f"epoch {epoch}/{opts.epochs}  loss {history[-1]['train_loss']:.4f}  val auc {shown}  "
+                  f"{history[-1]['seconds']:.1f}s", file=sys.stderr)
+    model.load_state_dict(best_state)
+    rundir.write_metrics(run, {**rundir.read_metrics(run), "wall_seconds": round(time.time() - started, 1)})
+    return run
