@@ -40,6 +40,17 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--val-labels", help="classification: labels of --val-images")
     p.add_argument("--head", choices=["softmax", "sigmoid", "ordinal"], help="classification head")
     p.add_argument("--temperature", type=float, help="distillation temperature for soft labels (Hinton KD)")
+    p.add_argument("--teacher", action="append", help="classification: online distillation from this run "
+                   "(repeat for several; see nakt distill)")
+    p.add_argument("--teacher-mode", choices=["random", "mean"], help="random: one teacher per step (RoS-KD)")
+    p.add_argument("--alpha", type=float, help="weight of the teacher term against the labels (default 0.5)")
+    p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights (e.g. 0.999)")
+    p.add_argument("--recipe", choices=["targeted"], help="targeted: discriminative LRs + gradual unfreezing")
+    p.add_argument("--unfreeze-every", type=int, help="targeted recipe: epochs between unfreezing steps")
+    p.add_argument("--init", help="start from the weights of another run (e.g. the same body part)")
+    p.add_argument("--subsets", type=int, help="RoS-KD: train K teachers on overlapping random subsets")
+    p.add_argument("--subset-fraction", type=float, help="fraction of the data in each subset (default 0.6)")
+    p.add_argument("--label-noise", type=float, help="flip this fraction of training labels (experiments)")
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
     p.add_argument("--val-masks", help="validation masks (default: the --masks folder)")
@@ -81,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="continue a run on a small labelled set (lower LR, frozen encoder)")
     _train_flags(p, "run directory to fine-tune")
+
+    p = sub.add_parser("distill", help="classification: train a student with teachers running alongside "
+                       "(online KD, RoS-KD with --teacher-mode random)")
+    _train_flags(p, "student model spec")
 
     p = sub.add_parser("label", help="teachers annotate images; write a fused label set")
     p.add_argument("--teacher", action="append", help="run directory or torchscript:PATH (repeat for several)")
@@ -127,6 +142,11 @@ def _run(args: argparse.Namespace):
         from nakt.demo import DemoOptions, demo
 
         return demo(DemoOptions(**values))
+    if args.verb == "distill":
+        if not values.get("teacher"):
+            raise NaktError(None, "nakt distill needs --teacher RUN (repeatable)")
+        values["task"] = "classification"
+        return nakt.train(config=args.config, **values)
     return getattr(nakt, args.verb)(config=args.config, **values)
 
 

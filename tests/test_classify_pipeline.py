@@ -79,3 +79,26 @@ def test_classification_teacher_label_student_evaluate(pneumonia, tmp_path):
         preds = list(csv.DictReader(f))
     assert len(preds) == 120 and {p["prediction"] for p in preds} <= {"0", "1"}
     assert preds[0]["image"].startswith(("NORMAL/", "PNEUMONIA/"))
+
+
+def test_roskd_teachers_online_distillation_and_targeted_recipe(pneumonia, tmp_path):
+    r = pneumonia
+    common = ["--size", 28, "--batch-size", 32, "--val-images", r / "val", "--val-labels", r / "val.csv"]
+    assert run("train", "--task", "classification", "--model", "timm:resnet18", "--images", r / "train",
+               "--labels", r / "train.csv", "--subsets", 2, "--subset-fraction", 0.5, "--epochs", 1,
+               "--out", tmp_path / "teachers", *common) == 0
+    subsets = [(tmp_path / "teachers" / f"subset_{k}.txt").read_text().split() for k in (0, 1)]
+    assert [len(s) for s in subsets] == [120, 120] and set(subsets[0]) != set(subsets[1])
+    assert run("distill", "--model", "timm:mobilenetv2_100", "--teacher", tmp_path / "teachers" / "subset_0",
+               "--teacher", tmp_path / "teachers" / "subset_1", "--teacher-mode", "random", "--ema", 0.9,
+               "--temperature", 2, "--label-noise", 0.2, "--images", r / "train", "--labels", r / "train.csv",
+               "--epochs", 1, "--out", tmp_path / "student", *common) == 0
+    training = json.loads((tmp_path / "student" / "config.json").read_text())["training"]
+    assert training["teacher_mode"] == "random" and training["label_noise"] == 0.2
+    assert run("finetune", "--task", "classification", "--model", tmp_path / "teachers" / "subset_0", "--recipe",
+               "targeted", "--images", r / "val", "--labels", r / "val.csv", "--val-fraction", 0.25, "--epochs", 2,
+               "--size", 28, "--out", tmp_path / "targeted") == 0
+    history = json.loads((tmp_path / "targeted" / "metrics.json").read_text())["history"]
+    assert [sum(h["unfrozen_groups"]) for h in history] == [1, 2]
+    assert run("distill", "--model", "timm:resnet18", "--images", r / "val", "--labels", r / "val.csv",
+               "--out", tmp_path / "x") == 2  # no teacher: a one-line error

@@ -7,7 +7,6 @@ with plain cross-entropy. The best epoch by validation macro AUC is kept.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -77,16 +76,49 @@ def _card(opts, table: LabelTable) -> ModelCard:
                      class_names=table.class_names)
 
 
+def _targets_for_training(table: LabelTable, opts) -> torch.Tensor:
+    if opts.label_noise > 0:
+        if table.kind != "index":
+            raise NaktError(opts.labels, "--label-noise needs one class label per image")
+        from nakt.classify.roskd import flip_labels
+
+        table = LabelTable(table.images, table.keys, flip_labels(table.targets, len(table.class_names),
+                                                                  opts.label_noise, opts.seed),
+                           table.class_names, table.kind)
+    return target_probs(table)
+
+
+def _optimizer(model: NaktModel, opts) -> torch.optim.Optimizer:
+    if opts.recipe == "targeted":
+        from nakt.classify.transfer import discriminative_param_groups
+
+        return torch.optim.AdamW(discriminative_param_groups(model, opts.lr), weight_decay=opts.weight_decay)
+    if opts.recipe is not None:
+        raise NaktError(None, f"unknown recipe {opts.recipe!r}", "valid: targeted")
+    return torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def _teachers(opts, card: ModelCard, device) -> list[NaktModel]:
+    teachers = [load(t).to(device).eval() for t in opts.teacher or []]
+    for spec, t in zip(opts.teacher or [], teachers):
+        if t.card.class_names != card.class_names or t.card.size != card.size:
+            raise NaktError(spec, f"teacher classes {t.card.class_names} / size {t.card.size} differ from the "
+                            f"student's {card.class_names} / {card.size}", "online teachers see the student's batch")
+    return teachers
+
+
 def train_classifier(opts) -> Path:
     """`nakt train --task classification`: `opts` is a `TrainOptions` with `labels` (CSV or label set) or
-    class folders under `images`."""
+    class folders under `images`. With ``subsets`` K, trains K teachers on overlapping subsets instead."""
+    if opts.subsets:
+        return _train_subsets(opts)
     from nakt.train import _prepare_out, _split
 
     started = time.time()
     table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
     if opts.val_images is not None:
+        train_idx = list(range(len(table.images)))
         val_table = read_labels(opts.val_images, opts.val_labels, opts.val_cases, opts.label_column)
-        train_idx, val_table = list(range(len(table.images))), val_table
     else:
         train_idx, val_idx = _split(list(range(len(table.images))), opts.val_fraction, opts.seed)
         val_table = table.subset(val_idx)
@@ -98,22 +130,44 @@ def train_classifier(opts) -> Path:
     _prepare_out(Path(opts.out), opts.overwrite)
     torch.manual_seed(opts.seed)
     model = load(opts.model) if parse_spec(opts.model)[0] == "run" else build_model(card, pretrained=opts.pretrained)
-    model.to(pick_device(opts.device))
-    x_train, y_train = load_images(train_table, card, opts.progress), target_probs(train_table)
+    if opts.init:
+        from nakt.models.weights import load_pretrained
+
+        load_pretrained(model, Path(opts.init) / rundir.WEIGHTS)
+    device = pick_device(opts.device)
+    model.to(device)
+    teachers = _teachers(opts, card, device)
+    x_train, y_train = load_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
     x_val = load_images(val_table, card, opts.progress)
     record = {k: v for k, v in vars(opts).items() if k != "progress"}
     record.update(soft_targets=train_table.kind == "probs", train_cases=train_table.keys, val_cases=val_table.keys)
     rundir.write_config(Path(opts.out), card, record)
+    _fit(model, teachers, x_train, y_train, x_val, val_table, Path(opts.out), opts)
+    rundir.write_metrics(Path(opts.out), {**rundir.read_metrics(Path(opts.out)),
+                                          "wall_seconds": round(time.time() - started, 1)})
+    return Path(opts.out)
 
-    run, device = Path(opts.out), next(model.parameters()).device
+
+def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_train: torch.Tensor,
+         x_val: torch.Tensor, val_table: LabelTable, run: Path, opts) -> None:
+    """The loop: KD loss against labels (and teachers), one-cycle LR, optional unfreezing and EMA; keeps the
+    best epoch by validation AUC in ``run/model.safetensors``."""
+    from nakt.classify.roskd import TeacherSampler, ema_model
+    from nakt.classify.transfer import apply_unfreezing
+
+    device, head = next(model.parameters()).device, model.card.head
     rng = np.random.default_rng(opts.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    sampler = TeacherSampler(len(teachers), opts.teacher_mode, opts.seed) if teachers else None
+    optimizer = _optimizer(model, opts)
     steps = max(1, math.ceil(len(x_train) / opts.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=opts.epochs * steps + 1)
-    history, best, best_epoch, best_state = [], -1.0, 0, None
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=opts.epochs * steps + 1)
+    smoothed = ema_model(model, opts.ema) if opts.ema else None
+    history, best, best_epoch = [], -1.0, 0
     for epoch in range(1, opts.epochs + 1):
         t0 = time.time()
         model.train()
+        unfrozen = apply_unfreezing(model, epoch, opts.unfreeze_every) if opts.recipe == "targeted" else None
         losses = []
         order = rng.permutation(len(x_train))
         for start in range(0, len(order), opts.batch_size):
@@ -124,24 +178,48 @@ def train_classifier(opts) -> Path:
             if opts.augment:
                 flip = torch.as_tensor(rng.random(len(idx)) < 0.5, device=device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = kd_loss(model(x), y, card.head, temperature=opts.temperature)
+            logits = model(x)
+            if teachers:  # online: the drawn teacher(s) see the same augmented batch
+                with torch.no_grad():
+                    soft = torch.stack([teachers[k].predict_proba(x) for k in sampler.draw()]).mean(0)
+                loss = kd_loss(logits, soft, head, opts.temperature, opts.alpha, hard_probs=y)
+            else:
+                loss = kd_loss(logits, y, head, temperature=opts.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            if smoothed is not None:
+                smoothed.update_parameters(model)
             losses.append(loss.item())
-        score = _score(model, x_val, val_table) if len(x_val) else None
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": score,
-                        "seconds": round(time.time() - t0, 2)})
+        scored = smoothed.module if smoothed is not None else model
+        score = _score(scored, x_val, val_table) if len(x_val) else None
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                        "val_score": score, "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)})
         if score is None or score > best:
-            best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
-            rundir.write_weights(run, model)
+            best, best_epoch = score, epoch
+            rundir.write_weights(run, scored)
         rundir.write_metrics(run, {"history": history, "best_val_score": best, "best_val_metric": "auc",
                                    "best_epoch": best_epoch})
         if opts.progress:
             shown = "-" if score is None else f"{score:.4f}"
             print(f"epoch {epoch}/{opts.epochs}  loss {history[-1]['train_loss']:.4f}  val auc {shown}  "
                   f"{history[-1]['seconds']:.1f}s", file=sys.stderr)
-    model.load_state_dict(best_state)
-    rundir.write_metrics(run, {**rundir.read_metrics(run), "wall_seconds": round(time.time() - started, 1)})
-    return run
+    model.requires_grad_(True)
+
+
+def _train_subsets(opts) -> Path:
+    """RoS-KD teachers: K runs ``out/subset_<k>``, each on an overlapping random subset of the training data."""
+    import dataclasses
+
+    from nakt.classify.roskd import overlapping_subsets
+
+    table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, subset in enumerate(overlapping_subsets(len(table.keys), opts.subsets, opts.subset_fraction, opts.seed)):
+        cases = out / f"subset_{k}.txt"
+        cases.write_text("\n".join(table.keys[i] for i in subset) + "\n")
+        train_classifier(dataclasses.replace(opts, subsets=0, cases=str(cases), out=str(out / f"subset_{k}"),
+                                             seed=opts.seed + k))
+    return out

@@ -29,7 +29,12 @@ class TrainOptions:
     targets unless `hard_labels`). Without validation data, `val_fraction` of the cases is held out.
     With ``task="classification"``, `labels` (a CSV or a classification label set) or class folders under
     `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
-    distils a label set's soft probabilities (Hinton KD).
+    distils a label set's soft probabilities (Hinton KD). Classification extras: `teacher` runs online
+    distillation (`teacher_mode` ``random`` = RoS-KD, one teacher per step, or ``mean``; `alpha` weighs the
+    teacher term against the labels), `ema` smooths the student, `recipe="targeted"` uses discriminative
+    learning rates with gradual unfreezing (one more layer group every `unfreeze_every` epochs), `init`
+    starts from another run's weights, `subsets` K trains K teachers on overlapping random subsets
+    (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels.
     """
 
     model: str
@@ -42,6 +47,16 @@ class TrainOptions:
     label_column: str | None = None
     head: str = "softmax"
     temperature: float = 1.0
+    teacher: list[str] | None = None
+    teacher_mode: str = "random"
+    alpha: float = 0.5
+    ema: float | None = None
+    recipe: str | None = None
+    unfreeze_every: int = 1
+    init: str | None = None
+    subsets: int = 0
+    subset_fraction: float = 0.6
+    label_noise: float = 0.0
     val_images: str | None = None
     val_masks: str | None = None
     cases: str | None = None
