@@ -17,7 +17,7 @@ from nakt.errors import NaktError
 from nakt.io.dataset import read_case_list
 from nakt.io.images import case_name, is_image_file
 
-__all__ = ["LabelTable", "read_labels", "list_images", "LABELS_CSV"]
+__all__ = ["LabelTable", "read_labels", "restrict", "list_images", "LABELS_CSV"]
 
 LABELS_CSV = "labels.csv"
 
@@ -109,8 +109,7 @@ def read_labels(images: str | Path, labels: str | Path | None = None, cases=None
                 label_column: str | None = None) -> LabelTable:
     """Read targets for the images under `images` from `labels` (CSV file or label-set folder) or class folders.
 
-    `cases` restricts to listed names, matched against the image's path relative to `images` with or
-    without extension, or its stem.
+    `cases` restricts to listed names (see `restrict`).
     """
     from nakt.io import labelset
 
@@ -123,11 +122,16 @@ def read_labels(images: str | Path, labels: str | Path | None = None, cases=None
         table = _from_csv(root, Path(labels) / LABELS_CSV, None, soft=True)
     else:
         table = _from_csv(root, Path(labels), label_column, soft=False)
-    if cases is not None:
-        wanted = set(read_case_list(cases))
-        keep = [i for i, (k, p) in enumerate(zip(table.keys, table.images))
-                if k in wanted or k.rsplit(".", 1)[0] in wanted or case_name(p) in wanted]
-        if not keep:
-            raise NaktError(root, "no image matches the case list")
-        table = table.subset(keep)
-    return table
+    return restrict(table, cases, root)
+
+
+def restrict(table: LabelTable, cases, root: Path) -> LabelTable:
+    """Keep the listed cases, matched by path relative to the images folder (with or without extension) or stem."""
+    if cases is None:
+        return table
+    wanted = set(read_case_list(cases))
+    keep = [i for i, (k, p) in enumerate(zip(table.keys, table.images))
+            if k in wanted or k.rsplit(".", 1)[0] in wanted or case_name(p) in wanted]
+    if not keep:
+        raise NaktError(root, "no image matches the case list")
+    return table.subset(keep)

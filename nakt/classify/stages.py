@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from nakt import __version__
-from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels
+from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels, restrict
 from nakt.classify.metrics import classification_scores
 from nakt.classify.train import load_images, predict_probs
 from nakt.errors import NaktError
@@ -24,19 +24,11 @@ __all__ = ["label_classification", "predict_classification", "evaluate_classific
 
 
 def _unlabelled(images: str, cases) -> LabelTable:
+    """Every image under `images` (restricted to `cases`), without targets."""
     root = Path(images)
     files = list_images(root)
     table = LabelTable(files, [p.relative_to(root).as_posix() for p in files], np.zeros(len(files)), [], "index")
-    if cases is None:
-        return table
-    from nakt.io.dataset import read_case_list
-    from nakt.io.images import case_name
-
-    wanted = set(read_case_list(cases))
-    keep = [i for i, (k, p) in enumerate(zip(table.keys, table.images)) if k in wanted or case_name(p) in wanted]
-    if not keep:
-        raise NaktError(root, "no image matches the case list")
-    return table.subset(keep)
+    return restrict(table, cases, root)
 
 
 def _write_csv(path: Path, keys: list[str], class_names: list[str], probs: np.ndarray, extra=None) -> None:
