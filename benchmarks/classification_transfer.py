@@ -29,7 +29,7 @@ import numpy as np
 import nakt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from segmentation_transfer import ROOT, load_config, machine  # noqa: E402  (the sibling benchmark script)
+from segmentation_transfer import ROOT, dataset_folder, load_config, machine  # noqa: E402  (the sibling benchmark script)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -173,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
-    data = Path(args.data or cfg["data"])
-    if not data.is_absolute() and not data.exists():
-        data = ROOT / data
+    data = dataset_folder(args.data or cfg["data"], "classification_transfer")
     work = Path(args.work or ROOT / "runs" / "benchmarks" / name)
     images, lists = prepare(cfg, data, work / "data", args.max_images)
     seeds = args.seeds or (cfg["seeds"][:1] if args.quick else cfg["seeds"])

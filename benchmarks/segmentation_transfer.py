@@ -83,6 +83,16 @@ def prepare_brats_slices(source: Path, dest: Path, step: int = 3, min_brain: flo
     return dest
 
 
+def dataset_folder(path: str, script: str) -> Path:
+    """The dataset folder, relative to the working directory or else to the project root; exits if missing."""
+    data = Path(path)
+    if not data.is_absolute() and not data.exists():
+        data = ROOT / data
+    if not data.is_dir():
+        sys.exit(f"{script}: {data}: dataset folder not found")
+    return data
+
+
 class Bench:
     """One dataset's benchmark: shared paths and options, and one method per pipeline stage."""
 
@@ -171,30 +181,19 @@ def run_seed(bench: Bench, seed: int) -> dict:
                      "label_dice": quality["dice"]}
         log(row)
 
+    def score(row: str, name: str, wall: float) -> None:
+        rows[row] = {**bench.evaluate(work / f"eval_{name}", model=str(work / name)), "wall_s": wall}
+        log(row)
+
     fused = cfg.get("finetune_from", "weighted")
-    row = f"student <- fused {fused} + finetune"
-    run = work / "student_ft"
-    wall = bench.finetune(work / f"student_fused_{fused}", run, seed)
-    rows[row] = {**bench.evaluate(work / "eval_student_ft", model=str(run)), "wall_s": wall}
-    log(row)
-
-    row = f"baseline: {student} from scratch on finetune split"
-    run = work / "baseline_scratch"
-    wall = bench.train(student, bench.masks, "finetune", run, "scratch_train", seed)
-    rows[row] = {**bench.evaluate(work / "eval_baseline_scratch", model=str(run)), "wall_s": wall}
-    log(row)
-
-    row = f"baseline: transfer learning ({cfg['teachers'][0]} fine-tuned on finetune split)"
-    run = work / "baseline_tl"
-    wall = bench.finetune(teachers[0], run, seed)
-    rows[row] = {**bench.evaluate(work / "eval_baseline_tl", model=str(run)), "wall_s": wall}
-    log(row)
-
-    row = f"upper bound: {student} on transferal true masks"
-    run = work / "student_truth"
-    wall = bench.train(student, bench.masks, "transferal", run, "student_train", seed)
-    rows[row] = {**bench.evaluate(work / "eval_student_truth", model=str(run)), "wall_s": wall}
-    log(row)
+    score(f"student <- fused {fused} + finetune", "student_ft",
+          bench.finetune(work / f"student_fused_{fused}", work / "student_ft", seed))
+    score(f"baseline: {student} from scratch on finetune split", "baseline_scratch",
+          bench.train(student, bench.masks, "finetune", work / "baseline_scratch", "scratch_train", seed))
+    score(f"baseline: transfer learning ({cfg['teachers'][0]} fine-tuned on finetune split)", "baseline_tl",
+          bench.finetune(teachers[0], work / "baseline_tl", seed))
+    score(f"upper bound: {student} on transferal true masks", "student_truth",
+          bench.train(student, bench.masks, "transferal", work / "student_truth", "student_train", seed))
     return rows
 
 
@@ -250,11 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
-    data = Path(args.data or cfg["data"])
-    if not data.is_absolute() and not data.exists():
-        data = ROOT / data
-    if not data.is_dir():
-        sys.exit(f"segmentation_transfer: {data}: dataset folder not found")
+    data = dataset_folder(args.data or cfg["data"], "segmentation_transfer")
     work = Path(args.work or ROOT / "runs" / "benchmarks" / name)
     if cfg.get("prepare") == "brats_slices":
         data = prepare_brats_slices(data, work / "prepared")
