@@ -71,6 +71,7 @@ def _staple_binary(masks: np.ndarray) -> tuple[np.ndarray, list[float], list[flo
         return np.ones(masks.shape[1:]), [1.0] * len(masks), [1.0] * len(masks)
     f = sitk.STAPLEImageFilter()
     f.SetForegroundValue(1.0)
+    f.SetMaximumIterations(200)  # SimpleITK's default is unbounded; near-empty classes can converge very slowly
     out = f.Execute([sitk.GetImageFromArray(m.astype(np.uint8)) for m in masks])
     p = np.nan_to_num(sitk.GetArrayFromImage(out).astype(np.float64), nan=0.0)
     return np.clip(p, 0, 1), list(f.GetSensitivity()), list(f.GetSpecificity())
