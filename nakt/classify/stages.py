@@ -91,12 +91,11 @@ def evaluate_classification(opts, model: NaktModel) -> dict:
         raise NaktError(opts.labels or opts.images, f"classes {table.class_names} differ from the model's "
                         f"{model.card.class_names}")
     images = load_images(table, model.card, opts.progress)
-    probs = predict_probs(model, images)
     if opts.attack:
         from nakt.classify.robustness import attack_images
 
         images = attack_images(model, images, table, opts.attack, opts.eps, opts.steps)
-        probs = predict_probs(model, images)
+    probs = predict_probs(model, images)
     labels = table.targets.argmax(1) if table.kind == "probs" else table.targets.astype(int)
     graded = opts.graded or model.card.head == "ordinal"
     scores = classification_scores(probs, labels, graded=graded)
