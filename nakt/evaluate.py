@@ -68,6 +68,21 @@ def summarize(per_case: list[dict]) -> dict:
     return {"mean": mean, "std": std, "per_case": per_case}
 
 
+def _match_binary_codings(pairs: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """The label values to score, recoding predictions when both sides are binary but coded differently.
+
+    Two annotators' binary masks are often saved as 0/1 and 0/255; scored as they are, the two foregrounds
+    would count as two disjoint classes (Dice 0). Multi-class maps are never recoded.
+    """
+    pred_values = {int(v) for _, p, _, _ in pairs for v in np.unique(p)} - {0}
+    truth_values = {int(v) for _, _, t, _ in pairs for v in np.unique(t)} - {0}
+    if len(pred_values) == 1 and len(truth_values) == 1 and pred_values != truth_values:
+        (fg,) = truth_values
+        pairs = [(name, np.where(p > 0, fg, 0), t, spacing) for name, p, t, spacing in pairs]
+        pred_values = truth_values
+    return pairs, sorted({0} | pred_values | truth_values)
+
+
 def evaluate(opts: EvaluateOptions) -> dict:
     """Score predictions against masks; writes ``out/summary.json`` and returns the summary."""
     if (opts.model is None) == (opts.pred is None):
@@ -106,8 +121,7 @@ def evaluate(opts: EvaluateOptions) -> dict:
     if model is not None:
         values = list(model.card.label_values)
     else:
-        values = sorted({0} | {int(v) for _, p, t, _ in pairs for v in np.unique(np.concatenate(
-            [np.unique(p), np.unique(t)]))})
+        pairs, values = _match_binary_codings(pairs)
     per_case = []
     for (name, pred, truth, spacing), case in zip(pairs, cases):
         scores = case_scores(encode_labels(pred, values), encode_labels(truth, values, case.mask), len(values),

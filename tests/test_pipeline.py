@@ -218,3 +218,20 @@ def test_no_validation_keeps_last_epoch_and_roi_restricts_scoring(synthetic2d, t
                   pred=str(tmp_path / "pred"), progress=False, hd95=False)
     assert nakt.evaluate(out=str(tmp_path / "e1"), roi=str(tmp_path / "roi"), **common)["mean"]["dice"] == 1.0
     assert nakt.evaluate(out=str(tmp_path / "e2"), **common)["mean"]["dice"] < 0.9
+
+
+def test_binary_masks_coded_0_1_score_against_masks_coded_0_255(synthetic2d, tmp_path):
+    """A second annotator's 0/1 masks against the first's 0/255 masks (DRIVE's case): one foreground, not two."""
+    from PIL import Image as PILImage
+
+    import nakt
+
+    s = synthetic2d / "splits.json"
+    (tmp_path / "pred").mkdir()
+    for case in json.loads(s.read_text())["test"]:
+        truth = np.asarray(PILImage.open(synthetic2d / "masks" / f"{case}.png"))
+        assert set(np.unique(truth)) == {0, 255}
+        PILImage.fromarray((truth > 0).astype(np.uint8)).save(tmp_path / "pred" / f"{case}.png")
+    summary = nakt.evaluate(images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), cases=f"{s}:test",
+                            pred=str(tmp_path / "pred"), out=str(tmp_path / "e"), progress=False, hd95=False)
+    assert summary["mean"]["dice"] == 1.0 and summary["label_values"] == [0, 255]
