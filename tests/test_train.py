@@ -76,3 +76,35 @@ def test_masked_loss_ignores_disputed_pixels():
     assert loss(logits, target).item() != pytest.approx(loss(other, target).item(), rel=1e-3)
     full = torch.ones_like(mask)  # an all-ones mask equals no mask
     assert loss(logits, target, full).item() == pytest.approx(loss(logits, target).item(), rel=1e-5)
+
+
+def test_targeted_recipe_and_init_on_segmentation(synthetic2d, tmp_path):
+    """`--recipe targeted` unfreezes smp's layer groups from the head down; `--init` starts from another run."""
+    import json
+
+    import nakt
+    from nakt.classify.transfer import layer_groups
+    from nakt.models.weights import read_state_dict
+
+    s = synthetic2d / "splits.json"
+    common = dict(images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), size=[64], batch_size=4,
+                  val_fraction=0, progress=False)
+    source = nakt.train(model="smp:Unet/resnet18", cases=f"{s}:teacher_val", out=str(tmp_path / "source"),
+                        epochs=1, **common)
+    run = nakt.train(model="smp:Unet/resnet18", cases=f"{s}:teacher_train", out=str(tmp_path / "targeted"),
+                     epochs=3, recipe="targeted", unfreeze_every=1, init=str(source),
+                     **common)
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    flags = [h["unfrozen_groups"] for h in history]
+    assert [sum(f) for f in flags] == [1, 2, 3] and all(f[-1] for f in flags)
+
+    # three epochs unfreeze three groups from the head; the first (the stem) stays frozen with --init's weights
+    model = load(str(run))
+    groups = layer_groups(model)
+    assert len(groups) == len(flags[0]) and not flags[-1][0]
+    before, after = read_state_dict(source / "model.safetensors"), model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in groups[0] if n in before)
+    assert not all(torch.equal(before[n], after[n]) for n in groups[-1])
+
+    with pytest.raises(nakt.NaktError, match="recipe"):
+        nakt.train(model="monai:UNet", out=str(tmp_path / "x"), recipe="targetted", epochs=1, **common)

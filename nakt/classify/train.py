@@ -88,16 +88,6 @@ def _targets_for_training(table: LabelTable, opts) -> torch.Tensor:
     return target_probs(table)
 
 
-def _optimizer(model: NaktModel, opts) -> torch.optim.Optimizer:
-    if opts.recipe == "targeted":
-        from nakt.classify.transfer import discriminative_param_groups
-
-        return torch.optim.AdamW(discriminative_param_groups(model, opts.lr), weight_decay=opts.weight_decay)
-    if opts.recipe is not None:
-        raise NaktError(None, f"unknown recipe {opts.recipe!r}", "valid: targeted")
-    return torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-
-
 def _teachers(opts, card: ModelCard, device) -> list[NaktModel]:
     teachers = [load(t).to(device).eval() for t in opts.teacher or []]
     for spec, t in zip(opts.teacher or [], teachers):
@@ -153,12 +143,12 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_t
     """The loop: KD loss against labels (and teachers), one-cycle LR, optional unfreezing and EMA; keeps the
     best epoch by validation AUC in ``run/model.safetensors``."""
     from nakt.classify.roskd import TeacherSampler, ema_model
-    from nakt.classify.transfer import apply_unfreezing
+    from nakt.classify.transfer import apply_unfreezing, make_optimizer
 
     device, head = next(model.parameters()).device, model.card.head
     rng = np.random.default_rng(opts.seed)
     sampler = TeacherSampler(len(teachers), opts.teacher_mode, opts.seed) if teachers else None
-    optimizer = _optimizer(model, opts)
+    optimizer = make_optimizer(model, opts.lr, opts.weight_decay, opts.recipe)
     steps = max(1, math.ceil(len(x_train) / opts.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=opts.epochs * steps + 1)

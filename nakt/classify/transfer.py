@@ -3,9 +3,14 @@ discriminative learning rates over them, and gradual unfreezing from the head do
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["layer_groups", "discriminative_param_groups", "trainable_groups", "apply_unfreezing"]
+from nakt.errors import look_up_option
+
+__all__ = ["layer_groups", "discriminative_param_groups", "trainable_groups", "apply_unfreezing", "make_optimizer"]
+
+RECIPES = ("targeted",)
 
 
 def layer_groups(model: nn.Module) -> list[list[str]]:
@@ -63,3 +68,12 @@ def apply_unfreezing(model: nn.Module, epoch: int, every: int = 1) -> list[bool]
         for n in names:
             params[n].requires_grad_(flag)
     return flags
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, recipe: str | None = None) -> torch.optim.AdamW:
+    """AdamW over all parameters at `lr`, or with ``recipe="targeted"`` over the layer groups at
+    discriminative learning rates (pair it with `apply_unfreezing` each epoch)."""
+    if recipe is None:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    look_up_option(recipe, RECIPES, "recipe")
+    return torch.optim.AdamW(discriminative_param_groups(model, lr), weight_decay=weight_decay)

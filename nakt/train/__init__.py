@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nakt.classify.transfer import RECIPES
 from nakt.errors import NaktError, look_up_option
 from nakt.inference import pick_device
 from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.models import ModelCard, build_model, load, parse_spec
+from nakt.models.weights import load_pretrained
 from nakt.train.data import label_values_of, make_samples, read_cases
 from nakt.train.loop import fit
 
@@ -31,10 +33,11 @@ class TrainOptions:
     `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
     distils a label set's soft probabilities (Hinton KD). Classification extras: `teacher` runs online
     distillation (`teacher_mode` ``random`` = RoS-KD, one teacher per step, or ``mean``; `alpha` weighs the
-    teacher term against the labels), `ema` smooths the student, `recipe="targeted"` uses discriminative
-    learning rates with gradual unfreezing (one more layer group every `unfreeze_every` epochs), `init`
-    starts from another run's weights, `subsets` K trains K teachers on overlapping random subsets
-    (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels.
+    teacher term against the labels), `ema` smooths the student, `subsets` K trains K teachers on overlapping
+    random subsets (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of
+    training labels. Both tasks: `recipe="targeted"` uses discriminative learning rates with gradual
+    unfreezing (one more layer group every `unfreeze_every` epochs); `init` starts from another run's weights
+    (every tensor whose name and shape match).
     """
 
     model: str
@@ -166,6 +169,8 @@ def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
 def train(opts: TrainOptions) -> Path:
     """Train a model spec (or continue a run) and write a run directory; returns its path."""
     look_up_option(opts.task, ("segmentation", "classification"), "task")
+    if opts.recipe is not None:
+        look_up_option(opts.recipe, RECIPES, "recipe")
     if opts.task == "classification":
         from nakt.classify.train import train_classifier
 
@@ -197,6 +202,8 @@ def train(opts: TrainOptions) -> Path:
         model = load(init_run)
     else:
         model = build_model(card, pretrained=opts.pretrained)
+    if opts.init:  # e.g. a model of the same body part: every tensor whose name and shape match
+        load_pretrained(model, Path(opts.init) / rundir.WEIGHTS)
     _check_grid(card, [image.spatial_shape for _, image, _ in train_items])
     model.to(pick_device(opts.device))
     train_samples = make_samples(train_items, card, soft_from)
@@ -212,7 +219,7 @@ def train(opts: TrainOptions) -> Path:
                   lr=opts.lr, weight_decay=opts.weight_decay, seed=opts.seed, patch=patch,
                   patches_per_case=opts.patches_per_case, augment=opts.augment,
                   freeze_encoder_epochs=opts.freeze_encoder_epochs, min_confidence=opts.min_confidence,
-                  progress=opts.progress)
+                  recipe=opts.recipe, unfreeze_every=opts.unfreeze_every, progress=opts.progress)
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1)})
     return out
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nakt.classify.transfer import apply_unfreezing, make_optimizer
 from nakt.inference import probs_on_grid
 from nakt.io import rundir
 from nakt.metrics import case_scores
@@ -41,10 +42,12 @@ def validate(model: NaktModel, samples: list[Sample]) -> float:
 def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
         augment: bool = False, freeze_encoder_epochs: int = 0, min_confidence: float = 0.0,
-        progress: bool = True) -> dict:
+        recipe: str | None = None, unfreeze_every: int = 1, progress: bool = True) -> dict:
     """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
     without validation samples, the last epoch's. With `min_confidence`, pixels whose soft target's largest
-    probability is below it are left out of the loss.
+    probability is below it are left out of the loss. ``recipe="targeted"``: discriminative learning rates over
+    the layer groups (encoder stages, decoder, head) and gradual unfreezing from the head, one more group every
+    `unfreeze_every` epochs.
 
     Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
     """
@@ -52,9 +55,10 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     loss_fn = SoftDiceCELoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, recipe)
     steps_per_epoch = max(1, math.ceil(len(train) * (patches_per_case if patch else 1) / batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch + 1,
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=epochs * steps_per_epoch + 1,
                                                    pct_start=0.3 if not freeze_encoder_epochs else 0.1)
     encoder = encoder_of(model)
     history, best, best_epoch, best_state = [], -1.0, 0, None
@@ -66,6 +70,7 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
         model.train()
         if frozen:
             encoder.eval()  # keep BatchNorm statistics of the frozen encoder
+        unfrozen = apply_unfreezing(model, epoch, unfreeze_every) if recipe == "targeted" else None
         losses = []
         for x, y in batches(train, batch_size, model.card.classes, rng, patch, patches_per_case, augment):
             x, y = x.to(device), y.to(device)
@@ -78,7 +83,8 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
             losses.append(loss.item())
         val_dice = validate(model, val) if val else None
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_dice": val_dice,
-                 "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen, "seconds": round(time.time() - t0, 2)}
+                 "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen,
+                 "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)}
         history.append(entry)
         if val_dice is None or val_dice > best:
             best, best_epoch, best_state = val_dice, epoch, copy.deepcopy(model.state_dict())
@@ -88,7 +94,6 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
             shown = "-" if val_dice is None else f"{val_dice:.4f}"
             print(f"epoch {epoch}/{epochs}  loss {entry['train_loss']:.4f}  val dice {shown}"
                   f"{'  (encoder frozen)' if frozen else ''}  {entry['seconds']:.1f}s", file=sys.stderr)
-    if encoder is not None:
-        encoder.requires_grad_(True)
+    model.requires_grad_(True)
     model.load_state_dict(best_state)
     return rundir.read_metrics(run)
