@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +14,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=10
+
+# the four segmentation benchmarks in quick mode (1 seed, small sizes): a few minutes each on 2 CPU cores
+bench-quick: $(VENV)/.installed
+	for d in cxr_lungs busi drive brats6; do \
+		$(PY) benchmarks/segmentation_transfer.py --config configs/benchmarks/$$d.yaml --quick || exit 1; done
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check nakt tests benchmarks

@@ -8,7 +8,6 @@ with plain cross-entropy. The best epoch by validation macro AUC is kept.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from nakt.io import rundir
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, build_model, load, parse_spec
 from nakt.preprocess import prepare_image
+from nakt.train.checkpoint import BestEpoch
 
 __all__ = ["load_images", "target_probs", "predict_probs", "train_classifier"]
 
@@ -153,7 +153,7 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_t
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=opts.epochs * steps + 1)
     smoothed = ema_model(model, opts.ema) if opts.ema else None
-    history, best, best_epoch = [], -1.0, 0
+    log = BestEpoch(run, opts.epochs, "auc", "best_val_score", {"best_val_metric": "auc"}, opts.progress)
     for epoch in range(1, opts.epochs + 1):
         t0 = time.time()
         model.train()
@@ -184,17 +184,9 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_t
             losses.append(loss.item())
         scored = smoothed.module if smoothed is not None else model
         score = _score(scored, x_val, val_table) if len(x_val) else None
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                        "val_score": score, "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)})
-        if score is None or score > best:
-            best, best_epoch = score, epoch
-            rundir.write_weights(run, scored)
-        rundir.write_metrics(run, {"history": history, "best_val_score": best, "best_val_metric": "auc",
-                                   "best_epoch": best_epoch})
-        if opts.progress:
-            shown = "-" if score is None else f"{score:.4f}"
-            print(f"epoch {epoch}/{opts.epochs}  loss {history[-1]['train_loss']:.4f}  val auc {shown}  "
-                  f"{history[-1]['seconds']:.1f}s", file=sys.stderr)
+        log.update(scored, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                            "val_score": score, "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
+                   score)
     model.requires_grad_(True)
 
 

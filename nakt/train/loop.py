@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from nakt.inference import probs_on_grid
 from nakt.io import rundir
 from nakt.metrics import case_scores
 from nakt.models.registry import NaktModel
+from nakt.train.checkpoint import BestEpoch
 from nakt.train.data import Sample, batches, hard_target
 from nakt.train.losses import SoftDiceCELoss
 
@@ -61,7 +60,7 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
                                                    total_steps=epochs * steps_per_epoch + 1,
                                                    pct_start=0.3 if not freeze_encoder_epochs else 0.1)
     encoder = encoder_of(model)
-    history, best, best_epoch, best_state = [], -1.0, 0, None
+    log = BestEpoch(run, epochs, "dice", "best_val_dice", progress=progress)
     for epoch in range(1, epochs + 1):
         t0 = time.time()
         frozen = encoder is not None and epoch <= freeze_encoder_epochs
@@ -82,18 +81,10 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
             schedule.step()
             losses.append(loss.item())
         val_dice = validate(model, val) if val else None
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_dice": val_dice,
-                 "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen,
-                 "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)}
-        history.append(entry)
-        if val_dice is None or val_dice > best:
-            best, best_epoch, best_state = val_dice, epoch, copy.deepcopy(model.state_dict())
-            rundir.write_weights(run, model)
-        rundir.write_metrics(run, {"history": history, "best_val_dice": best, "best_epoch": best_epoch})
-        if progress:
-            shown = "-" if val_dice is None else f"{val_dice:.4f}"
-            print(f"epoch {epoch}/{epochs}  loss {entry['train_loss']:.4f}  val dice {shown}"
-                  f"{'  (encoder frozen)' if frozen else ''}  {entry['seconds']:.1f}s", file=sys.stderr)
+        log.update(model, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                           "val_dice": val_dice, "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen,
+                           "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
+                   val_dice, "  (encoder frozen)" if frozen else "")
     model.requires_grad_(True)
-    model.load_state_dict(best_state)
+    model.load_state_dict(log.best_state)
     return rundir.read_metrics(run)
