@@ -74,6 +74,8 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--min-confidence", type=float,
                    help="with soft labels: leave pixels whose top probability is below this out of the loss")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--spatial-augment", action="store_true", default=None,
+                   help="segmentation: also rotate (up to 15 degrees) and scale (0.85-1.15) images with targets")
     p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder frozen for this many epochs")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
     p.add_argument("--seed", type=int)

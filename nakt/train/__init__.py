@@ -79,6 +79,7 @@ class TrainOptions:
     hard_labels: bool = False
     min_confidence: float = 0.0
     augment: bool = True
+    spatial_augment: bool = False
     val_fraction: float = 0.2
     freeze_encoder_epochs: int = 0
     pretrained: str | None = None
@@ -218,6 +219,7 @@ def train(opts: TrainOptions) -> Path:
     metrics = fit(model, train_samples, val_samples, out, epochs=opts.epochs, batch_size=opts.batch_size,
                   lr=opts.lr, weight_decay=opts.weight_decay, seed=opts.seed, patch=patch,
                   patches_per_case=opts.patches_per_case, augment=opts.augment,
+                  spatial_augment=opts.spatial_augment,
                   freeze_encoder_epochs=opts.freeze_encoder_epochs, min_confidence=opts.min_confidence,
                   recipe=opts.recipe, unfreeze_every=opts.unfreeze_every, progress=opts.progress)
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1)})

@@ -15,7 +15,7 @@ from nakt.io import rundir
 from nakt.metrics import case_scores
 from nakt.models.registry import NaktModel
 from nakt.train.checkpoint import BestEpoch
-from nakt.train.data import Sample, batches, hard_target
+from nakt.train.data import Sample, batches, hard_target, spatial_augmenter
 from nakt.train.losses import SoftDiceCELoss
 
 __all__ = ["encoder_of", "fit", "validate"]
@@ -41,10 +41,12 @@ def validate(model: NaktModel, samples: list[Sample]) -> float:
 def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
         augment: bool = False, freeze_encoder_epochs: int = 0, min_confidence: float = 0.0,
-        recipe: str | None = None, unfreeze_every: int = 1, progress: bool = True) -> dict:
+        spatial_augment: bool = False, recipe: str | None = None, unfreeze_every: int = 1,
+        progress: bool = True) -> dict:
     """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
     without validation samples, the last epoch's. With `min_confidence`, pixels whose soft target's largest
-    probability is below it are left out of the loss. ``recipe="targeted"``: discriminative learning rates over
+    probability is below it are left out of the loss. `spatial_augment` adds random rotations and scalings
+(`spatial_augmenter`). ``recipe="targeted"``: discriminative learning rates over
     the layer groups (encoder stages, decoder, head) and gradual unfreezing from the head, one more group every
     `unfreeze_every` epochs.
 
@@ -59,6 +61,7 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=epochs * steps_per_epoch + 1,
                                                    pct_start=0.3 if not freeze_encoder_epochs else 0.1)
+    spatial = spatial_augmenter(model.card.spatial_dims, seed) if spatial_augment else None
     encoder = encoder_of(model)
     log = BestEpoch(run, epochs, "dice", "best_val_dice", progress=progress)
     for epoch in range(1, epochs + 1):
@@ -71,7 +74,8 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
             encoder.eval()  # keep BatchNorm statistics of the frozen encoder
         unfrozen = apply_unfreezing(model, epoch, unfreeze_every) if recipe == "targeted" else None
         losses = []
-        for x, y in batches(train, batch_size, model.card.classes, rng, patch, patches_per_case, augment):
+        for x, y in batches(train, batch_size, model.card.classes, rng, patch, patches_per_case, augment,
+                            spatial):
             x, y = x.to(device), y.to(device)
             mask = (y.amax(1, keepdim=True) >= min_confidence).float() if min_confidence > 0 else None
             loss = loss_fn(model(x), y, mask)
