@@ -134,3 +134,15 @@ def test_dicom_series_folder_reads_as_one_volume(tmp_path):
     back = sitk.ReadImage(str(out))
     assert out.name == "patient1.nii.gz" and back.GetSpacing() == pytest.approx((0.5, 0.6, 2.0))
     assert back.GetOrigin() == pytest.approx((1.0, 2.0, 3.0), abs=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".gif"])
+def test_palette_masks_read_as_indices(tmp_path, suffix):
+    """A palette label map's labels are its indices (DRIVE's second observer: index 1 is coloured grey 252)."""
+    labels = np.zeros((6, 5), dtype=np.uint8)
+    labels[1:3, 1:4], labels[4, :] = 1, 2
+    pil = PILImage.fromarray(labels, mode="P")
+    pil.putpalette([4, 2, 4, 252, 254, 252, 200, 0, 0] + [0] * 759)
+    pil.save(tmp_path / f"m{suffix}")
+    np.testing.assert_array_equal(read_mask(tmp_path / f"m{suffix}"), labels)
+    assert read_image(tmp_path / f"m{suffix}").array.shape == (3, 6, 5)  # as an image, the colours

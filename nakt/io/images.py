@@ -188,13 +188,31 @@ def read_image(paths: Path | list[Path]) -> Image:
     return first
 
 
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """The index array of a palette-mode ("P") PNG/GIF/TIFF/BMP, or None for any other file."""
+    if path.is_dir() or _suffix(path) not in SUFFIXES_2D:
+        return None
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as pil:
+            return np.asarray(pil) if pil.mode == "P" else None
+    except Exception:  # not a PIL file: the regular reader reports the problem
+        return None
+
+
 def read_mask(path: Path, like: Image | None = None) -> np.ndarray:
-    """Read a label map ``[*spatial]`` (integer label values as stored in the file).
+    """Read a label map ``[*spatial]`` (integer label values as stored in the file; for palette images, the
+    palette indices).
 
     With `like`, the mask must have the image's spatial size; colour masks keep their first channel.
     """
     path = Path(path)
-    image = _read_one(path)
+    indices = _palette_indices(path)
+    if indices is not None:  # a palette label map: the indices are the labels, the palette only colours them
+        image = Image(indices[None], path, "2d", (1.0, 1.0))
+    else:
+        image = _read_one(path)
     arr = image.array
     if arr.shape[0] > 1:
         if image.kind == "2d":  # RGB(A) masks drawn in a paint program: every channel holds the label
