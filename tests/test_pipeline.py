@@ -235,3 +235,26 @@ def test_binary_masks_coded_0_1_score_against_masks_coded_0_255(synthetic2d, tmp
     summary = nakt.evaluate(images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), cases=f"{s}:test",
                             pred=str(tmp_path / "pred"), out=str(tmp_path / "e"), progress=False, hd95=False)
     assert summary["mean"]["dice"] == 1.0 and summary["label_values"] == [0, 255]
+
+
+def test_hard_label_student_keeps_the_teachers_classes(synthetic2d, tmp_path):
+    """A label set's masks may never show a rare class; a student on its hard masks still predicts every class
+    the teachers know (brats6: the fused masks held 0 and 2 of labels 0-4, and test scoring then failed)."""
+    from PIL import Image as PILImage
+
+    import nakt
+
+    s = synthetic2d / "splits.json"
+    common = dict(images=str(synthetic2d / "images"), size=[32], epochs=1, batch_size=4, val_fraction=0,
+                  progress=False)
+    teacher = nakt.train(model="monai:UNet", masks=str(synthetic2d / "masks"), cases=f"{s}:teacher_train",
+                         out=str(tmp_path / "t"), label_values=[0, 128, 255], **common)
+    labels = nakt.label(teacher=[str(teacher)], images=str(synthetic2d / "images"), cases=f"{s}:transferal",
+                        out=str(tmp_path / "labels"), progress=False)
+    for path in (labels / "masks").iterdir():  # no case shows the middle class (as in a fused label set)
+        mask = np.asarray(PILImage.open(path))
+        PILImage.fromarray(np.where(mask == 128, 0, mask).astype(np.uint8)).save(path)
+    for hard in (False, True):
+        student = nakt.train(model="monai:BasicUNet", masks=str(labels), cases=f"{s}:transferal",
+                             out=str(tmp_path / f"s{hard}"), hard_labels=hard, **common)
+        assert nakt.load(str(student)).card.label_values == [0, 128, 255]

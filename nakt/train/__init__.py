@@ -119,9 +119,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelCard, str | None]:
+def _card_for(opts: TrainOptions, items, label_set: Path | None) -> tuple[ModelCard, str | None]:
     """The model card: from the run being continued, or from the data (channels, classes, dimensions)
-    unless `in_channels` / `label_values` are given."""
+    unless `in_channels` / `label_values` are given. A label set's classes are its teachers' (from its
+    manifest), soft or hard targets alike: its masks may never show a rare class."""
     if parse_spec(opts.model)[0] == "run":
         card, _ = rundir.read_config(Path(opts.model))
         return card, opts.model
@@ -131,11 +132,11 @@ def _card_for(opts: TrainOptions, items, soft_from: Path | None) -> tuple[ModelC
             raise NaktError(case.images[0], f"{image.array.shape[0]} channel(s), {image.array.ndim - 1}D; "
                             f"{items[0][0].name} has {first.array.shape[0]}, {first.array.ndim - 1}D")
     spatial_dims = first.array.ndim - 1
-    if soft_from is not None:
-        values = [int(v) for v in labelset.read_manifest(soft_from)["label_values"]]
+    if label_set is not None:
+        values = [int(v) for v in labelset.read_manifest(label_set)["label_values"]]
         extra = sorted(set(label_values_of(items)) - set(values))
         if extra:
-            raise NaktError(soft_from, f"masks hold label values {extra} missing from the manifest")
+            raise NaktError(label_set, f"masks hold label values {extra} missing from the manifest")
     else:
         values = label_values_of(items)
     if opts.label_values is not None:
@@ -183,8 +184,9 @@ def train(opts: TrainOptions) -> Path:
     if parse_spec(opts.model)[0] not in ("run", "torchscript"):
         build_model(ModelCard(opts.model, 1, 2))  # an unknown architecture fails now, not after reading data
     masks = Path(opts.masks)
-    soft_from = None
+    soft_from = label_set = None
     if labelset.is_label_set(masks):
+        label_set = masks
         soft_from = None if opts.hard_labels else masks
         masks = masks / "masks"
     cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file, require_masks=True)
@@ -196,7 +198,7 @@ def train(opts: TrainOptions) -> Path:
     else:
         train_items, val_items = _split(items, opts.val_fraction, opts.seed)
 
-    card, init_run = _card_for(opts, train_items + val_items, soft_from)
+    card, init_run = _card_for(opts, train_items + val_items, label_set)
     _prepare_out(out, opts.overwrite)
     torch.manual_seed(opts.seed)
     if init_run is not None:
