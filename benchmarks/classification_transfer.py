@@ -115,7 +115,7 @@ def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dic
         score(f"teacher {spec}", run, t0)
     t0 = time.time()
     roskd = nakt.train(model=cfg["teachers"][0], labels=labels, cases=lists["teacher"], out=str(work / "roskd"),
-                       subsets=cfg["roskd_k"], subset_fraction=cfg["roskd_fraction"], **val, **common)
+                       subsets=cfg["roskd_k"], subset_fraction=cfg["roskd_fraction"], overwrite=True, **val, **common)
     roskd_teachers = [str(roskd / f"subset_{k}") for k in range(cfg["roskd_k"])]
     label_sets = {}
     for name, members in (("teacher0", [teachers[0]]), ("mean3", teachers)):
@@ -155,7 +155,7 @@ def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dic
     t0 = time.time()
     noisy = nakt.train(model=cfg["teachers"][0], labels=labels, cases=lists["teacher"], label_noise=noise,
                        subsets=cfg["roskd_k"], subset_fraction=cfg["roskd_fraction"], out=str(work / "noisy_roskd"),
-                       **val, **common)
+                       overwrite=True, **val, **common)
     run = nakt.train(model=student, teacher=[str(noisy / f"subset_{k}") for k in range(cfg["roskd_k"])],
                      teacher_mode="random", ema=cfg["ema"], temperature=cfg["temperature"], labels=labels,
                      cases=lists["teacher"], label_noise=noise, out=str(work / "noisy_roskd_student"),
