@@ -78,12 +78,14 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
-def _read_2d(path: Path) -> tuple[np.ndarray, Image]:
+def _read_2d(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, Image]:
+    """A 2D file as ``[C, H, W]``; palette images as colours, or as their indices with `palette_indices` (the
+    labels of a palette label map, which the palette only colours)."""
     from PIL import Image as PILImage
 
     try:
         with PILImage.open(path) as pil:
-            if pil.mode == "P":
+            if pil.mode == "P" and not palette_indices:
                 pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
             if pil.mode in ("RGBA", "LA"):
                 pil = pil.convert(pil.mode[:-1])
@@ -150,7 +152,7 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Image]:
     return arr, Image(arr, path, "sitk", spacing, meta)
 
 
-def _read_one(path: Path) -> Image:
+def _read_one(path: Path, palette_indices: bool = False) -> Image:
     if not path.exists():
         raise NaktError(path, "no such file or folder")
     s = _suffix(path)
@@ -159,7 +161,7 @@ def _read_one(path: Path) -> Image:
     elif s in SUFFIXES_NIFTI:
         _, image = _read_nifti(path)
     elif s in SUFFIXES_2D:
-        _, image = _read_2d(path)
+        _, image = _read_2d(path, palette_indices)
     else:
         raise NaktError(path, f"unsupported image format {s!r}", f"supported: {', '.join(IMAGE_SUFFIXES)}")
     if not np.issubdtype(image.array.dtype, np.number) or image.array.dtype == np.bool_:
@@ -188,19 +190,6 @@ def read_image(paths: Path | list[Path]) -> Image:
     return first
 
 
-def _palette_indices(path: Path) -> np.ndarray | None:
-    """The index array of a palette-mode ("P") PNG/GIF/TIFF/BMP, or None for any other file."""
-    if path.is_dir() or _suffix(path) not in SUFFIXES_2D:
-        return None
-    from PIL import Image as PILImage
-
-    try:
-        with PILImage.open(path) as pil:
-            return np.asarray(pil) if pil.mode == "P" else None
-    except Exception:  # not a PIL file: the regular reader reports the problem
-        return None
-
-
 def read_mask(path: Path, like: Image | None = None) -> np.ndarray:
     """Read a label map ``[*spatial]`` (integer label values as stored in the file; for palette images, the
     palette indices).
@@ -208,11 +197,7 @@ def read_mask(path: Path, like: Image | None = None) -> np.ndarray:
     With `like`, the mask must have the image's spatial size; colour masks keep their first channel.
     """
     path = Path(path)
-    indices = _palette_indices(path)
-    if indices is not None:  # a palette label map: the indices are the labels, the palette only colours them
-        image = Image(indices[None], path, "2d", (1.0, 1.0))
-    else:
-        image = _read_one(path)
+    image = _read_one(path, palette_indices=True)
     arr = image.array
     if arr.shape[0] > 1:
         if image.kind == "2d":  # RGB(A) masks drawn in a paint program: every channel holds the label
