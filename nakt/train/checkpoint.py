@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -28,14 +27,12 @@ class BestEpoch:
         self.history: list[dict] = []
         self.best: float | None = -1.0
         self.best_epoch = 0
-        self.best_state: dict | None = None
 
     def update(self, model: nn.Module, entry: dict, score: float | None, note: str = "") -> None:
         """Record one epoch (`entry` holds ``epoch``, ``train_loss``, ``seconds``...); save `model` if best."""
         self.history.append(entry)
         if score is None or score > self.best:
             self.best, self.best_epoch = score, entry["epoch"]
-            self.best_state = copy.deepcopy(model.state_dict())
             rundir.write_weights(self.run, model)
         rundir.write_metrics(self.run, {"history": self.history, self.best_key: self.best, **self.extra,
                                         "best_epoch": self.best_epoch})
@@ -44,3 +41,7 @@ class BestEpoch:
             loss = "-" if entry.get("train_loss") is None else f"{entry['train_loss']:.4f}"
             print(f"epoch {entry['epoch']}/{self.epochs}  loss {loss}  val {self.metric} {shown}{note}  "
                   f"{entry['seconds']:.1f}s", file=sys.stderr)
+
+    def restore_best(self, model: nn.Module) -> None:
+        """Load the best epoch's weights (the file `update` wrote) back into `model`."""
+        model.load_state_dict(rundir.read_weights(self.run))

@@ -46,9 +46,8 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
     """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
     without validation samples, the last epoch's. With `min_confidence`, pixels whose soft target's largest
     probability is below it are left out of the loss. `spatial_augment` adds random rotations and scalings
-(`spatial_augmenter`). ``recipe="targeted"``: discriminative learning rates over
-    the layer groups (encoder stages, decoder, head) and gradual unfreezing from the head, one more group every
-    `unfreeze_every` epochs.
+    (`spatial_augmenter`). ``recipe="targeted"``: discriminative learning rates over the layer groups (encoder
+    stages, decoder, head) and gradual unfreezing from the head, one more group every `unfreeze_every` epochs.
 
     Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
     """
@@ -90,5 +89,5 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
                            "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
                    val_dice, "  (encoder frozen)" if frozen else "")
     model.requires_grad_(True)
-    model.load_state_dict(log.best_state)
+    log.restore_best(model)
     return rundir.read_metrics(run)
