@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from segmentation_transfer import ROOT, load_config  # noqa: E402  (the sibling benchmark script)
+from segmentation_transfer import ROOT, dataset_folder, load_config  # noqa: E402  (the sibling benchmark script)
 
 from nakt.io.dataset import discover_cases  # noqa: E402
 from nakt.io.images import read_mask  # noqa: E402
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config(Path(args.config), quick=False)
     work = Path(args.work or ROOT / "runs" / "benchmarks" / cfg["name"])
-    data = work / "prepared" if cfg.get("prepare") else Path(cfg["data"])
+    data = work / "prepared" if cfg.get("prepare") else dataset_folder(cfg["data"], "nonempty_dice")
     cases = discover_cases(data / "images", data / "masks", str(work / "cases" / "test.txt"), cfg.get("channels"))
     empty = {c.name for c in cases if not np.any(read_mask(c.mask))}
     print(f"{len(empty)} of {len(cases)} test cases have an empty mask; Dice below is over the other "
