@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
     data = dataset_folder(args.data or cfg["data"], "classification_transfer")
-    work = Path(args.work or ROOT / "runs" / "benchmarks" / name)
+    # quick runs get their own folder: sharing one would overwrite a full run's seed 0
+    work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / name)
     images, lists = prepare(cfg, data, work / "data", args.max_images)
     seeds = args.seeds or (cfg["seeds"][:1] if args.quick else cfg["seeds"])
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one seed, small sizes, few epochs")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds (quick: the first)")
     parser.add_argument("--max-cases", type=int, help="use at most this many cases per split (smoke tests)")
-    parser.add_argument("--work", help="folder for runs and label sets (default: runs/benchmarks/<dataset>)")
+    parser.add_argument("--work", help="folder for runs and label sets (default: runs/benchmarks[/quick]/<dataset>)")
     parser.add_argument("--out", help="folder for <dataset>.json and .md (default: benchmarks/results[/quick])")
     parser.add_argument("--reference-only", action="store_true",
                         help="recompute only the human-reference row of existing results (no training)")
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
     data = dataset_folder(args.data or cfg["data"], "segmentation_transfer")
-    work = Path(args.work or ROOT / "runs" / "benchmarks" / name)
+    # quick runs get their own folder: sharing one would overwrite a full run's seed 0
+    work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / name)
     if cfg.get("prepare") == "brats_slices":
         data = prepare_brats_slices(data, work / "prepared")
     seeds = args.seeds or (cfg.get("seeds", [0])[:1] if args.quick else cfg.get("seeds", [0, 1, 2]))
