@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,17 +73,25 @@ def prepare(cfg: dict, data: Path, work: Path, max_images: int | None) -> tuple[
     if max_images:  # a random sample: the lists are sorted by class
         parts = {k: [v[i] for i in sorted(rng.permutation(len(v))[:max_images])] for k, v in parts.items()}
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("image", "label"), *dict.fromkeys(r for v in parts.values() for r in v)])
+    table = io.StringIO()
+    csv.writer(table).writerows([("image", "label"), *dict.fromkeys(r for v in parts.values() for r in v)])
+    _write(work / "labels.csv", table.getvalue())
     lists = {}
     for name, part in parts.items():
         lists[name] = work / f"{name}.txt"
-        lists[name].write_text("\n".join(p for p, _ in part) + "\n")
+        _write(lists[name], "\n".join(p for p, _ in part) + "\n")
     for budget in cfg["budgets"]:  # the labelled budgets are the first images of the unlabelled part
         lists[f"budget{budget}"] = work / f"budget{budget}.txt"
-        lists[f"budget{budget}"].write_text("\n".join(p for p, _ in parts["unlabelled"][:budget]) + "\n")
+        _write(lists[f"budget{budget}"], "\n".join(p for p, _ in parts["unlabelled"][:budget]) + "\n")
     lists["labels"] = work / "labels.csv"
     return images, {k: str(v) for k, v in lists.items()}
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file: processes running other seeds read these files meanwhile."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dict:
@@ -173,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-images", type=int, help="at most this many images per part (smoke tests)")
     parser.add_argument("--work")
     parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true", help="keep seeds already finished with this config")
     args = parser.parse_args(argv)
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
@@ -180,30 +191,55 @@ def main(argv: list[str] | None = None) -> dict:
     # quick runs get their own folder: sharing one would overwrite a full run's seed 0
     work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / name)
     images, lists = prepare(cfg, data, work / "data", args.max_images)
-    seeds = args.seeds or (cfg["seeds"][:1] if args.quick else cfg["seeds"])
+    planned = cfg["seeds"][:1] if args.quick else cfg["seeds"]
+    seeds = args.seeds or planned
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    started, per_seed = time.time(), {}
     for seed in seeds:
-        per_seed[seed] = run_seed(cfg, images, lists, work / f"seed{seed}", seed)
-        rows = {}
-        for row in per_seed[seed]:
-            entry = {"per_seed": {str(s): per_seed[s][row] for s in per_seed}}
-            for key in per_seed[seed][row]:
-                values = [per_seed[s][row][key] for s in per_seed if per_seed[s][row].get(key) is not None]
-                if values:
-                    entry[f"{key}_mean"] = statistics.fmean(values)
-                    entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            rows[row] = entry
+        # each finished seed leaves its rows beside its runs, so `--resume` skips it and processes running other
+        # seeds (`--seeds 1`, `--seeds 2` side by side) add up to one table
+        done = work / f"seed{seed}" / "rows.json"
+        if not (args.resume and _finished_seed(done, cfg)):
+            started = time.time()
+            rows = run_seed(cfg, images, lists, work / f"seed{seed}", seed)
+            _write(done, json.dumps({"config": cfg, "rows": rows, "wall_s": time.time() - started}) + "\n")
+        finished = {s: _finished_seed(work / f"seed{s}" / "rows.json", cfg) for s in dict.fromkeys(planned + seeds)}
+        finished = {s: saved for s, saved in finished.items() if saved is not None}
+        per_seed = {s: saved["rows"] for s, saved in finished.items()}
         result = {"dataset": name, "mode": "quick" if args.quick else "full", "seeds": list(per_seed),
-                  "seeds_planned": seeds, "config": cfg, "machine": machine(cfg.get("train", {}).get("device", "auto")),
+                  "seeds_planned": planned, "config": cfg,
+                  "machine": machine(cfg.get("train", {}).get("device", "auto")),
                   "command": " ".join(["python", "benchmarks/classification_transfer.py",
                                        *(sys.argv[1:] if argv is None else argv)]),
-                  "total_wall_s": time.time() - started, "rows": rows}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(name, result))
+                  "total_wall_s": sum(saved["wall_s"] for saved in finished.values()),
+                  "rows": summarise(per_seed)}
+        _write(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+        _write(out / f"{name}.md", markdown(name, result))
     print(markdown(name, result))
     return result
+
+
+def _finished_seed(path: Path, cfg: dict) -> dict | None:
+    """A seed's saved ``{config, rows, wall_s}`` from an earlier run with the same config, else None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved["config"] == cfg else None
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """Per row: every seed's entry, and mean and standard deviation over seeds of each number."""
+    rows = {}
+    for row in next(iter(per_seed.values())):
+        entries = [per_seed[s][row] for s in per_seed if row in per_seed[s]]
+        summary = {"per_seed": {str(s): per_seed[s][row] for s in per_seed if row in per_seed[s]}}
+        for key in entries[0]:
+            values = [e[key] for e in entries if e.get(key) is not None]
+            if values:
+                summary[f"{key}_mean"] = statistics.fmean(values)
+                summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows[row] = summary
+    return rows
 
 
 def markdown(name: str, result: dict) -> str:
