@@ -48,12 +48,19 @@ def test_roskd_subsets_sampling_ema_and_label_noise():
 
     net = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(net.weight)
-    ema = ema_model(net, decay=0.9)
-    ema.update_parameters(net)  # the first update copies the weights
+    ema, plain = ema_model(net, decay=0.9), ema_model(net, decay=0.9, warmup=False)
+    for averaged in (ema, plain):
+        averaged.update_parameters(net)  # the first update copies the weights
     with torch.no_grad():
         net.weight.fill_(1.0)
-    ema.update_parameters(net)
-    assert float(ema.module.weight.detach()[0, 0]) == pytest.approx(0.1)
+    for averaged in (ema, plain):
+        averaged.update_parameters(net)
+    assert float(plain.module.weight.detach()[0, 0]) == pytest.approx(0.1)
+    # warmup: after one update the decay is min(0.9, 2 / 11), so the new weights count for 9/11
+    assert float(ema.module.weight.detach()[0, 0]) == pytest.approx(9 / 11)
+    for _ in range(200):  # late updates use the full decay: 0.9 ** 200 of the old weight is left
+        ema.update_parameters(net)
+    assert float(ema.module.weight.detach()[0, 0]) == pytest.approx(1.0)
 
     labels = np.array([0, 1, 2, 3, 4] * 20)
     noisy = flip_labels(labels, 5, 0.2, seed=0)

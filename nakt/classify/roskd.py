@@ -32,11 +32,29 @@ class TeacherSampler:
         return [int(self.rng.integers(self.k))] if self.mode == "random" else list(range(self.k))
 
 
-def ema_model(model: nn.Module, decay: float = 0.999) -> torch.optim.swa_utils.AveragedModel:
-    """A copy of `model` whose weights follow ``decay * ema + (1 - decay) * model`` after each `update_parameters`."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+def ema_model(model: nn.Module, decay: float = 0.999, warmup: bool = True) -> torch.optim.swa_utils.AveragedModel:
+    """A copy of `model` whose weights (and BatchNorm statistics) follow ``d * ema + (1 - d) * model`` after each
+    `update_parameters`.
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    With `warmup` (as timm's ModelEmaV3 and TensorFlow's ``num_updates``), ``d = min(decay, (1 + n) / (10 + n))``
+    after n updates: a short run (a few hundred steps at decay 0.99) would otherwise keep a large share of its
+    first, barely trained weights (0.99 ** 100 = 0.37).
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        d = min(decay, (1 + int(n_averaged)) / (10 + int(n_averaged))) if warmup else decay
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+            for ema_param, model_param in zip(ema_params, model_params):
+                ema_param.copy_(model_param)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def flip_labels(labels: np.ndarray, classes: int, fraction: float, seed: int = 0) -> np.ndarray:
