@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "machine": machine(cfg.get("train", {}).get("device", "auto")),
                   "command": " ".join(["python", "benchmarks/classification_transfer.py",
                                        *(sys.argv[1:] if argv is None else argv)]),
+                  "seed_wall_s": {str(s): saved["wall_s"] for s, saved in finished.items()},
                   "total_wall_s": sum(saved["wall_s"] for saved in finished.values()),
                   "rows": summarise(per_seed)}
         _write(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
@@ -245,9 +246,11 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 def markdown(name: str, result: dict) -> str:
     cols = ["auc", "accuracy", "f1", "balanced_accuracy", "ece", "kappa", "fgsm_accuracy", "pgd_accuracy"]
     present = [c for c in cols if any(f"{c}_mean" in e for e in result["rows"].values())]
+    per_seed = ", ".join(f"{w / 60:.1f}" for w in result["seed_wall_s"].values())
     lines = [f"# {name}: classification transfer ({result['mode']} mode, {len(result['seeds'])} of "
              f"{len(result['seeds_planned'])} seeds, {result['machine']['device']})", "",
-             f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
+             f"Last command: `{result['command']}`  ",
+             f"Wall time per seed: {per_seed} min (seeds run side by side share the cores)", "",
              "| row | " + " | ".join(present) + " | wall time (s) |", "| --- |" + " --- |" * (len(present) + 1)]
     for row, e in result["rows"].items():
         cells = [f"{e[c + '_mean']:.4f} ± {e[c + '_std']:.4f}" if f"{c}_mean" in e else "-" for c in present]
