@@ -60,3 +60,27 @@ def test_metrics_agree_with_scikit_learn():
     ml = classification_scores(mprobs, multilabel)
     expected = [skm.roc_auc_score(multilabel[:, c], mprobs[:, c]) for c in range(3)]
     assert ml["per_class"]["auc"] == pytest.approx(expected)
+
+
+def test_table_probs_reads_in_chunks_with_the_same_result(tmp_path):
+    from PIL import Image
+
+    from nakt.classify.data import LabelTable
+    from nakt.classify.stages import table_probs
+    from nakt.models import ModelCard, build_model
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(9):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(files[-1])
+    table = LabelTable(files, [f.name for f in files], np.arange(9) % 2, ["a", "b"], "index")
+    torch.manual_seed(0)
+    model = build_model(ModelCard("timm:resnet10t", 1, 2, task="classification", size=[16],
+                                  class_names=["a", "b"])).eval()
+    whole = table_probs(model, table, progress=False)
+    assert whole.shape == (9, 2)
+    np.testing.assert_allclose(table_probs(model, table, progress=False, chunk=4), whole, atol=1e-5)
+    attacked = table_probs(model, table, progress=False, attack=("fgsm", 0.5, 1), chunk=4)
+    np.testing.assert_allclose(table_probs(model, table, progress=False, attack=("fgsm", 0.5, 1)), attacked, atol=1e-5)
+    assert np.abs(attacked - whole).max() > 1e-3  # the attack changed the predictions

@@ -20,7 +20,31 @@ from nakt.io.images import atomic_path
 from nakt.io.rundir import write_json
 from nakt.models import NaktModel, load
 
-__all__ = ["label_classification", "predict_classification", "evaluate_classification"]
+__all__ = ["label_classification", "predict_classification", "evaluate_classification", "table_probs"]
+
+CHUNK = 512  # images read and prepared at once: memory stays bounded on unlabelled pools of any size
+
+
+def table_probs(model: NaktModel, table: LabelTable, progress: bool = True, attack: tuple | None = None,
+                chunk: int = CHUNK) -> np.ndarray:
+    """Class probabilities ``[N, C]`` for every image of `table`, read `chunk` images at a time.
+
+    `attack` = ``(method, eps, steps)`` scores adversarial versions of the images instead (labels from `table`).
+    """
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=len(table.images), desc="predict", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(table.images), chunk):
+            part = table.subset(list(range(start, min(start + chunk, len(table.images)))))
+            images = load_images(part, model.card, progress=False)
+            if attack:
+                from nakt.classify.robustness import attack_images
+
+                images = attack_images(model, images, part, *attack)
+            parts.append(predict_probs(model, images))
+            bar.update(len(part.images))
+    return np.concatenate(parts)
 
 
 def _unlabelled(images: str, cases) -> LabelTable:
@@ -43,7 +67,7 @@ def _write_csv(path: Path, keys: list[str], class_names: list[str], probs: np.nd
 
 def _teacher_probs(models: list[NaktModel], table: LabelTable, progress: bool) -> np.ndarray:
     """``[K, N, C]``: every teacher with its own preprocessing."""
-    return np.stack([predict_probs(m, load_images(table, m.card, progress)) for m in models])
+    return np.stack([table_probs(m, table, progress) for m in models])
 
 
 def label_classification(opts, weights: list[float] | None) -> Path:
@@ -77,7 +101,7 @@ def label_classification(opts, weights: list[float] | None) -> Path:
 def predict_classification(opts, model: NaktModel) -> Path:
     """``predictions.csv``: one probability column per class and the predicted class."""
     table = _unlabelled(opts.images, opts.cases)
-    probs = predict_probs(model, load_images(table, model.card, opts.progress))
+    probs = table_probs(model, table, opts.progress)
     names = model.card.class_names
     decided = [names[i] for i in probs.argmax(1)]
     _write_csv(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
@@ -90,12 +114,7 @@ def evaluate_classification(opts, model: NaktModel) -> dict:
     if table.class_names != model.card.class_names:
         raise NaktError(opts.labels or opts.images, f"classes {table.class_names} differ from the model's "
                         f"{model.card.class_names}")
-    images = load_images(table, model.card, opts.progress)
-    if opts.attack:
-        from nakt.classify.robustness import attack_images
-
-        images = attack_images(model, images, table, opts.attack, opts.eps, opts.steps)
-    probs = predict_probs(model, images)
+    probs = table_probs(model, table, opts.progress, (opts.attack, opts.eps, opts.steps) if opts.attack else None)
     labels = table.targets.argmax(1) if table.kind == "probs" else table.targets.astype(int)
     graded = opts.graded or model.card.head == "ordinal"
     scores = classification_scores(probs, labels, graded=graded)
