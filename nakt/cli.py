@@ -51,6 +51,8 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--subsets", type=int, help="RoS-KD: train K teachers on overlapping random subsets")
     p.add_argument("--subset-fraction", type=float, help="fraction of the data in each subset (default 0.6)")
     p.add_argument("--label-noise", type=float, help="flip this fraction of training labels (experiments)")
+    p.add_argument("--balance-classes", action="store_true", default=None,
+                   help="classification: sample each class equally often per epoch (imbalanced tasks)")
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--val-images", help="validation images (default: hold out --val-fraction of the cases)")
     p.add_argument("--val-masks", help="validation masks (default: the --masks folder)")

@@ -96,9 +96,10 @@ def test_roskd_teachers_online_distillation_and_targeted_recipe(pneumonia, tmp_p
     training = json.loads((tmp_path / "student" / "config.json").read_text())["training"]
     assert training["teacher_mode"] == "random" and training["label_noise"] == 0.2
     assert run("finetune", "--task", "classification", "--model", tmp_path / "teachers" / "subset_0", "--recipe",
-               "targeted", "--images", r / "val", "--labels", r / "val.csv", "--val-fraction", 0.25, "--epochs", 2,
-               "--size", 28, "--out", tmp_path / "targeted") == 0
+               "targeted", "--balance-classes", "--images", r / "val", "--labels", r / "val.csv",
+               "--val-fraction", 0.25, "--epochs", 2, "--size", 28, "--out", tmp_path / "targeted") == 0
     history = json.loads((tmp_path / "targeted" / "metrics.json").read_text())["history"]
     assert [sum(h["unfrozen_groups"]) for h in history] == [1, 2]
+    assert json.loads((tmp_path / "targeted" / "config.json").read_text())["training"]["balance_classes"] is True
     assert run("distill", "--model", "timm:resnet18", "--images", r / "val", "--labels", r / "val.csv",
                "--out", tmp_path / "x") == 2  # no teacher: a one-line error

@@ -84,3 +84,23 @@ def test_table_probs_reads_in_chunks_with_the_same_result(tmp_path):
     attacked = table_probs(model, table, progress=False, attack=("fgsm", 0.5, 1), chunk=4)
     np.testing.assert_allclose(table_probs(model, table, progress=False, attack=("fgsm", 0.5, 1)), attacked, atol=1e-5)
     assert np.abs(attacked - whole).max() > 1e-3  # the attack changed the predictions
+
+
+def test_class_balanced_weights_give_every_class_the_same_share():
+    from nakt.classify.train import class_balanced_weights
+
+    targets = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])  # soft targets: classes by argmax
+    weights = class_balanced_weights(targets)
+    np.testing.assert_allclose(weights, [1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    draws = np.random.default_rng(0).choice(4, 20000, p=weights)
+    assert abs((draws == 3).mean() - 0.5) < 0.02
+
+
+def test_classification_only_options_are_refused_for_segmentation():
+    from nakt.errors import NaktError
+    from nakt.train import TrainOptions, train
+
+    with pytest.raises(NaktError, match="--balance-classes applies to classification only"):
+        train(TrainOptions(model="smp:Unet/resnet18", images="x", masks="y", out="z", balance_classes=True))
+    with pytest.raises(NaktError, match="--ema applies to classification only"):
+        train(TrainOptions(model="smp:Unet/resnet18", images="x", masks="y", out="z", ema=0.99))

@@ -26,7 +26,7 @@ from nakt.models import ModelCard, NaktModel, build_model, load, parse_spec
 from nakt.preprocess import prepare_image
 from nakt.train.checkpoint import BestEpoch
 
-__all__ = ["load_images", "target_probs", "predict_probs", "train_classifier"]
+__all__ = ["load_images", "target_probs", "predict_probs", "class_balanced_weights", "train_classifier"]
 
 
 def load_images(table: LabelTable, card: ModelCard, progress: bool = True) -> torch.Tensor:
@@ -60,6 +60,14 @@ def _score(model: NaktModel, images: torch.Tensor, table: LabelTable) -> float:
     labels = table.targets if table.kind != "probs" else table.targets.argmax(1)
     mean = classification_scores(probs, labels.astype(int) if table.kind != "probs" else labels)["mean"]
     return mean["auc"] if mean["auc"] is not None else mean["accuracy"]
+
+
+def class_balanced_weights(targets: torch.Tensor) -> np.ndarray:
+    """Sampling probabilities ``[N]`` giving every class (the argmax of the targets ``[N, C]``) the same total."""
+    classes = targets.argmax(1).numpy()
+    counts = np.bincount(classes)
+    weights = 1.0 / counts[classes]
+    return weights / weights.sum()
 
 
 def _card(opts, table: LabelTable) -> ModelCard:
@@ -113,6 +121,8 @@ def train_classifier(opts) -> Path:
         train_idx, val_idx = _split(list(range(len(table.images))), opts.val_fraction, opts.seed)
         val_table = table.subset(val_idx)
     train_table = table.subset(train_idx)
+    if opts.balance_classes and table.kind == "multihot":
+        raise NaktError(opts.labels, "--balance-classes needs one class per image, not multi-label findings")
     card = _card(opts, table)
     if val_table.class_names != card.class_names:
         raise NaktError(opts.val_labels or opts.images, f"classes {val_table.class_names} differ from the "
@@ -153,13 +163,15 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_t
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=opts.epochs * steps + 1)
     smoothed = ema_model(model, opts.ema) if opts.ema else None
+    balance = class_balanced_weights(y_train) if opts.balance_classes else None
     log = BestEpoch(run, opts.epochs, "auc", "best_val_score", {"best_val_metric": "auc"}, opts.progress)
     for epoch in range(1, opts.epochs + 1):
         t0 = time.time()
         model.train()
         unfrozen = apply_unfreezing(model, epoch, opts.unfreeze_every) if opts.recipe == "targeted" else None
         losses = []
-        order = rng.permutation(len(x_train))
+        n = len(x_train)
+        order = rng.choice(n, n, p=balance) if balance is not None else rng.permutation(n)
         for start in range(0, len(order), opts.batch_size):
             idx = order[start:start + opts.batch_size]
             if len(idx) < 2:

@@ -35,9 +35,10 @@ class TrainOptions:
     distillation (`teacher_mode` ``random`` = RoS-KD, one teacher per step, or ``mean``; `alpha` weighs the
     teacher term against the labels), `ema` smooths the student, `subsets` K trains K teachers on overlapping
     random subsets (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of
-    training labels. Both tasks: `recipe="targeted"` uses discriminative learning rates with gradual
-    unfreezing (one more layer group every `unfreeze_every` epochs); `init` starts from another run's weights
-    (every tensor whose name and shape match).
+    training labels, `balance_classes` draws each epoch's images with probability inversely proportional to
+    their class's frequency (imbalanced tasks such as referable DR). Both tasks: `recipe="targeted"` uses
+    discriminative learning rates with gradual unfreezing (one more layer group every `unfreeze_every` epochs);
+    `init` starts from another run's weights (every tensor whose name and shape match).
     """
 
     model: str
@@ -60,6 +61,7 @@ class TrainOptions:
     subsets: int = 0
     subset_fraction: float = 0.6
     label_noise: float = 0.0
+    balance_classes: bool = False
     val_images: str | None = None
     val_masks: str | None = None
     cases: str | None = None
@@ -168,6 +170,11 @@ def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
                             f"{card.size_divisor}x", f"use sides larger than {card.size_divisor}")
 
 
+# classification-only options with their defaults
+CLASSIFICATION_ONLY = {"labels": None, "teacher": None, "ema": None, "subsets": 0, "label_noise": 0.0,
+                       "balance_classes": False}
+
+
 def train(opts: TrainOptions) -> Path:
     """Train a model spec (or continue a run) and write a run directory; returns its path."""
     look_up_option(opts.task, ("segmentation", "classification"), "task")
@@ -177,6 +184,10 @@ def train(opts: TrainOptions) -> Path:
         from nakt.classify.train import train_classifier
 
         return train_classifier(opts)
+    misplaced = [name for name, default in CLASSIFICATION_ONLY.items() if getattr(opts, name) != default]
+    if misplaced:  # silently ignoring them would hide a wrong --task
+        flag = "--" + misplaced[0].replace("_", "-")
+        raise NaktError(None, f"{flag} applies to classification only", "add --task classification or drop it")
     if opts.masks is None:
         raise NaktError(None, "missing option 'masks'", "give --masks DIR (or --task classification --labels)")
     started = time.time()
