@@ -26,16 +26,49 @@ from nakt.models import ModelCard, NaktModel, build_model, load, parse_spec
 from nakt.preprocess import prepare_image
 from nakt.train.checkpoint import BestEpoch
 
-__all__ = ["load_images", "target_probs", "predict_probs", "class_balanced_weights", "train_classifier"]
+__all__ = ["load_images", "LazyImages", "training_images", "target_probs", "predict_probs", "class_balanced_weights",
+           "train_classifier"]
+
+
+CACHE_LIMIT_BYTES = 4 * 2**30  # training images held in memory up to this size; beyond it they are read per batch
+
+
+def _image_shape(card: ModelCard) -> tuple[int, ...]:
+    return (card.in_channels, *card.size * (2 if len(card.size) == 1 else 1))
 
 
 def load_images(table: LabelTable, card: ModelCard, progress: bool = True) -> torch.Tensor:
     """Prepared images ``[N, C_in, *size]`` (float16 to halve memory; cast back per batch)."""
-    out = torch.empty((len(table.images), card.in_channels, *card.size * (2 if len(card.size) == 1 else 1)),
-                      dtype=torch.float16)
+    out = torch.empty((len(table.images), *_image_shape(card)), dtype=torch.float16)
     for i, path in enumerate(tqdm(table.images, desc="read", unit="img", disable=not progress, leave=False)):
         out[i] = prepare_image(read_image(path).array, card, path).half()
     return out
+
+
+class LazyImages:
+    """The images of `table`, read and prepared on each access: ``lazy[index]`` (a slice or an index array) is
+    ``[len(index), C_in, *size]`` float16, like the same rows of `load_images`."""
+
+    def __init__(self, table: LabelTable, card: ModelCard):
+        self.table, self.card = table, card
+
+    def __len__(self) -> int:
+        return len(self.table.images)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        picks = range(len(self))[index] if isinstance(index, slice) else np.atleast_1d(np.asarray(index))
+        paths = [self.table.images[i] for i in picks]
+        return torch.stack([prepare_image(read_image(p).array, self.card, p).half() for p in paths])
+
+
+def training_images(table: LabelTable, card: ModelCard, progress: bool = True,
+                    cache_limit: int | None = None) -> torch.Tensor | LazyImages:
+    """`load_images` when the prepared set fits in `cache_limit` bytes (default `CACHE_LIMIT_BYTES`; fast
+    epochs), else `LazyImages` (memory bounded by a batch; every epoch reads from disk)."""
+    cache_limit = CACHE_LIMIT_BYTES if cache_limit is None else cache_limit
+    if len(table.images) * math.prod(_image_shape(card)) * 2 <= cache_limit:
+        return load_images(table, card, progress)
+    return LazyImages(table, card)
 
 
 def target_probs(table: LabelTable) -> torch.Tensor:
@@ -46,7 +79,7 @@ def target_probs(table: LabelTable) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probs(model: NaktModel, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+def predict_probs(model: NaktModel, images: torch.Tensor | LazyImages, batch_size: int = 64) -> np.ndarray:
     """Class probabilities ``[N, C]`` for prepared images ``[N, C_in, H, W]``."""
     model.eval()
     device = next(model.parameters()).device
@@ -137,8 +170,8 @@ def train_classifier(opts) -> Path:
     device = pick_device(opts.device)
     model.to(device)
     teachers = _teachers(opts, card, device)
-    x_train, y_train = load_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
-    x_val = load_images(val_table, card, opts.progress)
+    x_train, y_train = training_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
+    x_val = training_images(val_table, card, opts.progress)
     record = {k: v for k, v in vars(opts).items() if k != "progress"}
     record.update(soft_targets=train_table.kind == "probs", train_cases=train_table.keys, val_cases=val_table.keys)
     rundir.write_config(Path(opts.out), card, record)
@@ -148,8 +181,8 @@ def train_classifier(opts) -> Path:
     return Path(opts.out)
 
 
-def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor, y_train: torch.Tensor,
-         x_val: torch.Tensor, val_table: LabelTable, run: Path, opts) -> None:
+def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | LazyImages, y_train: torch.Tensor,
+         x_val: torch.Tensor | LazyImages, val_table: LabelTable, run: Path, opts) -> None:
     """The loop: KD loss against labels (and teachers), one-cycle LR, optional unfreezing and EMA; keeps the
     best epoch by validation AUC in ``run/model.safetensors``."""
     from nakt.classify.roskd import TeacherSampler, ema_model
