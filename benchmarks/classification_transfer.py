@@ -20,7 +20,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import nakt
+from nakt.io.images import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segmentation_transfer import ROOT, dataset_folder, load_config, machine  # noqa: E402  (the sibling benchmark script)
@@ -89,9 +89,8 @@ def prepare(cfg: dict, data: Path, work: Path, max_images: int | None) -> tuple[
 
 def _write(path: Path, text: str) -> None:
     """Write through a temporary file: processes running other seeds read these files meanwhile."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dict:

@@ -33,14 +33,14 @@ def table_probs(model: NaktModel, table: LabelTable, progress: bool = True, atta
     """
     from tqdm import tqdm
 
+    from nakt.classify.robustness import attack_images
+
     parts = []
     with tqdm(total=len(table.images), desc="predict", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(table.images), chunk):
             part = table.subset(list(range(start, min(start + chunk, len(table.images)))))
             images = load_images(part, model.card, progress=False)
             if attack:
-                from nakt.classify.robustness import attack_images
-
                 images = attack_images(model, images, part, *attack)
             parts.append(predict_probs(model, images))
             bar.update(len(part.images))

@@ -41,8 +41,13 @@ def load_images(table: LabelTable, card: ModelCard, progress: bool = True) -> to
     """Prepared images ``[N, C_in, *size]`` (float16 to halve memory; cast back per batch)."""
     out = torch.empty((len(table.images), *_image_shape(card)), dtype=torch.float16)
     for i, path in enumerate(tqdm(table.images, desc="read", unit="img", disable=not progress, leave=False)):
-        out[i] = prepare_image(read_image(path).array, card, path).half()
+        out[i] = _prepared(path, card)
     return out
+
+
+def _prepared(path: Path, card: ModelCard) -> torch.Tensor:
+    """One image read and prepared for `card`, ``[C_in, *size]`` float16."""
+    return prepare_image(read_image(path).array, card, path).half()
 
 
 class LazyImages:
@@ -57,8 +62,7 @@ class LazyImages:
 
     def __getitem__(self, index) -> torch.Tensor:
         picks = range(len(self))[index] if isinstance(index, slice) else np.atleast_1d(np.asarray(index))
-        paths = [self.table.images[i] for i in picks]
-        return torch.stack([prepare_image(read_image(p).array, self.card, p).half() for p in paths])
+        return torch.stack([_prepared(self.table.images[i], self.card) for i in picks])
 
 
 def training_images(table: LabelTable, card: ModelCard, progress: bool = True,
@@ -88,7 +92,7 @@ def predict_probs(model: NaktModel, images: torch.Tensor | LazyImages, batch_siz
     return torch.cat(parts).numpy()
 
 
-def _score(model: NaktModel, images: torch.Tensor, table: LabelTable) -> float:
+def _score(model: NaktModel, images: torch.Tensor | LazyImages, table: LabelTable) -> float:
     probs = predict_probs(model, images)
     labels = table.targets if table.kind != "probs" else table.targets.argmax(1)
     mean = classification_scores(probs, labels.astype(int) if table.kind != "probs" else labels)["mean"]
@@ -192,7 +196,8 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | La
     rng = np.random.default_rng(opts.seed)
     sampler = TeacherSampler(len(teachers), opts.teacher_mode, opts.seed) if teachers else None
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, opts.recipe)
-    steps = max(1, math.ceil(len(x_train) / opts.batch_size))
+    n = len(x_train)
+    steps = max(1, math.ceil(n / opts.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=opts.epochs * steps + 1)
     smoothed = ema_model(model, opts.ema) if opts.ema else None
@@ -203,7 +208,6 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | La
         model.train()
         unfrozen = apply_unfreezing(model, epoch, opts.unfreeze_every) if opts.recipe == "targeted" else None
         losses = []
-        n = len(x_train)
         order = rng.choice(n, n, p=balance) if balance is not None else rng.permutation(n)
         for start in range(0, len(order), opts.batch_size):
             idx = order[start:start + opts.batch_size]
