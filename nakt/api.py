@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nakt.config import make_options
+from nakt.config import gather_values, make_options
+from nakt.errors import NaktError
 from nakt.evaluate import EvaluateOptions
 from nakt.evaluate import evaluate as _evaluate
 from nakt.label import LabelOptions
@@ -13,7 +14,7 @@ from nakt.label import label as _label
 from nakt.models import load
 from nakt.predict import PredictOptions
 from nakt.predict import predict as _predict
-from nakt.train import FinetuneOptions, TrainOptions
+from nakt.train import FinetuneOptions, TrainOptions, resume_options
 from nakt.train import finetune as _finetune
 from nakt.train import train as _train
 
@@ -21,13 +22,21 @@ __all__ = ["evaluate", "finetune", "label", "load", "predict", "train"]
 
 
 def _options(cls, opts, config, kwargs):
-    return opts if isinstance(opts, cls) else make_options(cls, config, **kwargs)
+    if isinstance(opts, cls):
+        return opts
+    if issubclass(cls, TrainOptions) and kwargs.get("resume"):  # the interrupted run's options, from its folder
+        given, _ = gather_values(cls, config, **kwargs)
+        if given.get("out") is None:
+            raise NaktError(config, "missing option 'out'", "give --out RUN with --resume")
+        return resume_options(given["out"], given, cls)
+    return make_options(cls, config, **kwargs)
 
 
 def train(opts: TrainOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
     """Train a model spec on images + masks (or a label set); returns the run directory.
 
-    ``nakt.train(model="smp:Unet/resnet18", images="imgs", masks="masks", out="runs/t1", size=[128])``
+    ``nakt.train(model="smp:Unet/resnet18", images="imgs", masks="masks", out="runs/t1", size=[128])``;
+    ``nakt.train(out="runs/t1", resume=True)`` continues an interrupted run from its last finished epoch.
     """
     return _train(_options(TrainOptions, opts, config, kwargs))
 

@@ -1,17 +1,45 @@
 """The ``nakt`` command: one subcommand per pipeline verb, each a thin layer over the Python API.
 
 Flags equal the options dataclass fields (``--val-images`` -> ``val_images``); ``--config FILE.yaml`` fills
-the same fields, flags given on the command line win.
+the same fields, flags given on the command line win. Every verb ends with one summary line on stdout; bad
+input ends with one line on stderr naming the file or option, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import sys
+from pathlib import Path
 
 from nakt.errors import NaktError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "summary_line"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage block first)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _document(parser: argparse.ArgumentParser, options_cls) -> None:
+    """Append each flag's default from the options dataclass (the real default: flags default to None so that
+    YAML configs can fill them) and mark required ones."""
+    defaults = {f.name: f for f in dataclasses.fields(options_cls)}
+    for action in parser._actions:
+        field = defaults.get(action.dest)
+        if field is None or action.help == argparse.SUPPRESS:
+            continue
+        text = action.help or ""
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            text += " (required)"
+        elif field.default not in (None, False, True) and not isinstance(field.default, dict):
+            text += f" (default: {field.default})"
+        action.help = text.strip()
 
 
 def _data_flags(p: argparse.ArgumentParser, masks: bool = True) -> None:
@@ -81,25 +109,39 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder frozen for this many epochs")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
+    p.add_argument("--orientation", help="3D: reorient volumes to this anatomical orientation before the network "
+                   "(a nibabel axcode such as RAS or LPS; none keeps storage order)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a run directory of nakt's own (never a folder nakt did not write)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted run in --out from its last finished epoch (its options are "
+                   "read back from its config.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nakt import __version__
+    from nakt.demo import DemoOptions
+    from nakt.evaluate import EvaluateOptions
+    from nakt.label import LabelOptions
+    from nakt.predict import PredictOptions
+    from nakt.train import FinetuneOptions, TrainOptions
 
-    parser = argparse.ArgumentParser(prog="nakt", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nakt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nakt {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (teacher or student) and write a run directory")
     _train_flags(p, "model spec: smp:Unet/resnet18, monai:UNet, ... (or a run directory to continue)")
+    _document(p, TrainOptions)
 
     p = sub.add_parser("finetune", help="continue a run on a small labelled set (lower LR, frozen encoder)")
     _train_flags(p, "run directory to fine-tune")
+    _document(p, FinetuneOptions)
 
     p = sub.add_parser("distill", help="classification: train a student with teachers running alongside "
                        "(online KD, RoS-KD with --teacher-mode random)")
     _train_flags(p, "student model spec")
+    _document(p, TrainOptions)
 
     p = sub.add_parser("label", help="teachers annotate images; write a fused label set")
     p.add_argument("--teacher", action="append", help="run directory or torchscript:PATH (repeat for several)")
@@ -111,18 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["dice", "inverse-error"],
                    help="weights from validation Dice: the Dice itself (default) or 1 / (1 - Dice)")
     p.add_argument("--save-teacher-probs", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a label set of nakt's own instead of resuming it")
+    _document(p, LabelOptions)
 
-    p = sub.add_parser("predict", help="segment images with a trained model")
+    p = sub.add_parser("predict", help="segment (or classify) images with a trained model")
     p.add_argument("--model", help="run directory or torchscript:PATH")
     _data_flags(p, masks=False)
-    p.add_argument("--out", help="folder for the predicted masks")
+    p.add_argument("--out", help="folder for the predicted masks (new or empty)")
+    p.add_argument("--task", choices=["segmentation", "classification"], help="checked against the model's")
     p.add_argument("--save-probs", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an earlier nakt predictions folder")
+    _document(p, PredictOptions)
 
-    p = sub.add_parser("evaluate", help="Dice and HD95 against masks; writes summary.json")
+    p = sub.add_parser("evaluate", help="Dice and HD95 against masks (AUC... for classification); writes "
+                       "summary.json")
     p.add_argument("--model", help="run directory to evaluate")
     p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
     _data_flags(p)
-    p.add_argument("--out", help="folder for summary.json")
+    p.add_argument("--out", help="folder for summary.json (new or empty)")
+    p.add_argument("--task", choices=["segmentation", "classification"], help="checked against the model's")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier nakt evaluation")
     _classification_flags(p)
     p.add_argument("--graded", action="store_true", default=None, help="classification: add quadratic kappa")
     p.add_argument("--attack", choices=["fgsm", "pgd"], help="classification: score under an adversarial attack")
@@ -130,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
     p.add_argument("--roi", help="folder of region masks (e.g. a field of view); outside counts as background")
     p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
+    _document(p, EvaluateOptions)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a CPU)")
-    p.add_argument("--out", default="demo_runs")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="working folder (new, empty, or an earlier demo's, which is replaced)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    _document(p, DemoOptions)
     return parser
 
 
@@ -145,7 +199,7 @@ def _run(args: argparse.Namespace):
     if args.verb == "demo":
         from nakt.demo import DemoOptions, demo
 
-        return demo(DemoOptions(**values))
+        return demo(DemoOptions(**{k: v for k, v in values.items() if v is not None}))
     if args.verb == "distill":
         if not values.get("teacher"):
             raise NaktError(None, "nakt distill needs --teacher RUN (repeatable)")
@@ -154,16 +208,70 @@ def _run(args: argparse.Namespace):
     return getattr(nakt, args.verb)(config=args.config, **values)
 
 
+def _mean_agreement(label_set: Path) -> str:
+    from nakt.io import labelset
+
+    manifest = labelset.read_manifest(label_set)
+    if manifest.get("task") == "classification":
+        return f"{manifest['cases']} images, teacher agreement {manifest.get('teacher_agreement', 0):.3f}"
+    cases = manifest.get("cases", {})
+    scores = [c["agreement"]["pixel_agreement"] for c in cases.values() if "agreement" in c]
+    agreement = f", mean teacher agreement {sum(scores) / len(scores):.4f}" if scores else " (one teacher)"
+    return f"{len(cases)} cases{agreement}"
+
+
+def summary_line(verb: str, result) -> str:
+    """The one line a verb prints when it ends: where its result is and what it scored."""
+    from nakt.io import outputs, rundir
+
+    if verb in ("train", "finetune", "distill"):
+        if outputs.holds_output(result, outputs.SUBSET_RUNS):
+            return f"wrote the subset runs in {result}"
+        metrics = rundir.read_metrics(Path(result))
+        key = "best_val_dice" if "best_val_dice" in metrics else "best_val_score"
+        metric = metrics.get("best_val_metric", "dice")
+        score = metrics.get(key)
+        shown = f"best validation {metric} {score:.4f} at epoch {metrics.get('best_epoch')}" \
+            if isinstance(score, (int, float)) and score >= 0 else "no validation: last epoch kept"
+        return f"wrote {result} ({shown}, {metrics.get('wall_seconds', 0):.0f} s)"
+    if verb == "label":
+        return f"wrote {result} ({_mean_agreement(Path(result))})"
+    if verb == "predict":
+        return f"wrote predictions to {result}"
+    if verb == "evaluate":
+        mean = result.get("mean", {})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if isinstance(v, (int, float)))
+        return f"{shown or 'no scores'} over {len(result.get('per_case', []))} cases (summary.json written)"
+    return ""
+
+
+# OS errors a user can cause or fix (a full disk, a read-only or forbidden folder): one line, not a traceback
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                   errno.EISDIR, errno.ENAMETOOLONG}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        _run(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already reported on one line)
+        return int(exc.code or 0)
+    try:
+        result = _run(args)
     except NaktError as exc:
         print(f"nakt {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"nakt {args.verb}: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nakt {args.verb}: interrupted", file=sys.stderr)
         return 130
+    line = summary_line(args.verb, result)
+    if line:
+        print(f"nakt {args.verb}: {line}")
     return 0
 
 

@@ -1,22 +1,169 @@
-"""Options dataclasses from YAML configs and keyword arguments (CLI flags and YAML keys share names)."""
+"""Options dataclasses from YAML configs and keyword arguments (CLI flags and YAML keys share names), and their
+validation: every value is checked against its field's type and range before any data is read, so a bad value
+is one line naming the option (or the config file and key) instead of a traceback deep inside a run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from nakt.errors import NaktError
 
-__all__ = ["make_options"]
+__all__ = ["OptionError", "at_least", "between", "check_device", "check_options", "check_orientation",
+           "gather_values", "make_options", "one_of"]
 
 T = TypeVar("T")
 
+Check = Callable[[object], "str | None"]
 
-def make_options(cls: type[T], config: str | Path | None = None, **given) -> T:
-    """Build `cls` from a YAML file's keys, overridden by `given` values that are not None.
 
-    Unknown keys are an error naming the file and the valid keys.
+class OptionError(NaktError):
+    """A bad option value; `option` is the field name, so a config file's key can be named instead of a flag."""
+
+    def __init__(self, option: str, problem: str, hint: str | None = None):
+        self.option = option
+        super().__init__(None, f"--{option.replace('_', '-')}: {problem}", hint)
+        self.problem = problem
+
+
+def at_least(low: float, *, exclusive: bool = False) -> Check:
+    """A check: every number (or each item of a list) is >= `low` (> with `exclusive`)."""
+    word = "greater than" if exclusive else "at least"
+
+    def check(value):
+        bad = [v for v in _items(value) if (v <= low if exclusive else v < low)]
+        return f"must be {word} {low:g}, got {bad[0]:g}" if bad else None
+
+    return check
+
+
+def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Check:
+    """A check: every number lies in [low, high] (open ends as asked)."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(value):
+        for v in _items(value):
+            if v < low or v > high or (low_open and v == low) or (high_open and v == high):
+                return f"must be in {text}, got {v:g}"
+        return None
+
+    return check
+
+
+def one_of(*valid: str) -> Check:
+    """A check: the value is one of `valid` (with a "did you mean")."""
+
+    def check(value):
+        if value in valid:
+            return None
+        import difflib
+
+        close = difflib.get_close_matches(str(value), valid, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown value {value!r} ({guess}valid: {', '.join(valid)})"
+
+    return check
+
+
+def check_device(value) -> str | None:
+    """A check: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine."""
+    import torch
+
+    if value in ("auto", "cpu"):
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        return f"unknown device {value!r} (valid: auto, cpu, cuda, cuda:N)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{value!r} asked for, but no CUDA GPU is visible here (use cpu or auto)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{value!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+        return None
+    if device.type != "cpu":
+        return f"unsupported device {value!r} (valid: auto, cpu, cuda, cuda:N)"
+    return None
+
+
+def check_orientation(value) -> str | None:
+    """A check: ``none`` or a nibabel axis code (RAS, LPS, ...)."""
+    from nakt.io.images import orientation_code
+
+    try:
+        orientation_code(value)
+    except NaktError as exc:
+        return f"{exc.problem} ({exc.hint})"
+    return None
+
+
+def _items(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _type_problem(value, hint) -> tuple[object, str | None]:
+    """Check `value` against a type hint; returns (the value, coerced where harmless, problem or None).
+
+    Harmless coercions: an int where a float is wanted, a `Path` where a string is, and a single value where
+    a list is (YAML ``size: 64`` means ``size: [64]``, as ``--size 64`` does).
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return value, None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _type_problem(value, inner)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        checked = [_type_problem(v, item) for v in items]
+        problems = [p for _, p in checked if p]
+        return [v for v, _ in checked], (problems[0] if problems else None)
+    if hint is bool:
+        return value, None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value, None if ok else f"must be a whole number, got {value!r}"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, f"must be a number, got {value!r}"
+    if hint is str:
+        if isinstance(value, Path):
+            return str(value), None
+        return value, None if isinstance(value, str) else f"must be a string, got {value!r}"
+    if hint is dict:
+        return value, None if isinstance(value, dict) else f"must be a mapping, got {value!r}"
+    return value, None
+
+
+def check_options(opts, checks: dict[str, Check]) -> None:
+    """Validate a dataclass instance in place: each field against its type hint (coercing harmless cases), then
+    the `checks` of the fields that are set. Raises `OptionError` naming the first bad option."""
+    hints = typing.get_type_hints(type(opts))
+    for f in dataclasses.fields(opts):
+        value, problem = _type_problem(getattr(opts, f.name), hints.get(f.name, object))
+        if problem:
+            raise OptionError(f.name, problem)
+        setattr(opts, f.name, value)
+    for name, check in checks.items():
+        value = getattr(opts, name)
+        problem = check(value) if value is not None else None
+        if problem:
+            raise OptionError(name, problem)
+
+
+def gather_values(cls: type, config: str | Path | None = None, **given) -> tuple[dict, set[str]]:
+    """The option values for `cls`: a YAML file's keys overridden by `given` values that are not None.
+
+    Returns ``(values, keys that came from the file)``. Unknown keys are an error naming the file and the valid
+    keys.
     """
     import yaml
 
@@ -32,17 +179,32 @@ def make_options(cls: type[T], config: str | Path | None = None, **given) -> T:
             raise NaktError(path, f"invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise NaktError(path, "a config is a mapping of option: value")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - valid)
         if unknown:
             raise NaktError(path, f"unknown key {unknown[0]!r}", f"valid: {', '.join(sorted(valid))}")
+    from_file = {k for k in values if given.get(k) is None}
     unknown = sorted(set(given) - valid)
     if unknown:
         raise TypeError(f"{cls.__name__} has no option {unknown[0]!r}")
     values.update({k: v for k, v in given.items() if v is not None})
+    return values, from_file
+
+
+def make_options(cls: type[T], config: str | Path | None = None, **given) -> T:
+    """Build `cls` from a YAML file's keys, overridden by `given` values that are not None (`gather_values`).
+
+    A missing required option, or a bad value, is one line; a bad value from the file names the file and key.
+    """
+    values, from_file = gather_values(cls, config, **given)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in values]
     if missing:
         raise NaktError(config, f"missing option {missing[0]!r}", f"give --{missing[0].replace('_', '-')}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except OptionError as exc:
+        if exc.option in from_file:
+            raise NaktError(config, f"{exc.option}: {exc.problem}", exc.hint) from None
+        raise

@@ -52,7 +52,8 @@ def make_synthetic_dataset(out: str | Path, size: int = 64, seed: int = 0, split
 
 @dataclass
 class DemoOptions:
-    """Options of `demo`: where to work, and how long to train."""
+    """Options of `demo`: where to work (a new or empty folder, or an earlier demo's, which is replaced), and
+    how long to train."""
 
     out: str = "demo_runs"
     epochs: int = 20
@@ -60,17 +61,22 @@ class DemoOptions:
     device: str = "auto"
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        from nakt.config import at_least, check_device, check_options
+
+        check_options(self, {"epochs": at_least(1), "seed": at_least(0), "device": check_device})
+
 
 def demo(opts: DemoOptions | None = None) -> dict:
     """Run the pipeline on generated data and print the Dice table; returns ``{row: test Dice}``."""
-    import shutil
-
     import nakt
+    from nakt.io import outputs
+    from nakt.io.rundir import write_json
 
     opts = opts or DemoOptions()
     work = Path(opts.out)
-    if work.exists():
-        shutil.rmtree(work)
+    outputs.claim_output(work, outputs.DEMO, overwrite=True)  # an earlier demo is replaced; nothing else is
+    write_json(work / outputs.DEMO.marker, {"format": "nakt.demo/1", "nakt_version": nakt.__version__})
     data = make_synthetic_dataset(work / "data", seed=opts.seed)
     splits = data / "splits.json"
     common = dict(images=str(data / "images"), size=[64], epochs=opts.epochs, batch_size=8, seed=opts.seed,

@@ -13,8 +13,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
+from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError
 from nakt.inference import pick_device
+from nakt.io import outputs
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask
 from nakt.io.rundir import write_json
@@ -22,6 +24,7 @@ from nakt.metrics import case_scores
 from nakt.models import load
 from nakt.predict import predict_array
 from nakt.preprocess import encode_labels
+from nakt.train.data import read_label_map
 
 __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 
@@ -41,6 +44,7 @@ class EvaluateOptions:
     images: str
     out: str
     masks: str | None = None
+    task: str | None = None
     labels: str | None = None
     label_column: str | None = None
     graded: bool = False
@@ -55,7 +59,16 @@ class EvaluateOptions:
     roi: str | None = None
     hd95: bool = True
     device: str = "auto"
+    overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(self, {"task": one_of("segmentation", "classification"), "attack": one_of("fgsm", "pgd"),
+                             "eps": at_least(0), "steps": at_least(1), "device": check_device})
+        if (self.model is None) == (self.pred is None):
+            raise NaktError(None, "give either --model RUN or --pred DIR (one of them)")
+        if self.pred is not None and self.task == "classification":
+            raise NaktError(None, "--pred scores segmentation masks on disk", "for classification give --model RUN")
 
 
 def summarize(per_case: list[dict]) -> dict:
@@ -84,22 +97,31 @@ def _match_binary_codings(pairs: list[tuple]) -> tuple[list[tuple], list[int]]:
 
 
 def evaluate(opts: EvaluateOptions) -> dict:
-    """Score predictions against masks; writes ``out/summary.json`` and returns the summary."""
-    if (opts.model is None) == (opts.pred is None):
-        raise NaktError(None, "give either --model RUN or --pred DIR")
+    """Score predictions against masks; writes ``out/summary.json`` and returns the summary.
+
+    `out` must be new, empty, or an earlier evaluation of nakt's (with `overwrite`); a folder this call made
+    is removed again when scoring fails."""
+    model = None
     if opts.model is not None:
         model = load(opts.model).to(pick_device(opts.device))
-        if model.card.task == "classification":
+        if opts.task is not None and opts.task != model.card.task:
+            raise NaktError(opts.model, f"is a {model.card.task} model, not {opts.task}",
+                            f"use --task {model.card.task}")
+    if (model is None or model.card.task == "segmentation") and opts.masks is None:
+        raise NaktError(None, "missing option 'masks'", "give --masks DIR")
+    with outputs.fresh_output(opts.out, outputs.EVALUATION, opts.overwrite):
+        if model is not None and model.card.task == "classification":
             from nakt.classify.stages import evaluate_classification
 
             return evaluate_classification(opts, model)
-    if opts.masks is None:
-        raise NaktError(None, "missing option 'masks'", "give --masks DIR")
+        return _evaluate_masks(opts, model)
+
+
+def _evaluate_masks(opts: EvaluateOptions, model) -> dict:
     cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=True)
     pred_cases = None
     if opts.model is None:
-        model = None
         pred_cases = {c.name: c for c in discover_cases(opts.pred)}
         missing = [c.name for c in cases if c.name not in pred_cases]
         if missing:
@@ -108,12 +130,12 @@ def evaluate(opts: EvaluateOptions) -> dict:
                                                    require_masks=True)} if opts.roi else {}
     pairs = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not opts.progress):
-        image = read_image(case.images)
-        truth = read_mask(case.mask, like=image)
+        image = read_image(case.images, orientation=model.card.orientation if model is not None else "RAS")
+        truth = read_label_map(case.mask, like=image)
         if model is not None:
             pred = predict_array(model, image.array)
         else:
-            pred = read_mask(pred_cases[case.name].images[0], like=image)
+            pred = read_label_map(pred_cases[case.name].images[0], like=image)
         if rois:
             outside = read_mask(rois[case.name], like=image) == 0
             pred, truth = np.where(outside, 0, pred), np.where(outside, 0, truth)

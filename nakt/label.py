@@ -15,34 +15,50 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
+from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
 from nakt.inference import infer_probs, pick_device
-from nakt.io import labelset, rundir
+from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, write_label
 from nakt.models import NaktModel, load, parse_spec
 from nakt.preprocess import decode_labels
 
-__all__ = ["LabelOptions", "label", "label_arrays", "teacher_weights"]
+__all__ = ["LabelOptions", "label", "label_arrays", "model_task", "teacher_weights"]
+
+WEIGHTINGS = ("dice", "inverse-error")
 
 
 @dataclass
 class LabelOptions:
-    """Options of `label` (flag names of ``nakt label``)."""
+    """Options of `label` (flag names of ``nakt label``). `task` defaults to the teachers' own. An existing label
+    set of the same teachers and fusion in `out` is resumed; `overwrite` replaces it instead."""
 
     teacher: list[str]
     images: str
     out: str
     fusion: str = "mean"
-    task: str = "segmentation"
+    task: str | None = None
     weights: list[float] | None = None
     weighting: str = "dice"
     cases: str | None = None
     channels: list[str] | None = None
     save_teacher_probs: bool = False
     device: str = "auto"
+    overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
+                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device})
+        if not self.teacher:
+            raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
+        if self.weights is not None:
+            if len(self.weights) != len(self.teacher):
+                raise NaktError(None, f"--weights: {len(self.weights)} weights for {len(self.teacher)} teachers")
+            if sum(self.weights) <= 0:
+                raise NaktError(None, "--weights: at least one teacher needs a positive weight")
 
 
 def _checksum(spec: str) -> str:
@@ -55,7 +71,22 @@ def _checksum(spec: str) -> str:
     return digest.hexdigest()
 
 
-WEIGHTINGS = ("dice", "inverse-error")
+def model_task(spec: str) -> str:
+    """The task of a trained model (a run directory's card; other specs are loaded)."""
+    scheme, rest = parse_spec(spec)
+    return rundir.read_config(Path(rest))[0].task if scheme == "run" else load(spec).card.task
+
+
+def check_task(opts) -> str:
+    """`opts.task`, or the task of the teachers (`opts.teacher`) / model (`opts.model`) when not given; every
+    model must be of that task."""
+    specs = opts.teacher if hasattr(opts, "teacher") else [opts.model]
+    tasks = [model_task(str(spec)) for spec in specs]
+    task = opts.task or tasks[0]
+    for spec, own in zip(specs, tasks):
+        if own != task:
+            raise NaktError(spec, f"is a {own} model, not {task}", f"use --task {own}, or other models")
+    return task
 
 
 def teacher_weights(specs: list[str], weights: list[float] | None = None,
@@ -90,6 +121,9 @@ def _check_compatible(models: list[NaktModel], specs: list[str]) -> None:
             raise NaktError(spec, f"labels {model.card.label_values} ({model.card.spatial_dims}D) differ from "
                             f"{specs[0]}'s {first.label_values} ({first.spatial_dims}D)",
                             "fused teachers must predict the same classes")
+        if first.spatial_dims == 3 and model.card.orientation != first.orientation:
+            raise NaktError(spec, f"reads volumes in orientation {model.card.orientation}, {specs[0]} in "
+                            f"{first.orientation}", "fused 3D teachers must share one orientation")
 
 
 def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean",
@@ -112,8 +146,7 @@ def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean
 def label(opts: LabelOptions) -> Path:
     """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder."""
     look_up_option(opts.fusion, FUSIONS, "fusion")
-    if not opts.teacher:
-        raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
+    opts.task = check_task(opts)
     out = Path(opts.out)
     if opts.task == "classification":
         from nakt.classify.stages import label_classification
@@ -130,20 +163,20 @@ def label(opts: LabelOptions) -> Path:
                 for i, t in enumerate(opts.teacher)]
     manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
                 "fusion": opts.fusion, "weights_from": weight_source, "teachers": teachers,
-                "classes": models[0].card.classes, "label_values": models[0].card.label_values, "cases": {}}
-    if labelset.is_label_set(out):
+                "classes": models[0].card.classes, "label_values": models[0].card.label_values,
+                "orientation": models[0].card.orientation, "cases": {}}
+    if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
         previous = labelset.read_manifest(out)
         same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in teachers]
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
-                            "choose a new --out folder")
+                            "choose a new --out folder, or --overwrite to replace it")
         manifest["cases"] = previous.get("cases", {})
-    elif out.exists() and any(out.iterdir()):
-        raise NaktError(out, "output folder exists and is not a label set", "choose a new --out folder")
+    labelset.write_manifest(out, manifest)  # first, so that even an interrupted first case leaves a label set
 
     todo = [c for c in cases if c.name not in manifest["cases"]]
     for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
-        image = read_image(case.images)
+        image = read_image(case.images, orientation=models[0].card.orientation)
         fused, teacher_probs, info = label_arrays(models, image.array, opts.fusion, weights, case.images[0])
         mask = decode_labels(fused.argmax(0), models[0].card.label_values)
         mask_path = write_label(mask, image, out / "masks" / case.name)
@@ -151,7 +184,5 @@ def label(opts: LabelOptions) -> Path:
         # The manifest entry comes last: a case counts as done only once its files are complete.
         manifest["cases"][case.name] = {"mask": str(mask_path.relative_to(out)),
                                         "probs": f"probs/{case.name}.npz", **info}
-        labelset.write_manifest(out, manifest)
-    if not todo:
         labelset.write_manifest(out, manifest)
     return out

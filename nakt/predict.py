@@ -8,28 +8,52 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nakt import __version__
+from nakt.config import check_device, check_options, one_of
+from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device
-from nakt.io import labelset
+from nakt.io import labelset, outputs
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, write_label
+from nakt.io.rundir import write_json
 from nakt.models import NaktModel, load
 from nakt.preprocess import decode_labels
 
-__all__ = ["PredictOptions", "predict", "predict_array"]
+__all__ = ["PredictOptions", "begin_predictions", "end_predictions", "predict", "predict_array"]
+
+TASKS = ("segmentation", "classification")
 
 
 @dataclass
 class PredictOptions:
-    """Options of `predict` (flag names of ``nakt predict``)."""
+    """Options of `predict` (flag names of ``nakt predict``). `task`, when given, must be the model's.
+    `overwrite` replaces an earlier predictions folder of nakt's (never a folder nakt did not write)."""
 
     model: str
     images: str
     out: str
+    task: str | None = None
     cases: str | None = None
     channels: list[str] | None = None
     save_probs: bool = False
     device: str = "auto"
+    overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(self, {"task": one_of(*TASKS), "device": check_device})
+
+
+def begin_predictions(out: Path, opts: PredictOptions, cases: list[str]) -> None:
+    """Claim `out` and mark it as an unfinished predictions folder listing the cases it will hold."""
+    outputs.claim_output(out, outputs.PREDICTIONS, opts.overwrite)
+    write_json(out / outputs.PREDICTIONS.marker, {"format": "nakt.predictions/1", "nakt_version": __version__,
+                                                  "complete": False, "model": str(opts.model), "cases": cases})
+
+
+def end_predictions(out: Path, opts: PredictOptions, cases: list[str]) -> None:
+    write_json(out / outputs.PREDICTIONS.marker, {"format": "nakt.predictions/1", "nakt_version": __version__,
+                                                  "complete": True, "model": str(opts.model), "cases": cases})
 
 
 def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
@@ -40,16 +64,21 @@ def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
     model = load(opts.model).to(pick_device(opts.device))
+    if opts.task is not None and opts.task != model.card.task:
+        raise NaktError(opts.model, f"is a {model.card.task} model, not {opts.task}",
+                        f"use --task {model.card.task}")
     if model.card.task == "classification":
         from nakt.classify.stages import predict_classification
 
         return predict_classification(opts, model)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     out = Path(opts.out)
+    begin_predictions(out, opts, [c.name for c in cases])
     for case in tqdm(cases, desc="predict", unit="case", disable=not opts.progress):
-        image = read_image(case.images)
+        image = read_image(case.images, orientation=model.card.orientation)
         probs = infer_probs(model, image.array, case.images[0])
         write_label(decode_labels(probs.argmax(0), model.card.label_values), image, out / case.name)
         if opts.save_probs:
             labelset.write_probs(out, case.name, probs)
+    end_predictions(out, opts, [c.name for c in cases])
     return out

@@ -15,11 +15,14 @@ def test_nifti_label_keeps_affine_and_header(tmp_path):
     affine = np.array([[0, -0.9, 0, 10.0], [1.1, 0, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
     data = np.random.default_rng(0).normal(size=(10, 12, 7)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "ct.nii.gz"))
-    image = read_image(tmp_path / "ct.nii.gz")
-    assert image.array.shape == (1, 10, 12, 7)
-    assert image.spacing == pytest.approx((1.1, 0.9, 2.5))
-    label = (data > 0).astype(np.int64) * 3
-    out = write_label(label, image, tmp_path / "out" / "ct")
+    stored = read_image(tmp_path / "ct.nii.gz", orientation="none")
+    assert stored.array.shape == (1, 10, 12, 7) and stored.spacing == pytest.approx((1.1, 0.9, 2.5))
+    image = read_image(tmp_path / "ct.nii.gz")  # RAS: axis 0 is storage j flipped (j runs left), axis 1 is i
+    assert image.array.shape == (1, 12, 10, 7)
+    assert image.spacing == pytest.approx((0.9, 1.1, 2.5))
+    np.testing.assert_array_equal(image.array[0], data.transpose(1, 0, 2)[::-1])
+    label = (data > 0).astype(np.int64) * 3  # in storage order, as the file must hold it
+    out = write_label((image.array[0] > 0).astype(np.int64) * 3, image, tmp_path / "out" / "ct")
     assert out.name == "ct.nii.gz"
     back = nib.load(str(out))
     np.testing.assert_allclose(back.affine, affine)
@@ -44,11 +47,14 @@ def test_mha_label_keeps_spacing_origin_direction(tmp_path):
     direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
     img.SetDirection(direction)
     sitk.WriteImage(img, str(tmp_path / "mr.mha"))
-    image = read_image(tmp_path / "mr.mha")
-    assert image.array.shape == (1, 4, 5, 6)
-    assert image.spacing == pytest.approx((3.0, 0.8, 0.7))  # array order z, y, x
-    label = (image.array[0] > 50).astype(int)
-    back = sitk.ReadImage(str(write_label(label, image, tmp_path / "mr_label")))
+    stored = read_image(tmp_path / "mr.mha", orientation="none")
+    assert stored.array.shape == (1, 6, 5, 4)  # (x, y, z), as a NIfTI of it reads
+    assert stored.spacing == pytest.approx((0.7, 0.8, 3.0))
+    image = read_image(tmp_path / "mr.mha")  # x runs anterior, y left (ITK's LPS direction): RAS swaps them
+    assert image.array.shape == (1, 5, 6, 4)
+    assert image.spacing == pytest.approx((0.8, 0.7, 3.0))
+    back = sitk.ReadImage(str(write_label((image.array[0] > 50).astype(int), image, tmp_path / "mr_label")))
+    label = (sitk.GetArrayFromImage(img) > 50).astype(int)  # the source's own (z, y, x) order
     assert back.GetSpacing() == pytest.approx((0.7, 0.8, 3.0))
     assert back.GetOrigin() == pytest.approx((-5.0, 12.0, 3.5))
     assert back.GetDirection() == pytest.approx(direction)
@@ -127,11 +133,13 @@ def test_dicom_series_folder_reads_as_one_volume(tmp_path):
     [case] = discover_cases(tmp_path)
     assert case.name == "patient1" and case.images == [series]
     image = read_image(case.images)
-    assert image.array.shape == (1, 5, 6, 7)
-    assert image.spacing == pytest.approx((2.0, 0.6, 0.5))
-    np.testing.assert_array_equal(image.array[0], volume)
-    out = write_label((volume > 20).astype(int), image, tmp_path / "labels" / "patient1")
+    assert image.array.shape == (1, 7, 6, 5)
+    assert image.spacing == pytest.approx((0.5, 0.6, 2.0))
+    # identity LPS direction: x runs left and y posterior, so RAS flips both
+    np.testing.assert_array_equal(image.array[0], volume.transpose(2, 1, 0)[::-1, ::-1])
+    out = write_label((image.array[0] > 20).astype(int), image, tmp_path / "labels" / "patient1")
     back = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), volume > 20)
     assert out.name == "patient1.nii.gz" and back.GetSpacing() == pytest.approx((0.5, 0.6, 2.0))
     assert back.GetOrigin() == pytest.approx((1.0, 2.0, 3.0), abs=1e-4)
 

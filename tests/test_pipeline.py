@@ -66,10 +66,10 @@ def test_cli_pipeline_on_generated_2d(synthetic2d, tmp_path, capsys):
     assert run("predict", "--model", tmp_path / "ft", "--images", data / "images", "--cases", f"{s}:test",
                "--out", tmp_path / "pred", "--no-progress") == 0
     assert sorted(p.stem for p in (tmp_path / "pred").glob("*.png")) == sorted(json.loads(s.read_text())["test"])
-    for source in (["--model", tmp_path / "t0"], ["--pred", tmp_path / "pred"]):
+    for i, source in enumerate((["--model", tmp_path / "t0"], ["--pred", tmp_path / "pred"])):
         assert run("evaluate", *source, "--images", data / "images", "--masks", data / "masks", "--cases",
-                   f"{s}:test", "--out", tmp_path / "eval", "--no-progress") == 0
-        summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+                   f"{s}:test", "--out", tmp_path / f"eval{i}", "--no-progress") == 0
+        summary = json.loads((tmp_path / f"eval{i}" / "summary.json").read_text())
         assert len(summary["per_case"]) == 6 and 0 <= summary["mean"]["dice"] <= 1
         assert summary["mean"]["dice"] == pytest.approx(np.mean([c["dice"] for c in summary["per_case"]]))
     # the best weights, reloaded from the run directory, score on the validation cases what training recorded
@@ -201,7 +201,7 @@ def test_no_validation_keeps_last_epoch_and_roi_restricts_scoring(synthetic2d, t
                          val_fraction=0, progress=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best_val_dice"] is None and metrics["best_epoch"] == 2
-    assert len(json.loads((run_dir / "config.json").read_text())["training"]["train_cases"]) == 4
+    assert len(json.loads((run_dir / "config.json").read_text())["training"]["trained_on"]) == 4
 
     # predictions = truth inside the left half, nonsense outside; an ROI on the left half scores 1.0
     test = json.loads(s.read_text())["test"]

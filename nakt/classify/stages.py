@@ -15,8 +15,8 @@ from nakt.classify.train import load_images, predict_probs
 from nakt.errors import NaktError
 from nakt.fusion import fuse
 from nakt.inference import pick_device
-from nakt.io import labelset
-from nakt.io.images import atomic_path
+from nakt.io import labelset, outputs
+from nakt.io.outputs import atomic_path
 from nakt.io.rundir import write_json
 from nakt.models import NaktModel, load
 
@@ -81,6 +81,7 @@ def label_classification(opts, weights: list[float] | None) -> Path:
         if model.card.class_names != names:
             raise NaktError(spec, f"classes {model.card.class_names} differ from {opts.teacher[0]}'s {names}")
     table = _unlabelled(opts.images, opts.cases)
+    outputs.claim_output(opts.out, outputs.LABEL_SET, opts.overwrite)
     teacher_probs = _teacher_probs(models, table, opts.progress)  # [K, N, C]
     if len(models) > 1:  # fusion rules take [K, C, *spatial]: the images play the role of the spatial axis
         fused = fuse(np.transpose(teacher_probs, (0, 2, 1)), opts.fusion, weights).T
@@ -100,11 +101,15 @@ def label_classification(opts, weights: list[float] | None) -> Path:
 
 def predict_classification(opts, model: NaktModel) -> Path:
     """``predictions.csv``: one probability column per class and the predicted class."""
+    from nakt.predict import begin_predictions, end_predictions
+
     table = _unlabelled(opts.images, opts.cases)
+    begin_predictions(Path(opts.out), opts, [])
     probs = table_probs(model, table, opts.progress)
     names = model.card.class_names
     decided = [names[i] for i in probs.argmax(1)]
     _write_csv(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
+    end_predictions(Path(opts.out), opts, [])
     return Path(opts.out)
 
 

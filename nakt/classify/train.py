@@ -24,7 +24,7 @@ from nakt.io import rundir
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, build_model, load, parse_spec
 from nakt.preprocess import prepare_image
-from nakt.train.checkpoint import BestEpoch
+from nakt.train.checkpoint import BestEpoch, TrainingState
 
 __all__ = ["load_images", "LazyImages", "training_images", "target_probs", "predict_probs", "class_balanced_weights",
            "train_classifier"]
@@ -108,6 +108,8 @@ def class_balanced_weights(targets: torch.Tensor) -> np.ndarray:
 
 
 def _card(opts, table: LabelTable) -> ModelCard:
+    if opts.resume:  # the recorded card: the data could only rebuild the same one
+        return rundir.read_config(Path(opts.out), require_complete=False)[0]
     if parse_spec(opts.model)[0] == "run":
         card, _ = rundir.read_config(Path(opts.model))
         if card.task != "classification":
@@ -147,7 +149,7 @@ def train_classifier(opts) -> Path:
     class folders under `images`. With ``subsets`` K, trains K teachers on overlapping subsets instead."""
     if opts.subsets:
         return _train_subsets(opts)
-    from nakt.train import _prepare_out, _split
+    from nakt.train import _RUN_ONLY, _prepare_out, _split, finish_run
 
     started = time.time()
     table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
@@ -164,7 +166,7 @@ def train_classifier(opts) -> Path:
     if val_table.class_names != card.class_names:
         raise NaktError(opts.val_labels or opts.images, f"classes {val_table.class_names} differ from the "
                         f"training classes {card.class_names}")
-    _prepare_out(Path(opts.out), opts.overwrite)
+    _prepare_out(opts)
     torch.manual_seed(opts.seed)
     model = load(opts.model) if parse_spec(opts.model)[0] == "run" else build_model(card, pretrained=opts.pretrained)
     if opts.init:
@@ -176,19 +178,25 @@ def train_classifier(opts) -> Path:
     teachers = _teachers(opts, card, device)
     x_train, y_train = training_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
     x_val = training_images(val_table, card, opts.progress)
-    record = {k: v for k, v in vars(opts).items() if k != "progress"}
-    record.update(soft_targets=train_table.kind == "probs", train_cases=train_table.keys, val_cases=val_table.keys)
-    rundir.write_config(Path(opts.out), card, record)
-    _fit(model, teachers, x_train, y_train, x_val, val_table, Path(opts.out), opts)
-    rundir.write_metrics(Path(opts.out), {**rundir.read_metrics(Path(opts.out)),
-                                          "wall_seconds": round(time.time() - started, 1)})
+    record = {k: v for k, v in vars(opts).items() if k not in _RUN_ONLY}
+    record.update(soft_targets=train_table.kind == "probs", trained_on=train_table.keys, validated_on=val_table.keys)
+    if not opts.resume:
+        rundir.write_config(Path(opts.out), card, record, complete=False)
+    _fit(model, teachers, x_train, y_train, x_val, val_table, Path(opts.out), opts,
+         resume=opts.resume)
+    finish_run(Path(opts.out), card, record, rundir.read_metrics(Path(opts.out)), started, opts.resume)
     return Path(opts.out)
 
 
 def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | LazyImages, y_train: torch.Tensor,
-         x_val: torch.Tensor | LazyImages, val_table: LabelTable, run: Path, opts) -> None:
+         x_val: torch.Tensor | LazyImages, val_table: LabelTable, run: Path, opts, resume: bool = False) -> None:
     """The loop: KD loss against labels (and teachers), one-cycle LR, optional unfreezing and EMA; keeps the
-    best epoch by validation AUC in ``run/model.safetensors``."""
+    best epoch by validation AUC in ``run/model.safetensors``.
+
+    After every epoch, ``run/training_state.pt`` keeps what continuing needs (`TrainingState`: the model, its
+    EMA, optimizer, schedule, the batch and teacher-draw generators, the best-so-far); with `resume`, the loop
+    restores it and goes on from the next epoch as if never stopped (the model, data and teachers rebuilt as
+    the first run had them)."""
     from nakt.classify.roskd import TeacherSampler, ema_model
     from nakt.classify.transfer import apply_unfreezing, make_optimizer
 
@@ -203,7 +211,12 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | La
     smoothed = ema_model(model, opts.ema) if opts.ema else None
     balance = class_balanced_weights(y_train) if opts.balance_classes else None
     log = BestEpoch(run, opts.epochs, "auc", "best_val_score", {"best_val_metric": "auc"}, opts.progress)
-    for epoch in range(1, opts.epochs + 1):
+    generators = {"batches": rng} if sampler is None else {"batches": rng, "teachers": sampler.rng}
+    state = TrainingState(run, opts.epochs, log, {"model": model, "ema": smoothed, "optimizer": optimizer,
+                                                  "schedule": schedule}, generators)
+    scored = smoothed.module if smoothed is not None else model
+    done = state.resume(scored) if resume else 0
+    for epoch in range(done + 1, opts.epochs + 1):
         t0 = time.time()
         model.train()
         unfrozen = apply_unfreezing(model, epoch, opts.unfreeze_every) if opts.recipe == "targeted" else None
@@ -231,11 +244,10 @@ def _fit(model: NaktModel, teachers: list[NaktModel], x_train: torch.Tensor | La
             if smoothed is not None:
                 smoothed.update_parameters(model)
             losses.append(loss.item())
-        scored = smoothed.module if smoothed is not None else model
         score = _score(scored, x_val, val_table) if len(x_val) else None
         log.update(scored, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                             "val_score": score, "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
-                   score)
+                   score, state=state)
     model.requires_grad_(True)
 
 
@@ -244,13 +256,25 @@ def _train_subsets(opts) -> Path:
     import dataclasses
 
     from nakt.classify.roskd import overlapping_subsets
+    from nakt.io import outputs
 
     table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resuming = outputs.claim_output(out, outputs.SUBSET_RUNS, opts.overwrite, resume=opts.resume)
+    if opts.resume and not resuming:
+        raise NaktError(out, "holds no subset runs: nothing to resume", "start it without --resume")
+    from nakt.train import _RUN_ONLY
+
+    record = {k: v for k, v in vars(opts).items() if k not in _RUN_ONLY}
+    rundir.write_json(out / outputs.SUBSET_RUNS.marker, {"format": "nakt.subsets/1", "training": record})
     for k, subset in enumerate(overlapping_subsets(len(table.keys), opts.subsets, opts.subset_fraction, opts.seed)):
+        run = out / f"subset_{k}"
+        if opts.resume and outputs.holds_output(run, outputs.RUN) and rundir.is_complete(run):
+            continue  # finished before the interruption
         cases = out / f"subset_{k}.txt"
-        cases.write_text("\n".join(table.keys[i] for i in subset) + "\n")
-        train_classifier(dataclasses.replace(opts, subsets=0, cases=str(cases), out=str(out / f"subset_{k}"),
-                                             seed=opts.seed + k))
+        with outputs.atomic_path(cases) as tmp:
+            tmp.write_text("\n".join(table.keys[i] for i in subset) + "\n")
+        resume = opts.resume and outputs.holds_output(run, outputs.RUN)
+        train_classifier(dataclasses.replace(opts, subsets=0, cases=str(cases), out=str(run), seed=opts.seed + k,
+                                             resume=resume, overwrite=False))
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from nakt.errors import NaktError
-from nakt.io.images import atomic_path
+from nakt.io.outputs import atomic_path
 from nakt.io.rundir import write_json
 
 __all__ = [

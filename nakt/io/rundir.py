@@ -1,6 +1,8 @@
 """Run directories: ``config.json`` (the model card), ``model.safetensors`` and ``metrics.json``.
 
-This is the only module that reads or writes them. Every file is written atomically.
+This is the only module that reads or writes them (the loops' resume state aside, `nakt.train.checkpoint`).
+Every file is written atomically. config.json is written when training starts with ``"complete": false`` and
+rewritten with ``true`` when it ends; an unfinished run is refused wherever a trained model is expected.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import torch
 
 from nakt import __version__
 from nakt.errors import NaktError
-from nakt.io.images import atomic_path
+from nakt.io.outputs import atomic_path
 from nakt.models.card import ModelCard
 
 __all__ = [
     "RUN_FORMAT",
+    "is_complete",
     "is_run_dir",
     "read_config",
+    "read_json",
     "read_metrics",
     "read_weights",
     "write_config",
@@ -44,6 +48,11 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object written by nakt; a missing or broken file is one line naming it."""
+    return _read_json(Path(path))
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise NaktError(path, "not found", "is this a run directory written by nakt train?")
@@ -57,16 +66,28 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def write_config(run: Path, card: ModelCard, training: dict) -> None:
-    write_json(Path(run) / CONFIG, {"format": RUN_FORMAT, "nakt_version": __version__, **card.to_dict(),
-                                    "training": training})
+def write_config(run: Path, card: ModelCard, training: dict, complete: bool = True) -> None:
+    write_json(Path(run) / CONFIG, {"format": RUN_FORMAT, "nakt_version": __version__, "complete": complete,
+                                    **card.to_dict(), "training": training})
 
 
-def read_config(run: Path) -> tuple[ModelCard, dict]:
+def is_complete(run: Path) -> bool:
+    """True unless config.json says training has not finished (runs written before the flag count as done)."""
+    return _read_json(Path(run) / CONFIG).get("complete", True) is not False
+
+
+def read_config(run: Path, require_complete: bool = True) -> tuple[ModelCard, dict]:
+    """The model card and training record of a run; an unfinished run is refused unless `require_complete`
+    is False, with the command that resumes it."""
     path = Path(run) / CONFIG
     data = _read_json(path)
     if not str(data.get("format", "")).startswith("nakt.run/"):
         raise NaktError(path, f"unknown format {data.get('format')!r}", f"expected {RUN_FORMAT}")
+    if require_complete and data.get("complete", True) is False:
+        done = len(read_metrics(Path(run)).get("history", []))
+        epochs = data.get("training", {}).get("epochs", "?")
+        raise NaktError(run, f"training did not finish ({done} of {epochs} epochs done)",
+                        f"resume it with: nakt train --out {run} --resume")
     return ModelCard.from_dict(data, source=str(path)), data.get("training", {})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,8 +24,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message is 6-8 lines of advice to turn the safety off
+        raise NaktError(path, "holds pickled Python objects besides tensors: refused, since loading them could "
+                        "run code", "save a plain state dict or safetensors") from None
     except Exception as exc:
-        raise NaktError(path, f"cannot read weights ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise NaktError(path, f"cannot read weights ({type(exc).__name__}: {first})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -22,7 +22,8 @@ from nakt.io.images import read_image, read_mask
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 
-__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases", "spatial_augmenter"]
+__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases", "read_label_map",
+           "spatial_augmenter"]
 
 
 @dataclass
@@ -33,18 +34,32 @@ class Sample:
     path: Path
 
 
-def read_cases(cases: list[Case], progress: bool = True) -> list[tuple[Case, object, np.ndarray]]:
-    """Read every case's image and mask (checking that sizes match); returns (case, Image, mask) triples."""
+def read_cases(cases: list[Case], progress: bool = True,
+               orientation: str = "RAS") -> list[tuple[Case, object, np.ndarray]]:
+    """Read every case's image and mask (checking that sizes match; 3D ones reoriented to `orientation`);
+    returns (case, Image, mask) triples."""
     out = []
     for case in tqdm(cases, desc="read", unit="case", disable=not progress, leave=False):
-        image = read_image(case.images)
+        image = read_image(case.images, orientation=orientation)
         if case.mask is None:
             raise NaktError(case.images[0], f"no mask for case {case.name!r}")
-        out.append((case, image, read_mask(case.mask, like=image)))
+        out.append((case, image, read_label_map(case.mask, like=image)))
     return out
 
 
 MAX_LABELS = 64
+
+
+def read_label_map(path: Path, like=None) -> np.ndarray:
+    """`read_mask` for masks a user gives: refused when lossy (JPEG) or holding more than `MAX_LABELS` values
+    (a photograph rather than a label map)."""
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        raise NaktError(path, "JPEG is lossy and cannot hold a label map",
+                        "store masks as PNG, TIFF, NIfTI, MHA or NRRD")
+    mask = read_mask(path, like=like)
+    if len(np.unique(mask)) > MAX_LABELS:
+        raise NaktError(path, f"holds more than {MAX_LABELS} distinct values: not a label map")
+    return mask
 
 
 def label_values_of(items) -> list[int]:

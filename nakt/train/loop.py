@@ -14,7 +14,7 @@ from nakt.inference import probs_on_grid
 from nakt.io import rundir
 from nakt.metrics import case_scores
 from nakt.models.registry import NaktModel
-from nakt.train.checkpoint import BestEpoch
+from nakt.train.checkpoint import BestEpoch, TrainingState
 from nakt.train.data import Sample, batches, hard_target, spatial_augmenter
 from nakt.train.losses import SoftDiceCELoss
 
@@ -42,12 +42,16 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
         lr: float, weight_decay: float = 1e-4, seed: int = 0, patch=None, patches_per_case: int = 1,
         augment: bool = False, freeze_encoder_epochs: int = 0, min_confidence: float = 0.0,
         spatial_augment: bool = False, recipe: str | None = None, unfreeze_every: int = 1,
-        progress: bool = True) -> dict:
+        progress: bool = True, resume: bool = False) -> dict:
     """Train `model` in place and keep the best weights (by validation Dice) in ``run/model.safetensors``;
     without validation samples, the last epoch's. With `min_confidence`, pixels whose soft target's largest
     probability is below it are left out of the loss. `spatial_augment` adds random rotations and scalings
     (`spatial_augmenter`). ``recipe="targeted"``: discriminative learning rates over the layer groups (encoder
     stages, decoder, head) and gradual unfreezing from the head, one more group every `unfreeze_every` epochs.
+
+    After every epoch, ``run/training_state.pt`` keeps what continuing needs (`TrainingState`); with `resume`,
+    the loop restores it and goes on from the next epoch, ending as an uninterrupted run would (`model`, data
+    and options must be rebuilt as the first run had them).
 
     Returns the metrics: ``history`` (one entry per epoch), ``best_val_dice``, ``best_epoch``.
     """
@@ -63,7 +67,10 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
     spatial = spatial_augmenter(model.card.spatial_dims, seed) if spatial_augment else None
     encoder = encoder_of(model)
     log = BestEpoch(run, epochs, "dice", "best_val_dice", progress=progress)
-    for epoch in range(1, epochs + 1):
+    state = TrainingState(run, epochs, log, {"model": model, "optimizer": optimizer, "schedule": schedule},
+                          {"batches": rng}, {"spatial": spatial})
+    done = state.resume(model) if resume else 0
+    for epoch in range(done + 1, epochs + 1):
         t0 = time.time()
         frozen = encoder is not None and epoch <= freeze_encoder_epochs
         if encoder is not None:
@@ -87,7 +94,7 @@ def fit(model: NaktModel, train: list[Sample], val: list[Sample], run: Path, *, 
         log.update(model, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                            "val_dice": val_dice, "lr": schedule.get_last_lr()[0], "encoder_frozen": frozen,
                            "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
-                   val_dice, "  (encoder frozen)" if frozen else "")
+                   val_dice, "  (encoder frozen)" if frozen else "", state)
     model.requires_grad_(True)
     log.restore_best(model)
     return rundir.read_metrics(run)
