@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import nakt
-from nakt.io.images import atomic_path
+from nakt.io.outputs import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segmentation_transfer import ROOT, dataset_folder, load_config, machine  # noqa: E402  (the sibling benchmark script)
@@ -99,7 +99,7 @@ def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dic
               **cfg.get("train", {})}
     val = {"val_images": str(images), "val_labels": labels, "val_cases": lists["teacher_val"]}
     evaluate = {"images": str(images), "labels": labels, "cases": lists["test"], "progress": False,
-                "graded": cfg.get("graded", False)}
+                "graded": cfg.get("graded", False), "overwrite": True}
     tune = {**common, **cfg.get("finetune", {})}
     rows: dict[str, dict] = {}
 
@@ -129,7 +129,8 @@ def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dic
     label_sets = {}
     for name, members in (("teacher0", [teachers[0]]), ("mean3", teachers)):
         label_sets[name] = nakt.label(task="classification", teacher=[str(t) for t in members], images=str(images),
-                                      cases=lists["unlabelled"], out=str(work / f"labels_{name}"), progress=False)
+                                      cases=lists["unlabelled"], out=str(work / f"labels_{name}"), progress=False,
+                                      overwrite=True)
     student = cfg["student"]
     for budget in cfg["budgets"]:
         small = {"labels": labels, "cases": lists[f"budget{budget}"], "val_fraction": 0.15}

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -129,16 +128,14 @@ class Bench:
 
     def label(self, teachers: list[Path], fusion: str, out: Path, **options) -> float:
         started = time.time()
-        if out.exists():
-            shutil.rmtree(out)
         nakt.label(teacher=[str(t) for t in teachers], cases=self.lists["transferal"], out=str(out), fusion=fusion,
-                   **self.io, **options)
+                   overwrite=True, **self.io, **options)
         return time.time() - started
 
     def evaluate(self, out: Path, split: str = "test", hd95: bool = True, **source) -> dict:
         roi = str(self.data / self.cfg["roi"]) if self.cfg.get("roi") else None
         summary = nakt.evaluate(masks=self.masks, cases=self.lists[split], out=str(out), roi=roi, hd95=hd95,
-                                **self.io, **source)
+                                overwrite=True, **self.io, **source)
         return summary["mean"]
 
 

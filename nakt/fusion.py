@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nakt.errors import look_up_option
+from nakt.errors import NaktError, look_up_option
 
 __all__ = [
     "FUSIONS",
@@ -23,7 +23,7 @@ __all__ = [
 def _weights(weights, k: int) -> np.ndarray:
     w = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (k,) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"need {k} non-negative teacher weights with a positive sum, got {weights}")
+        raise NaktError(None, f"need {k} non-negative teacher weights with a positive sum, got {weights}")
     return w / w.sum()
 
 

@@ -81,7 +81,12 @@ def label_classification(opts, weights: list[float] | None) -> Path:
         if model.card.class_names != names:
             raise NaktError(spec, f"classes {model.card.class_names} differ from {opts.teacher[0]}'s {names}")
     table = _unlabelled(opts.images, opts.cases)
-    outputs.claim_output(opts.out, outputs.LABEL_SET, opts.overwrite)
+    with outputs.fresh_output(opts.out, outputs.LABEL_SET, opts.overwrite):  # written at the end, in one go
+        return _write_label_table(opts, models, table, weights)
+
+
+def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights: list[float] | None) -> Path:
+    names = models[0].card.class_names
     teacher_probs = _teacher_probs(models, table, opts.progress)  # [K, N, C]
     if len(models) > 1:  # fusion rules take [K, C, *spatial]: the images play the role of the spatial axis
         fused = fuse(np.transpose(teacher_probs, (0, 2, 1)), opts.fusion, weights).T

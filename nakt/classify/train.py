@@ -149,7 +149,7 @@ def train_classifier(opts) -> Path:
     class folders under `images`. With ``subsets`` K, trains K teachers on overlapping subsets instead."""
     if opts.subsets:
         return _train_subsets(opts)
-    from nakt.train import _RUN_ONLY, _prepare_out, _split, finish_run
+    from nakt.train import _RUN_ONLY, _prepare_out, _split, finish_run, has_epochs_to_resume
 
     started = time.time()
     table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
@@ -183,7 +183,7 @@ def train_classifier(opts) -> Path:
     if not opts.resume:
         rundir.write_config(Path(opts.out), card, record, complete=False)
     _fit(model, teachers, x_train, y_train, x_val, val_table, Path(opts.out), opts,
-         resume=opts.resume)
+         resume=has_epochs_to_resume(Path(opts.out), opts.resume))
     finish_run(Path(opts.out), card, record, rundir.read_metrics(Path(opts.out)), started, opts.resume)
     return Path(opts.out)
 

@@ -19,14 +19,13 @@ format and geometry (`write_label`) and overlays it in ITK-SNAP or 3D Slicer.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nakt.errors import NaktError
+from nakt.io.outputs import atomic_path
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -292,26 +291,6 @@ def label_suffix(like: Image) -> str:
     if like.path.is_dir() or s == ".dcm":
         return ".nii.gz"
     return ".nii.gz" if s == ".nii" else s
-
-
-class atomic_path:
-    """Context manager yielding a temporary path beside `path`, moved onto it only if the block succeeds."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=self.path.name, dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def _to_storage(label: np.ndarray, like: Image) -> np.ndarray:

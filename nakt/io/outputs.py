@@ -32,6 +32,7 @@ __all__ = [
     "OutputKind",
     "atomic_path",
     "claim_output",
+    "fresh_output",
     "holds_output",
 ]
 

@@ -344,9 +344,16 @@ def train(opts: TrainOptions) -> Path:
                   spatial_augment=opts.spatial_augment,
                   freeze_encoder_epochs=opts.freeze_encoder_epochs, min_confidence=opts.min_confidence,
                   recipe=opts.recipe, unfreeze_every=opts.unfreeze_every, progress=opts.progress,
-                  resume=opts.resume)
+                  resume=has_epochs_to_resume(out, opts.resume))
     finish_run(out, card, record, metrics, started, opts.resume)
     return out
+
+
+def has_epochs_to_resume(out: Path, resume: bool) -> bool:
+    """With --resume, whether a finished epoch was saved; a run stopped during its first epoch starts over."""
+    from nakt.train.checkpoint import read_training_state
+
+    return resume and read_training_state(out) is not None
 
 
 def finish_run(out: Path, card: ModelCard, record: dict, metrics: dict, started: float, resumed: bool) -> None:

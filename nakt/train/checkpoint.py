@@ -28,7 +28,7 @@ from torch import nn
 
 from nakt.errors import NaktError
 from nakt.io import rundir
-from nakt.io.images import atomic_path
+from nakt.io.outputs import atomic_path
 
 __all__ = ["BestEpoch", "STATE_FORMAT", "TRAINING_STATE", "TrainingState", "clear_training_state",
            "read_training_state", "save_training_state"]
