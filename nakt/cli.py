@@ -60,6 +60,12 @@ def _classification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="classification: the CSV column holding the class (default: label)")
 
 
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="let pickled checkpoints (nnU-Net's) load types beyond nakt's allow-list: only for files "
+                   "you trust, since unpickling can run code")
+
+
 def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", help=model_help)
     _data_flags(p)
@@ -144,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _document(p, TrainOptions)
 
     p = sub.add_parser("label", help="teachers annotate images; write a fused label set")
-    p.add_argument("--teacher", action="append", help="run directory or torchscript:PATH (repeat for several)")
+    p.add_argument("--teacher", action="append", help="run directory, torchscript:FILE, onnx:FILE, nnunet:DIR, "
+                   "bundle:DIR, masks:DIR or probs:DIR (repeat for several)")
     _data_flags(p, masks=False)
     p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
     p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"])
@@ -153,23 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["dice", "inverse-error"],
                    help="weights from validation Dice: the Dice itself (default) or 1 / (1 - Dice)")
     p.add_argument("--save-teacher-probs", action="store_true", default=None)
+    _trust_flag(p)
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a label set of nakt's own instead of resuming it")
     _document(p, LabelOptions)
 
     p = sub.add_parser("predict", help="segment (or classify) images with a trained model")
-    p.add_argument("--model", help="run directory or torchscript:PATH")
+    p.add_argument("--model", help="any spec label accepts: run directory, torchscript:, onnx:, nnunet:, bundle:, "
+                   "masks:, probs:")
     _data_flags(p, masks=False)
     p.add_argument("--out", help="folder for the predicted masks (new or empty)")
     p.add_argument("--task", choices=["segmentation", "classification"], help="checked against the model's")
     p.add_argument("--save-probs", action="store_true", default=None)
+    _trust_flag(p)
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier nakt predictions folder")
     _document(p, PredictOptions)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 against masks (AUC... for classification); writes "
                        "summary.json")
-    p.add_argument("--model", help="run directory to evaluate")
+    p.add_argument("--model", help="model to evaluate: any spec label accepts")
     p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
     _data_flags(p)
     p.add_argument("--out", help="folder for summary.json (new or empty)")
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
     p.add_argument("--roi", help="folder of region masks (e.g. a field of view); outside counts as background")
     p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
+    _trust_flag(p)
     _document(p, EvaluateOptions)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a CPU)")

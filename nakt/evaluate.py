@@ -15,15 +15,14 @@ from tqdm import tqdm
 from nakt import __version__
 from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError
-from nakt.inference import pick_device
 from nakt.io import outputs
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask
 from nakt.io.rundir import write_json
 from nakt.metrics import case_scores
-from nakt.models import load
-from nakt.predict import predict_array
-from nakt.preprocess import encode_labels
+from nakt.predict import load_checked
+from nakt.preprocess import decode_labels, encode_labels
+from nakt.teachers import Teacher, reading_orientation
 from nakt.train.data import read_label_map
 
 __all__ = ["EvaluateOptions", "evaluate", "summarize"]
@@ -58,6 +57,7 @@ class EvaluateOptions:
     mask_file: str | None = None
     roi: str | None = None
     hd95: bool = True
+    trust_checkpoint: bool = False
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -101,23 +101,20 @@ def evaluate(opts: EvaluateOptions) -> dict:
 
     `out` must be new, empty, or an earlier evaluation of nakt's (with `overwrite`); a folder this call made
     is removed again when scoring fails."""
-    model = None
+    teacher = None
     if opts.model is not None:
-        model = load(opts.model).to(pick_device(opts.device))
-        if opts.task is not None and opts.task != model.card.task:
-            raise NaktError(opts.model, f"is a {model.card.task} model, not {opts.task}",
-                            f"use --task {model.card.task}")
-    if (model is None or model.card.task == "segmentation") and opts.masks is None:
+        teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+    if (teacher is None or teacher.card.task == "segmentation") and opts.masks is None:
         raise NaktError(None, "missing option 'masks'", "give --masks DIR")
     with outputs.fresh_output(opts.out, outputs.EVALUATION, opts.overwrite):
-        if model is not None and model.card.task == "classification":
+        if teacher is not None and teacher.card.task == "classification":
             from nakt.classify.stages import evaluate_classification
 
-            return evaluate_classification(opts, model)
-        return _evaluate_masks(opts, model)
+            return evaluate_classification(opts, teacher.model)
+        return _evaluate_masks(opts, teacher)
 
 
-def _evaluate_masks(opts: EvaluateOptions, model) -> dict:
+def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
     cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=True)
     pred_cases = None
@@ -130,18 +127,18 @@ def _evaluate_masks(opts: EvaluateOptions, model) -> dict:
                                                    require_masks=True)} if opts.roi else {}
     pairs = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=model.card.orientation if model is not None else "RAS")
+        image = read_image(case.images, orientation=reading_orientation([teacher]) if teacher else "RAS")
         truth = read_label_map(case.mask, like=image)
-        if model is not None:
-            pred = predict_array(model, image.array)
+        if teacher is not None:
+            pred = decode_labels(teacher.case_probs(case, image).argmax(0), teacher.card.label_values)
         else:
             pred = read_label_map(pred_cases[case.name].images[0], like=image)
         if rois:
             outside = read_mask(rois[case.name], like=image) == 0
             pred, truth = np.where(outside, 0, pred), np.where(outside, 0, truth)
         pairs.append((case.name, pred, truth, image.spacing))
-    if model is not None:
-        values = list(model.card.label_values)
+    if teacher is not None:
+        values = list(teacher.card.label_values)
     else:
         pairs, values = _match_binary_codings(pairs)
     per_case = []

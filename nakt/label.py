@@ -24,8 +24,9 @@ from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, write_label
 from nakt.models import NaktModel, load, parse_spec
 from nakt.preprocess import decode_labels
+from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder
 
-__all__ = ["LabelOptions", "label", "label_arrays", "model_task", "teacher_weights"]
+__all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
 
 WEIGHTINGS = ("dice", "inverse-error")
 
@@ -45,6 +46,7 @@ class LabelOptions:
     cases: str | None = None
     channels: list[str] | None = None
     save_teacher_probs: bool = False
+    trust_checkpoint: bool = False
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -62,9 +64,15 @@ class LabelOptions:
 
 
 def _checksum(spec: str) -> str:
+    """SHA-256 of a teacher's weights file; for a folder teacher (nnU-Net, bundle, predictions on disk), of its
+    file listing with sizes (reading every prediction would cost as much as labelling)."""
     scheme, rest = parse_spec(spec)
-    path = Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest)
+    path = Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest.split("?")[0])
     digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}\t{file.stat().st_size}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -72,9 +80,14 @@ def _checksum(spec: str) -> str:
 
 
 def model_task(spec: str) -> str:
-    """The task of a trained model (a run directory's card; other specs are loaded)."""
+    """The task of a trained model: a run directory's card, a network file's contract; teachers that are not
+    networks nakt feeds (nnU-Net, bundles, predictions on disk) segment."""
+    from nakt.teachers import LOADERS
+
     scheme, rest = parse_spec(spec)
-    return rundir.read_config(Path(rest))[0].task if scheme == "run" else load(spec).card.task
+    if scheme == "run":
+        return rundir.read_config(Path(rest))[0].task
+    return "segmentation" if scheme in LOADERS else load(spec).card.task
 
 
 def check_task(opts) -> str:
@@ -114,27 +127,21 @@ def teacher_weights(specs: list[str], weights: list[float] | None = None,
     return [float(s) for s in scores], "validation dice"
 
 
-def _check_compatible(models: list[NaktModel], specs: list[str]) -> None:
-    first = models[0].card
-    for model, spec in zip(models[1:], specs[1:]):
-        if model.card.label_values != first.label_values or model.card.spatial_dims != first.spatial_dims:
-            raise NaktError(spec, f"labels {model.card.label_values} ({model.card.spatial_dims}D) differ from "
-                            f"{specs[0]}'s {first.label_values} ({first.spatial_dims}D)",
-                            "fused teachers must predict the same classes")
-        if first.spatial_dims == 3 and model.card.orientation != first.orientation:
-            raise NaktError(spec, f"reads volumes in orientation {model.card.orientation}, {specs[0]} in "
-                            f"{first.orientation}", "fused 3D teachers must share one orientation")
-
-
 def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean",
                  weights: list[float] | None = None, path: Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Run K teachers on one raw image ``[C_img, *spatial]`` and fuse them.
+    """In-memory twin of `label` for networks: K models on one raw image ``[C_img, *spatial]``, fused.
 
-    Returns ``(fused [C, *spatial], teacher_probs [K, C, *spatial], info)``; `info` holds the teachers'
-    agreement and, for STAPLE, each teacher's estimated sensitivity and specificity.
+    Returns ``(fused [C, *spatial], teacher_probs [K, C, *spatial], info)`` (`fuse_probs`).
     """
-    teacher_probs = np.stack([infer_probs(m, image, path) for m in models])
-    info = {"agreement": teacher_agreement(teacher_probs)} if len(models) > 1 else {}
+    return fuse_probs(np.stack([infer_probs(m, image, path) for m in models]), fusion, weights)
+
+
+def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean",
+               weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fuse K teachers' probabilities ``[K, C, *spatial]``; returns ``(fused [C, *spatial], teacher_probs,
+    info)`` where `info` holds the teachers' agreement and, for STAPLE, each teacher's estimated sensitivity and
+    specificity."""
+    info = {"agreement": teacher_agreement(teacher_probs)} if len(teacher_probs) > 1 else {}
     if fusion == "staple":
         fused, quality = staple_estimates(teacher_probs)
         info["staple"] = quality
@@ -155,19 +162,19 @@ def label(opts: LabelOptions) -> Path:
         return label_classification(opts, weights)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     device = pick_device(opts.device)
-    models = [load(t).to(device) for t in opts.teacher]
-    _check_compatible(models, opts.teacher)
+    teachers = [load_teacher(t, device, trust=opts.trust_checkpoint) for t in opts.teacher]
+    values = common_label_values(teachers)
+    orientation = reading_orientation(teachers)
     weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
                               if opts.fusion == "weighted" else (None, "unused"))
-    teachers = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
-                for i, t in enumerate(opts.teacher)]
+    records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
+               for i, t in enumerate(opts.teacher)]
     manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
-                "fusion": opts.fusion, "weights_from": weight_source, "teachers": teachers,
-                "classes": models[0].card.classes, "label_values": models[0].card.label_values,
-                "orientation": models[0].card.orientation, "cases": {}}
+                "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
+                "classes": len(values), "label_values": values, "orientation": orientation, "cases": {}}
     if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
         previous = labelset.read_manifest(out)
-        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in teachers]
+        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in records]
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
@@ -176,9 +183,10 @@ def label(opts: LabelOptions) -> Path:
 
     todo = [c for c in cases if c.name not in manifest["cases"]]
     for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=models[0].card.orientation)
-        fused, teacher_probs, info = label_arrays(models, image.array, opts.fusion, weights, case.images[0])
-        mask = decode_labels(fused.argmax(0), models[0].card.label_values)
+        image = read_image(case.images, orientation=orientation)
+        teacher_probs = np.stack([reorder(t.case_probs(case, image), t.card.label_values, values) for t in teachers])
+        fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
+        mask = decode_labels(fused.argmax(0), values)
         mask_path = write_label(mask, image, out / "masks" / case.name)
         labelset.write_probs(out, case.name, fused, teacher_probs if opts.save_teacher_probs else None)
         # The manifest entry comes last: a case counts as done only once its files are complete.

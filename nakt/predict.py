@@ -16,10 +16,11 @@ from nakt.io import labelset, outputs
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, write_label
 from nakt.io.rundir import write_json
-from nakt.models import NaktModel, load
+from nakt.models import NaktModel
 from nakt.preprocess import decode_labels
+from nakt.teachers import Teacher, load_teacher, reading_orientation
 
-__all__ = ["PredictOptions", "begin_predictions", "end_predictions", "predict", "predict_array"]
+__all__ = ["PredictOptions", "begin_predictions", "end_predictions", "load_checked", "predict", "predict_array"]
 
 TASKS = ("segmentation", "classification")
 
@@ -36,6 +37,7 @@ class PredictOptions:
     cases: str | None = None
     channels: list[str] | None = None
     save_probs: bool = False
+    trust_checkpoint: bool = False
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -61,23 +63,28 @@ def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
     return decode_labels(infer_probs(model, image).argmax(0), model.card.label_values)
 
 
+def load_checked(spec: str, task: str | None, device: str, trust: bool = False) -> Teacher:
+    """Any model spec `label` accepts, as a `Teacher`; a given `task` must be its own."""
+    teacher = load_teacher(spec, pick_device(device), trust=trust)
+    if task is not None and task != teacher.card.task:
+        raise NaktError(spec, f"is a {teacher.card.task} model, not {task}", f"use --task {teacher.card.task}")
+    return teacher
+
+
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
-    model = load(opts.model).to(pick_device(opts.device))
-    if opts.task is not None and opts.task != model.card.task:
-        raise NaktError(opts.model, f"is a {model.card.task} model, not {opts.task}",
-                        f"use --task {model.card.task}")
-    if model.card.task == "classification":
+    teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+    if teacher.card.task == "classification":
         from nakt.classify.stages import predict_classification
 
-        return predict_classification(opts, model)
+        return predict_classification(opts, teacher.model)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     out = Path(opts.out)
     begin_predictions(out, opts, [c.name for c in cases])
     for case in tqdm(cases, desc="predict", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=model.card.orientation)
-        probs = infer_probs(model, image.array, case.images[0])
-        write_label(decode_labels(probs.argmax(0), model.card.label_values), image, out / case.name)
+        image = read_image(case.images, orientation=reading_orientation([teacher]))
+        probs = teacher.case_probs(case, image)
+        write_label(decode_labels(probs.argmax(0), teacher.card.label_values), image, out / case.name)
         if opts.save_probs:
             labelset.write_probs(out, case.name, probs)
     end_predictions(out, opts, [c.name for c in cases])

@@ -17,9 +17,27 @@ from torch import nn
 from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 
-__all__ = ["BUILDERS", "NaktModel", "build_model", "parse_spec", "scheme"]
+__all__ = ["BUILDERS", "SCHEME_MODULES", "NaktModel", "build_model", "parse_spec", "register_all", "scheme"]
 
 BUILDERS: dict[str, Callable] = {}
+
+# modules that register schemes when imported (optional dependencies are imported inside their functions)
+SCHEME_MODULES = ["nakt.models.classifiers", "nakt.models.monai_nets", "nakt.models.smp_nets",
+                  "nakt.models.torchscript", "nakt.models.onnx", "nakt.models.bundle", "nakt.disk_teachers"]
+
+
+def register_all() -> None:
+    """Import every scheme module, so `BUILDERS` and the teacher loaders are complete."""
+    import importlib
+
+    for module in SCHEME_MODULES:
+        importlib.import_module(module)
+
+
+def _schemes() -> list[str]:
+    from nakt.teachers import LOADERS
+
+    return sorted(set(BUILDERS) | set(LOADERS))
 
 
 def scheme(name: str) -> Callable:
@@ -34,19 +52,18 @@ def scheme(name: str) -> Callable:
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``"smp:Unet/resnet18"`` into ``("smp", "Unet/resnet18")``; a folder is a run directory."""
-    from nakt.models import classifiers, monai_nets, smp_nets, torchscript  # noqa: F401  (registers the schemes)
-
+    register_all()
     if Path(spec).is_dir():
         return "run", spec
     if ":" not in spec and ("/" in spec or "\\" in spec):
         raise NaktError(spec, "run directory not found")
     if ":" not in spec:
         raise NaktError(None, f"unknown model spec {spec!r}",
-                        f"use scheme:name with scheme one of {', '.join(sorted(BUILDERS))}, or a run directory")
+                        f"use scheme:name with scheme one of {', '.join(_schemes())}, or a run directory")
     name, rest = spec.split(":", 1)
-    if name not in BUILDERS:
+    if name not in _schemes():
         raise NaktError(None, f"unknown model scheme {name!r} in {spec!r}",
-                        f"valid: {', '.join(sorted(BUILDERS))}, or the path of a run directory")
+                        f"valid: {', '.join(_schemes())}, or the path of a run directory")
     return name, rest
 
 

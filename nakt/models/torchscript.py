@@ -1,4 +1,7 @@
-"""``torchscript:<path>``: a foreign TorchScript model whose input contract comes from a sidecar JSON."""
+"""``torchscript:<path>``: a foreign TorchScript model whose input contract comes from a sidecar JSON.
+
+`foreign_card` is the sidecar logic shared by every foreign-file scheme (``torchscript:``, ``onnx:``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 from nakt.models.registry import NaktModel, scheme
 
-__all__ = ["load_torchscript"]
+__all__ = ["foreign_card", "load_torchscript", "sidecar_path"]
 
 
 @scheme("torchscript")
@@ -19,32 +22,42 @@ def build_torchscript(name: str, **kw):
     raise NaktError(name, "a TorchScript model is loaded, not built", "use nakt.load('torchscript:PATH')")
 
 
-def _sidecar(path: Path) -> Path | None:
+def sidecar_path(path: Path) -> Path | None:
+    """The contract JSON beside a model file: ``<path>.json``, else ``<stem>.json``; None when neither exists."""
     for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if candidate.is_file():
             return candidate
     return None
 
 
-def load_torchscript(path: str | Path, **contract) -> NaktModel:
-    """Load a TorchScript segmentation model. Its contract (``in_channels``, ``classes``, ``spatial_dims``,
-    ``label_values``, ``size``, ``patch``, ``normalization``, ``output``: ``logits`` or ``probs``) comes from
-    `contract`, over ``<path>.json`` or ``<stem>.json`` beside the file.
+def foreign_card(path: str | Path, scheme_name: str, what: str, **contract) -> ModelCard:
+    """The `ModelCard` of a foreign model file: keyword arguments `contract` (None values ignored) over its
+    sidecar JSON. The file must exist (`what` names its kind in the error); a missing key names the sidecar.
     """
     path = Path(path)
     if not path.is_file():
-        raise NaktError(path, "TorchScript file not found")
+        raise NaktError(path, f"{what} file not found")
     info: dict = {}
-    side = _sidecar(path)
+    side = sidecar_path(path)
     if side is not None:
         try:
             info = json.loads(side.read_text())
         except json.JSONDecodeError as exc:
             raise NaktError(side, f"invalid JSON ({exc})") from None
+        if not isinstance(info, dict):
+            raise NaktError(side, "a model contract is a JSON object")
     info.update({k: v for k, v in contract.items() if v is not None})
-    info["spec"] = f"torchscript:{path}"
-    card = ModelCard.from_dict(info, source=str(side or path),
+    info["spec"] = f"{scheme_name}:{path}"
+    return ModelCard.from_dict(info, source=str(side or path),
                                hint=f"give the input contract in {path.name}.json or as keyword arguments")
+
+
+def load_torchscript(path: str | Path, **contract) -> NaktModel:
+    """Load a TorchScript model. Its contract (``in_channels``, ``classes``, ``spatial_dims``, ``task``,
+    ``label_values``, ``size``, ``patch``, ``normalization``, ``output``: ``logits`` or ``probs``...) comes from
+    `contract`, over ``<path>.json`` or ``<stem>.json`` beside the file.
+    """
+    card = foreign_card(path, "torchscript", "TorchScript", **contract)
     try:
         net = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:

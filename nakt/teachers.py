@@ -1,0 +1,117 @@
+"""Teachers: anything that gives class probabilities for a case on its image's grid.
+
+A nakt run, a TorchScript or ONNX file and a MONAI bundle are networks (`NaktModel`) that nakt feeds itself
+(`NetTeacher`); an nnU-Net model folder runs through nnU-Net's own predictor; predictions on disk (``masks:DIR``,
+``probs:DIR``) are looked up by case name. They all meet in one small interface, `Teacher`, so that `label`,
+`predict` and `evaluate` never ask what kind of teacher they hold, and teachers of any framework fuse.
+
+Label spaces are reconciled by value: each teacher declares its label values (``card.label_values``, the
+integers written in mask files); `common_label_values` checks that all teachers share one set and
+`reorder` puts each teacher's probability channels into that common order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from nakt.errors import NaktError
+from nakt.inference import infer_probs
+from nakt.io.dataset import Case
+from nakt.io.images import Image
+from nakt.models import ModelCard, NaktModel, load, parse_spec
+
+__all__ = ["LOADERS", "NetTeacher", "Teacher", "common_label_values", "load_teacher", "reading_orientation", "reorder",
+           "teacher_scheme"]
+
+
+class Teacher(Protocol):
+    """What labelling needs of a teacher.
+
+    `card` tells its task, spatial dimensions, label values (class index -> value in mask files) and, for nets
+    nakt feeds, the orientation 3D volumes are read in. `case_probs` returns float32 probabilities
+    ``[len(card.label_values), *image.spatial_shape]`` summing to 1 over the first axis, on `image`'s array grid
+    (`image` is the case read by nakt; `case.images` are its files, for teachers that read them themselves).
+    """
+
+    spec: str
+    card: ModelCard
+    orientation: str | None  # the orientation 3D images must be read in; None: the teacher adapts to any
+
+    def case_probs(self, case: Case, image: Image) -> np.ndarray: ...
+
+
+class NetTeacher:
+    """A network nakt feeds: its card's preprocessing, sliding windows or resizing, probabilities mapped back."""
+
+    def __init__(self, spec: str, model: NaktModel):
+        self.spec, self.model, self.card = spec, model, model.card
+        self.orientation = model.card.orientation
+
+    def case_probs(self, case: Case, image: Image) -> np.ndarray:
+        return infer_probs(self.model, image.array, case.images[0])
+
+
+LOADERS: dict[str, Callable[[str, str, torch.device], Teacher]] = {}
+
+
+def teacher_scheme(name: str) -> Callable:
+    """Register a loader ``(rest_of_spec, spec, device) -> Teacher`` for specs ``name:<...>`` that are not
+    networks nakt feeds (nnU-Net folders, predictions on disk)."""
+
+    def register(fn: Callable) -> Callable:
+        LOADERS[name] = fn
+        return fn
+
+    return register
+
+
+def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = False) -> Teacher:
+    """A teacher from any spec `nakt label` accepts: a run directory, ``torchscript:``, ``onnx:``, ``bundle:``,
+    ``nnunet:``, ``masks:`` or ``probs:``. `trust` lets pickled checkpoints (nnU-Net's) load types beyond the
+    allow-list (``--trust-checkpoint``)."""
+    scheme, rest = parse_spec(str(spec))
+    if scheme in LOADERS:
+        if trust and scheme == "nnunet":
+            rest += ("&" if "?" in rest else "?") + "trust=1"
+        return LOADERS[scheme](rest, str(spec), torch.device(device))
+    return NetTeacher(str(spec), load(spec).to(device))
+
+
+def common_label_values(teachers: list[Teacher]) -> list[int]:
+    """The label values all teachers share (sorted), or a one-line error listing both sides of a mismatch."""
+    first = teachers[0]
+    values = sorted(int(v) for v in first.card.label_values)
+    for other in teachers[1:]:
+        theirs = sorted(int(v) for v in other.card.label_values)
+        if theirs != values:
+            raise NaktError(other.spec, f"label values {theirs} differ from {first.spec}'s {values}",
+                            "teachers must share one label space (map the values before fusing)")
+        if other.card.spatial_dims != first.card.spatial_dims:
+            raise NaktError(other.spec, f"is {other.card.spatial_dims}D, {first.spec} is {first.card.spatial_dims}D")
+    return values
+
+
+def reading_orientation(teachers: list[Teacher]) -> str:
+    """The one orientation images are read in for these teachers: the one those that need one share (RAS when
+    none needs one). 3D teachers that need different orientations cannot fuse on one grid."""
+    needed = {t.spec: t.orientation for t in teachers if t.orientation is not None}
+    if teachers[0].card.spatial_dims == 3 and len(set(needed.values())) > 1:
+        (a, oa), (b, ob) = list(needed.items())[:2]
+        raise NaktError(b, f"reads volumes in orientation {ob}, {a} in {oa}", "fused 3D teachers must share one")
+    return next(iter(needed.values()), "RAS")
+
+
+def reorder(probs: np.ndarray, own_values: list[int], values: list[int]) -> np.ndarray:
+    """Probability channels ``[C, ...]`` in the order of `own_values` -> the order of `values` (same set).
+
+    >>> reorder(np.array([[0.2], [0.8]]), [1, 0], [0, 1]).ravel().tolist()
+    [0.8, 0.2]
+    """
+    own = [int(v) for v in own_values]
+    if own == list(values):
+        return probs
+    return probs[[own.index(v) for v in values]]
