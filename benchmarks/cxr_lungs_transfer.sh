@@ -11,11 +11,11 @@ S=$DATA/splits.json
 mkdir -p "$WORK"
 time $NAKT train --model smp:Unet/resnet18 --images $DATA/images --masks $DATA/masks --cases $S:teacher_train \
   --val-images $DATA/images --val-cases $S:teacher_val --size 128 --epochs $EPOCHS --out $WORK/teacher --overwrite
-time $NAKT label --teacher $WORK/teacher --images $DATA/images --cases $S:transferal --out $WORK/labels
+time $NAKT label --teacher $WORK/teacher --images $DATA/images --cases $S:transferal --out $WORK/labels --overwrite
 time $NAKT train --model smp:FPN/mobilenet_v2 --images $DATA/images --masks $WORK/labels --cases $S:transferal \
   --size 128 --epochs $EPOCHS --lr 3e-3 --out $WORK/student --overwrite
 for run in teacher student; do
-  $NAKT evaluate --model $WORK/$run --images $DATA/images --masks $DATA/masks --cases $S:test --out $WORK/eval_$run
+  $NAKT evaluate --model $WORK/$run --images $DATA/images --masks $DATA/masks --cases $S:test --out $WORK/eval_$run --overwrite
 done
 python3 - "$WORK" <<'PY'
 import json, sys

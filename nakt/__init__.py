@@ -7,7 +7,8 @@ scored (`evaluate`) or applied (`predict`). Each function takes an options datac
 
 __version__ = "0.1.0"
 
-from nakt.api import evaluate, finetune, label, load, predict, train
+from nakt.api import evaluate, export, export_nnunet, finetune, label, load, predict, train
 from nakt.errors import NaktError
 
-__all__ = ["NaktError", "__version__", "evaluate", "finetune", "label", "load", "predict", "train"]
+__all__ = ["NaktError", "__version__", "evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict",
+           "train"]

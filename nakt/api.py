@@ -9,6 +9,10 @@ from nakt.config import gather_values, make_options
 from nakt.errors import NaktError
 from nakt.evaluate import EvaluateOptions
 from nakt.evaluate import evaluate as _evaluate
+from nakt.export import ExportOptions
+from nakt.export import export as _export
+from nakt.export_nnunet import ExportNnunetOptions
+from nakt.export_nnunet import export_nnunet as _export_nnunet
 from nakt.label import LabelOptions
 from nakt.label import label as _label
 from nakt.models import load
@@ -18,7 +22,7 @@ from nakt.train import FinetuneOptions, TrainOptions, resume_options
 from nakt.train import finetune as _finetune
 from nakt.train import train as _train
 
-__all__ = ["evaluate", "finetune", "label", "load", "predict", "train"]
+__all__ = ["evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict", "train"]
 
 
 def _options(cls, opts, config, kwargs):
@@ -59,3 +63,13 @@ def predict(opts: PredictOptions | None = None, *, config: str | None = None, **
 def evaluate(opts: EvaluateOptions | None = None, *, config: str | None = None, **kwargs) -> dict:
     """Dice / HD95 against masks (from `model` or `pred`); writes and returns summary.json."""
     return _evaluate(_options(EvaluateOptions, opts, config, kwargs))
+
+
+def export(opts: ExportOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Write a run as an ONNX or TorchScript file plus its sidecar contract; returns the file."""
+    return _export(_options(ExportOptions, opts, config, kwargs))
+
+
+def export_nnunet(opts: ExportNnunetOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """Write a label set as an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json); returns its folder."""
+    return _export_nnunet(_options(ExportNnunetOptions, opts, config, kwargs))

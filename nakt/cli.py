@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     from nakt import __version__
     from nakt.demo import DemoOptions
     from nakt.evaluate import EvaluateOptions
+    from nakt.export import ExportOptions
+    from nakt.export_nnunet import ExportNnunetOptions
     from nakt.label import LabelOptions
     from nakt.predict import PredictOptions
     from nakt.train import FinetuneOptions, TrainOptions
@@ -195,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _document(p, EvaluateOptions)
 
+    p = sub.add_parser("export", help="write a run as an ONNX or TorchScript file with its sidecar contract "
+                       "(checked against the run before returning)")
+    p.add_argument("--model", help="run directory to export")
+    p.add_argument("--format", choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="file to write (its contract goes to FILE.json)")
+    p.add_argument("--images", help="folder whose first image is also compared (default: a random input only)")
+    p.add_argument("--opset", type=int, help="ONNX opset")
+    p.add_argument("--atol", type=float, help="largest accepted probability difference from the run")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier nakt export")
+    p.add_argument("--config", help="YAML file with the same keys as the flags")
+    _document(p, ExportOptions)
+
+    p = sub.add_parser("export-nnunet", help="write a label set as an nnU-Net v2 raw dataset (an nnU-Net student)")
+    p.add_argument("--labels", help="label set written by nakt label")
+    p.add_argument("--images", help="the images the label set labels")
+    p.add_argument("--out", help="<nnUNet_raw>/DatasetNNN_Name")
+    p.add_argument("--cases", help="case list: text file, JSON list, or splits.json:KEY")
+    p.add_argument("--channels", nargs="+", help="file-name globs of the modality files in case folders, in order")
+    p.add_argument("--channel-names", nargs="+", help="nnU-Net channel names (CT for Hounsfield units)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier nakt export")
+    p.add_argument("--config", help="YAML file with the same keys as the flags")
+    _document(p, ExportNnunetOptions)
+
     p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a CPU)")
     p.add_argument("--out", help="working folder (new, empty, or an earlier demo's, which is replaced)")
     p.add_argument("--epochs", type=int)
@@ -211,6 +237,8 @@ def _run(args: argparse.Namespace):
         from nakt.demo import DemoOptions, demo
 
         return demo(DemoOptions(**{k: v for k, v in values.items() if v is not None}))
+    if args.verb in ("export", "export-nnunet"):
+        return getattr(nakt, args.verb.replace("-", "_"))(config=args.config, **values)
     if args.verb == "distill":
         if not values.get("teacher"):
             raise NaktError(None, "nakt distill needs --teacher RUN (repeatable)")
@@ -249,6 +277,10 @@ def summary_line(verb: str, result) -> str:
         return f"wrote {result} ({_mean_agreement(Path(result))})"
     if verb == "predict":
         return f"wrote predictions to {result}"
+    if verb == "export":
+        return f"wrote {result} and its contract {result}.json (checked against the run)"
+    if verb == "export-nnunet":
+        return f"wrote the nnU-Net raw dataset {result}"
     if verb == "evaluate":
         mean = result.get("mean", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if isinstance(v, (int, float)))

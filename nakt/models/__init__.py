@@ -12,7 +12,8 @@ __all__ = ["BUILDERS", "ModelCard", "NaktModel", "build_model", "load", "parse_s
 
 
 def load(spec: str | Path, **contract) -> NaktModel:
-    """Load a trained model: a run directory, or ``torchscript:<path>`` (contract from kwargs or sidecar).
+    """Load a trained model: a run directory, or ``torchscript:<path>`` / ``onnx:<path>`` (contract from
+    kwargs over a sidecar JSON, ``<path>.json`` or ``<stem>.json``).
 
     A plain ``smp:``/``monai:`` spec builds an untrained network; it needs ``in_channels`` and ``classes``.
 
@@ -38,8 +39,12 @@ def load(spec: str | Path, **contract) -> NaktModel:
         from nakt.models.torchscript import load_torchscript
 
         return load_torchscript(rest, **contract).eval()
+    if scheme_name == "onnx":
+        from nakt.models.onnx import load_onnx
+
+        return load_onnx(rest, **contract).eval()
     for key in ("in_channels", "classes"):
         if contract.get(key) is None:
             raise NaktError(None, f"{spec} is an untrained architecture; give {key}",
-                            "teachers are run directories (nakt train) or torchscript: files")
+                            "teachers are run directories (nakt train), torchscript: or onnx: files")
     return build_model(ModelCard.from_dict({"spec": spec, **contract})).eval()

@@ -1,0 +1,191 @@
+"""`export_nnunet`: label sets (made by `nakt.label` with tiny in-process teachers) exported as nnU-Net v2 raw
+datasets that nnU-Net's own integrity check accepts; consecutive labels; nakt never writes into foreign folders."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import splits_of, write_volume_case
+
+import nakt
+from nakt.errors import NaktError
+from nakt.export_nnunet import ExportNnunetOptions, export_nnunet
+
+NNUNET_BIN = Path(sys.executable).parent / "nnUNetv2_extract_fingerprint"
+
+
+def case_list(path: Path, names: list[str]) -> str:
+    path.write_text("\n".join(names))
+    return str(path)
+
+
+def nnunet_verify(raw: Path, dataset_id: int, tmp: Path) -> subprocess.CompletedProcess:
+    """Run nnU-Net's own fingerprint extraction with ``--verify_dataset_integrity`` on ``raw/DatasetNNN_*``."""
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp / "pre"),
+           "nnUNet_results": str(tmp / "res")}
+    return subprocess.run([str(NNUNET_BIN), "-d", str(dataset_id), "--verify_dataset_integrity", "-np", "1",
+                           "--no_pbar"], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def label_set_2d(synthetic2d, tmp_path_factory) -> Path:
+    """A label set of the synthetic transferal split (masks 0/255) from a one-epoch UNet teacher."""
+    work = tmp_path_factory.mktemp("export2d")
+    splits = splits_of(synthetic2d)
+    train_cases = case_list(work / "train.txt", splits["teacher_train"][:4])
+    teacher = nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                         cases=train_cases, out=str(work / "teacher"), size=[32], epochs=1, val_fraction=0,
+                         progress=False)
+    return nakt.label(teacher=[str(teacher)], images=str(synthetic2d / "images"),
+                      cases=case_list(work / "transferal.txt", splits["transferal"][:4]), out=str(work / "labels"),
+                      progress=False)
+
+
+@pytest.mark.skipif(not NNUNET_BIN.exists(), reason="nnunetv2 not installed")
+def test_2d_export_passes_nnunet_integrity_check(label_set_2d, synthetic2d, tmp_path):
+    raw = tmp_path / "raw"
+    out = export_nnunet(ExportNnunetOptions(labels=str(label_set_2d), images=str(synthetic2d / "images"),
+                                            out=str(raw / "Dataset501_Synth")))
+    dataset = json.loads((out / "dataset.json").read_text())
+    manifest = json.loads((label_set_2d / "manifest.json").read_text())
+    assert manifest["label_values"] == [0, 255]
+    assert dataset == {**dataset, "channel_names": {"0": "image"}, "labels": {"background": 0, "label_255": 1},
+                       "numTraining": 4, "file_ending": ".png"}
+    cases = sorted(manifest["cases"])
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{c}_0000.png" for c in cases]
+    from PIL import Image as PILImage
+
+    for case in cases:  # images copied byte for byte; labels 0/255 -> 0/1 pixel for pixel
+        source_image = synthetic2d / "images" / f"{case}.png"
+        assert (out / "imagesTr" / f"{case}_0000.png").read_bytes() == source_image.read_bytes()
+        exported = np.asarray(PILImage.open(out / "labelsTr" / f"{case}.png"))
+        source = np.asarray(PILImage.open(label_set_2d / "masks" / f"{case}.png"))
+        assert exported.dtype == np.uint8 and set(np.unique(exported)) <= {0, 1}
+        np.testing.assert_array_equal(exported, source // 255)
+    result = nnunet_verify(raw, 501, tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "verify_dataset_integrity Done" in result.stdout
+    assert (tmp_path / "pre" / "Dataset501_Synth" / "dataset_fingerprint.json").is_file()
+
+
+def test_rgb_images_are_one_png_with_three_channels(label_set_2d, synthetic2d, tmp_path):
+    """An RGBA PNG (as nakt reads it: RGB, alpha dropped) is converted to one RGB `_0000.png`, channels R, G, B."""
+    from PIL import Image as PILImage
+
+    images = tmp_path / "rgb"
+    images.mkdir()
+    cases = sorted(json.loads((label_set_2d / "manifest.json").read_text())["cases"])
+    for case in cases:
+        grey = np.asarray(PILImage.open(synthetic2d / "images" / f"{case}.png"))
+        rgba = np.stack([grey, 255 - grey, grey // 2, np.full_like(grey, 200)], -1)
+        PILImage.fromarray(rgba, "RGBA").save(images / f"{case}.png")
+    out = export_nnunet(ExportNnunetOptions(labels=str(label_set_2d), images=str(images),
+                                            out=str(tmp_path / "Dataset502_Rgb")))
+    assert json.loads((out / "dataset.json").read_text())["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    written = PILImage.open(out / "imagesTr" / f"{cases[0]}_0000.png")
+    assert written.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(written), np.asarray(PILImage.open(images / f"{cases[0]}.png"))[..., :3])
+    # nnU-Net's reader sees 3 channels: (c, 1, rows, columns)
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    arr, _ = NaturalImage2DIO().read_images([str(out / "imagesTr" / f"{cases[0]}_0000.png")])
+    assert arr.shape == (3, 1, 48, 48)
+    with pytest.raises(NaktError, match="channel-names: 1 names for 3"):
+        export_nnunet(ExportNnunetOptions(labels=str(label_set_2d), images=str(images), channel_names=["grey"],
+                                          out=str(tmp_path / "Dataset503_Bad")))
+
+
+def test_refuses_foreign_folders_and_bad_names(label_set_2d, synthetic2d, tmp_path):
+    common = {"labels": str(label_set_2d), "images": str(synthetic2d / "images")}
+    with pytest.raises(NaktError, match="DatasetNNN_Name"):
+        ExportNnunetOptions(**common, out=str(tmp_path / "my_export"))
+    foreign = tmp_path / "Dataset504_Theirs"  # a user's own nnU-Net dataset: it has a dataset.json, not our marker
+    foreign.mkdir()
+    (foreign / "dataset.json").write_text('{"labels": {"background": 0}}')
+    with pytest.raises(NaktError, match="not a nakt nnU-Net export"):
+        export_nnunet(ExportNnunetOptions(**common, out=str(foreign)))
+    assert sorted(p.name for p in foreign.iterdir()) == ["dataset.json"]
+    ours = export_nnunet(ExportNnunetOptions(**common, out=str(tmp_path / "Dataset505_Ours")))
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(NaktError, match="--overwrite"):
+        export_nnunet(ExportNnunetOptions(**common, out=str(ours)))
+    export_nnunet(ExportNnunetOptions(**common, out=str(ours), overwrite=True))
+    assert (ours / "notes.txt").read_text() == "mine" and (ours / "dataset.json").is_file()
+    with pytest.raises(NaktError, match="none of its cases"):
+        test_cases = case_list(tmp_path / "t.txt", splits_of(synthetic2d)["test"][:2])
+        export_nnunet(ExportNnunetOptions(**common, cases=test_cases, out=str(tmp_path / "Dataset506_None")))
+    assert not (tmp_path / "Dataset506_None").exists()
+
+
+@pytest.mark.skipif(not NNUNET_BIN.exists(), reason="nnunetv2 not installed")
+def test_3d_export_keeps_source_geometry(tmp_path):
+    """Two-modality NIfTI cases (one with a flipped, permuted affine) and one MHA case: images keep their own
+    storage order and geometry, labels 0/1/2 on the same grid, and nnU-Net's check passes."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "vols"
+    for i in range(2):
+        write_volume_case(images, f"train{i}", rng)
+    write_volume_case(images, "flipped", rng,
+                      affine=np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 5], [0, 1.2, 0, -3], [0, 0, 0, 1]]))
+    write_volume_case(images, "itk", rng)
+    for name in ("flair", "t1c", "seg"):  # the same case as MHA (SimpleITK writes the NIfTI geometry over)
+        path = images / "itk" / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(images / "itk" / f"{name}.mha"))
+        path.unlink()
+    vol = {"channels": ["flair*", "t1c*"], "progress": False}
+    teacher = nakt.train(model="monai:UNet", images=str(images), masks=str(images), mask_file="seg*",
+                         cases=case_list(tmp_path / "tr.txt", ["train0", "train1"]), out=str(tmp_path / "t3d"),
+                         patch=[32], patches_per_case=1, epochs=1, batch_size=2, val_fraction=0, **vol)
+    labels = nakt.label(teacher=[str(teacher)], images=str(images), out=str(tmp_path / "lab3d"),
+                        cases=case_list(tmp_path / "tf.txt", ["flipped", "itk", "train0"]), **vol)
+    raw = tmp_path / "raw"
+    out = export_nnunet(ExportNnunetOptions(labels=str(labels), images=str(images), channels=["flair*", "t1c*"],
+                                            out=str(raw / "Dataset507_Vols")))
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "flair", "1": "t1c"} and dataset["file_ending"] == ".nii.gz"
+    assert dataset["labels"] == {"background": 0, "label_1": 1, "label_2": 2} and dataset["numTraining"] == 3
+    source = images / "flipped"
+    assert (out / "imagesTr" / "flipped_0000.nii.gz").read_bytes() == (source / "flair.nii.gz").read_bytes()
+    assert (out / "imagesTr" / "flipped_0001.nii.gz").read_bytes() == (source / "t1c.nii.gz").read_bytes()
+    exported = nib.load(str(out / "labelsTr" / "flipped.nii.gz"))
+    np.testing.assert_allclose(exported.affine, nib.load(str(source / "flair.nii.gz")).affine)
+    np.testing.assert_array_equal(np.asarray(exported.dataobj),
+                                  np.asarray(nib.load(str(labels / "masks" / "flipped.nii.gz")).dataobj))
+    itk_image = sitk.ReadImage(str(out / "imagesTr" / "itk_0000.nii.gz"))
+    itk_label = sitk.ReadImage(str(out / "labelsTr" / "itk.nii.gz"))
+    for exported_image in (itk_image, itk_label):  # MHA converted with its geometry
+        original = sitk.ReadImage(str(images / "itk" / "flair.mha"))
+        assert exported_image.GetSize() == original.GetSize()
+        np.testing.assert_allclose(exported_image.GetOrigin(), original.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(exported_image.GetDirection(), original.GetDirection(), atol=1e-6)
+    result = nnunet_verify(raw, 507, tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "mismatch" not in result.stdout
+
+
+def test_class_order_and_names():
+    from nakt.export_nnunet import _class_order, _label_names
+
+    assert _class_order([255, 0]) == [0, 255]
+    manifest = {"label_values": [0, 1, 2], "class_names": ["bg", "liver", "liver"]}
+    assert _label_names(manifest, [0, 1, 2]) == {"background": 0, "liver": 1, "liver_2": 2}
+
+
+def test_mask_with_foreign_value_is_one_line(label_set_2d, synthetic2d, tmp_path):
+    from PIL import Image as PILImage
+
+    copy = tmp_path / "labels"
+    shutil.copytree(label_set_2d, copy)
+    case = sorted(json.loads((copy / "manifest.json").read_text())["cases"])[0]
+    PILImage.fromarray(np.full((48, 48), 7, np.uint8)).save(copy / "masks" / f"{case}.png")
+    with pytest.raises(NaktError, match=r"label value 7, not among the label set's \[0, 255\]"):
+        export_nnunet(ExportNnunetOptions(labels=str(copy), images=str(synthetic2d / "images"),
+                                          out=str(tmp_path / "Dataset508_Bad")))
