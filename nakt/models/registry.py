@@ -23,7 +23,8 @@ BUILDERS: dict[str, Callable] = {}
 
 # modules that register schemes when imported (optional dependencies are imported inside their functions)
 SCHEME_MODULES = ["nakt.models.classifiers", "nakt.models.monai_nets", "nakt.models.smp_nets",
-                  "nakt.models.torchscript", "nakt.models.onnx", "nakt.models.bundle", "nakt.disk_teachers"]
+                  "nakt.models.torchscript", "nakt.models.onnx", "nakt.models.bundle", "nakt.disk_teachers",
+                  "nakt.models.nnunet"]
 
 
 def register_all() -> None:
