@@ -290,6 +290,8 @@ def export_nnunet(opts: ExportNnunetOptions) -> Path:
         dataset = {"channel_names": {str(i): n for i, n in enumerate(names)},
                    "labels": _label_names(manifest, values), "numTraining": len(cases), "file_ending": ending,
                    "name": out.name.split("_", 1)[1],
+                   # the label set's own values per nnU-Net label, so an nnunet: teacher gives them back
+                   "nakt_label_values": [int(v) for v in values],
                    "description": f"exported by nakt {__version__} from the label set {label_set.resolve()}"}
         write_json(out / "dataset.json", dataset)  # last: nnU-Net sees a dataset only once it is complete
     return out

@@ -55,7 +55,7 @@ def test_2d_export_passes_nnunet_integrity_check(label_set_2d, synthetic2d, tmp_
     manifest = json.loads((label_set_2d / "manifest.json").read_text())
     assert manifest["label_values"] == [0, 255]
     assert dataset == {**dataset, "channel_names": {"0": "image"}, "labels": {"background": 0, "label_255": 1},
-                       "numTraining": 4, "file_ending": ".png"}
+                       "numTraining": 4, "file_ending": ".png", "nakt_label_values": [0, 255]}
     cases = sorted(manifest["cases"])
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{c}_0000.png" for c in cases]
     from PIL import Image as PILImage

@@ -290,10 +290,12 @@ def load_nnunet_teacher(rest: str, spec: str, device: torch.device) -> NnunetTea
         predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                         trainer_name, mirroring_axes)
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    card = ModelCard(spec=spec, in_channels=len(channels), classes=len(label_manager.all_labels),
+    values = [int(v) for v in label_manager.all_labels]
+    original = dataset_json.get("nakt_label_values")  # written by nakt export-nnunet: index -> the label set's value
+    card = ModelCard(spec=spec, in_channels=len(channels), classes=len(values),
                      spatial_dims=len(configuration_manager.patch_size), task="segmentation",
-                     label_values=[int(v) for v in label_manager.all_labels], normalization="none",
-                     output="probs", class_names=_class_names(dataset_json, label_manager.all_labels))
+                     label_values=[int(v) for v in original] if original and len(original) == len(values) else values,
+                     normalization="none", output="probs", class_names=_class_names(dataset_json, values))
     return NnunetTeacher(spec, predictor, card, folder)
 
 
