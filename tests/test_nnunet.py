@@ -368,3 +368,90 @@ def test_three_frameworks_fuse_into_one_label_set_with_staple(model2d, tmp_path)
     for record in manifest["cases"].values():
         assert len(record["staple"]["sensitivity"]) == 3 and len(record["staple"]["specificity"]) == 3
     assert set(np.unique(read_mask(fused / "masks" / "case00.png"))) <= {0, 1, 2}
+
+
+BUILD_3D = r'''
+import os, sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def main(root):
+    ds = root / "raw" / "Dataset902_Tiny3d"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])  # anisotropic: nnU-Net plans a resampling
+    for i in range(6):  # 20x16x12 blobs
+        zz, yy, xx = np.meshgrid(*[np.arange(s) for s in (20, 16, 12)], indexing="ij")
+        r = np.sqrt((zz - rng.uniform(7, 13)) ** 2 + (yy - rng.uniform(5, 11)) ** 2 + (xx - rng.uniform(4, 8)) ** 2)
+        label = (r < 4).astype(np.uint8)
+        image = (label * 3 + rng.normal(0, 0.5, label.shape)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), str(ds / "imagesTr" / f"vol{i:02d}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(ds / "labelsTr" / f"vol{i:02d}.nii.gz"))
+    import json
+    json.dump({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "blob": 1}, "numTraining": 6,
+               "file_ending": ".nii.gz"}, open(ds / "dataset.json", "w"))
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                       preprocess)
+    extract_fingerprints([902], num_processes=1, check_dataset_integrity=False, clean=True, verbose=False)
+    plan_experiments([902])
+    preprocess([902], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    trainer = get_trainer_from_args("902", "3d_fullres", 0, device=torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 2, 1
+    trainer.run_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+'''
+
+
+def test_3d_nnunet_teacher_equals_nnunet_predict_on_any_storage_order(tmp_path):
+    """A 3d_fullres model planned and trained by nnU-Net's code: nakt's probabilities for a NIfTI volume, and for a
+    copy with permuted, flipped storage axes, equal nnUNetv2_predict's on the same files, mapped onto nakt's grid
+    and labels written back in each file's own geometry. (nnU-Net itself sees each file in its storage order, so
+    the two copies' labels may differ: nakt reproduces nnU-Net, it does not change what nnU-Net computes.)"""
+    pytest.importorskip("nnunetv2")
+    import nibabel as nib
+
+    import nakt
+
+    script = tmp_path / "build3d.py"
+    script.write_text(BUILD_3D)
+    run_nnunet([[sys.executable, str(script), str(tmp_path)]], tmp_path)
+    folder = tmp_path / "res" / "Dataset902_Tiny3d" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    source = tmp_path / "raw" / "Dataset902_Tiny3d" / "imagesTr" / "vol00_0000.nii.gz"
+    img = nib.load(str(source))
+    data = np.asarray(img.dataobj)
+    permuted = np.ascontiguousarray(np.flip(data.transpose(2, 0, 1), axis=1))
+    new_to_old = np.array([[0, -1, 0, data.shape[0] - 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(source, cases / "a_0000.nii.gz")
+    nib.save(nib.Nifti1Image(permuted, img.affine @ new_to_old), str(cases / "b_0000.nii.gz"))
+    run_nnunet([[str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(cases), "-o",
+                 str(tmp_path / "pred"), "-d", "902", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "1",
+                 "-nps", "1", "--save_probabilities", "--disable_progress_bar"]], tmp_path)
+    teacher = load_teacher(f"nnunet:{folder}")
+    assert teacher.card.spatial_dims == 3 and teacher.card.label_values == [0, 1]
+    labels = nakt.label(teacher=[f"nnunet:{folder}"], images=str(cases), out=str(tmp_path / "labels"),
+                        progress=False)
+    for name in ("a", "b"):
+        files = [cases / f"{name}_0000.nii.gz"]
+        image = read_image(files)
+        probs = teacher.case_probs(Case(name, files), image)
+        saved = np.load(tmp_path / "pred" / f"{name}.npz")["probabilities"]
+        assert np.abs(probs - nnunet_probs_to_grid(saved, image)).max() <= 1e-3
+        ours = nib.load(str(labels / "masks" / f"{name}_0000.nii.gz"))
+        theirs = nib.load(str(tmp_path / "pred" / f"{name}.nii.gz"))
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-5)  # written in the file's own geometry
+        assert (np.asarray(ours.dataobj) == np.asarray(theirs.dataobj)).mean() > 0.999
