@@ -43,6 +43,9 @@ def load(spec: str | Path, **contract) -> NaktModel:
         from nakt.models.onnx import load_onnx
 
         return load_onnx(rest, **contract).eval()
+    if scheme_name not in BUILDERS:  # nnunet:, bundle:, masks:, probs: run their own inference
+        raise NaktError(None, f"{spec} is a teacher that runs its own inference, not a network",
+                        "use it in nakt label / predict / evaluate, or nakt.teachers.load_teacher in Python")
     for key in ("in_channels", "classes"):
         if contract.get(key) is None:
             raise NaktError(None, f"{spec} is an untrained architecture; give {key}",
