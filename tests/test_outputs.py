@@ -156,3 +156,15 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_starts_it_over(tiny_run, tmp
     assert json.loads((run / "config.json").read_text())["complete"] is True
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 1
     assert "nakt train: wrote" in capsys.readouterr().out
+
+
+def test_export_through_the_cli_prints_its_line_and_refuses_foreign_files(tiny_run, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert main(["export", "--model", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"nakt export: wrote {out} and its contract {out}.json (checked " \
+                                               "against the run)"
+    assert json.loads((tmp_path / "model.pt.json").read_text())["format"] == "nakt.export/1"
+    foreign = tmp_path / "theirs.onnx"
+    foreign.write_bytes(b"not ours")
+    assert main(["export", "--model", str(tiny_run), "--format", "onnx", "--out", str(foreign)]) == 2
+    assert foreign.read_bytes() == b"not ours" and "\n" not in capsys.readouterr().err.strip()
