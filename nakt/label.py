@@ -178,10 +178,12 @@ def label(opts: LabelOptions) -> Path:
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        manifest["cases"] = previous.get("cases", {})
+        done = {**previous.get("cases", {}), **labelset.read_case_records(out)}
+    else:
+        done = {}
     labelset.write_manifest(out, manifest)  # first, so that even an interrupted first case leaves a label set
 
-    todo = [c for c in cases if c.name not in manifest["cases"]]
+    todo = [c for c in cases if c.name not in done]
     for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
         image = read_image(case.images, orientation=orientation)
         teacher_probs = np.stack([reorder(t.case_probs(case, image), t.card.label_values, values) for t in teachers])
@@ -189,8 +191,11 @@ def label(opts: LabelOptions) -> Path:
         mask = decode_labels(fused.argmax(0), values)
         mask_path = write_label(mask, image, out / "masks" / case.name)
         labelset.write_probs(out, case.name, fused, teacher_probs if opts.save_teacher_probs else None)
-        # The manifest entry comes last: a case counts as done only once its files are complete.
-        manifest["cases"][case.name] = {"mask": str(mask_path.relative_to(out)),
-                                        "probs": f"probs/{case.name}.npz", **info}
-        labelset.write_manifest(out, manifest)
+        # The record comes last: a case counts as done only once its files are complete.
+        done[case.name] = {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{case.name}.npz", **info}
+        labelset.write_case_record(out, case.name, done[case.name])
+    # consolidated once, in the cases' order: linear in the number of cases
+    manifest["cases"] = {**{c.name: done[c.name] for c in cases}, **{k: v for k, v in done.items() if k not in
+                                                                    {c.name for c in cases}}}
+    labelset.write_manifest(out, manifest)
     return out

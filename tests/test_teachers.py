@@ -91,3 +91,38 @@ def test_a_missing_case_in_a_disk_teacher_is_one_line(synthetic2d, tmp_path, cap
                  str(tmp_path / "l"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no mask for case" in err and "\n" not in err
+
+
+def test_label_killed_at_any_moment_resumes_to_the_same_label_set(net_run, synthetic2d, tmp_path):
+    """SIGKILL during `nakt label`, then the same command again: the same masks and probabilities as an
+    uninterrupted run, and a manifest listing every case once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, path in enumerate(sorted((synthetic2d / "images").glob("*.png")) * 2):  # 68 cases
+        (images / f"c{i:03d}.png").write_bytes(path.read_bytes())
+    command = [sys.executable, "-m", "nakt", "label", "--teacher", str(net_run), "--images", str(images),
+               "--no-progress", "--device", "cpu"]
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    for wait_for in (3, 20):  # kill twice, at different points
+        proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((killed / "cases").glob("*.json"))) < wait_for:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True)
+    whole, resumed = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "whole", killed))
+    assert list(resumed["cases"]) == list(whole["cases"]) and len(whole["cases"]) == 68
+    for name in whole["cases"]:
+        ours, theirs = killed / "masks" / f"{name}.png", tmp_path / "whole" / "masks" / f"{name}.png"
+        assert ours.read_bytes() == theirs.read_bytes()
+        with np.load(killed / "probs" / f"{name}.npz") as a, np.load(tmp_path / "whole" / "probs" / f"{name}.npz") as b:
+            assert np.array_equal(a["probs"], b["probs"])
+    assert not list(killed.rglob(".tmp-*"))

@@ -1,6 +1,11 @@
 """Label sets: ``masks/<case>.<ext>`` (hard fused labels in the source's format and geometry),
 ``probs/<case>.npz`` (key ``probs``: fused soft probabilities, float16 ``[C, *spatial]``; optionally
 ``teacher_probs`` ``[K, C, *spatial]``) and ``manifest.json``. The only module that touches them.
+
+While labelling runs, each finished case gets one small record, ``cases/<case>.json``, written atomically after
+its mask and probabilities: the work per case stays constant however many cases there are (rewriting one
+growing manifest after every case would cost time quadratic in the number of cases). The manifest holds the
+header from the start and is consolidated with every case's record at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ __all__ = [
     "LABELSET_FORMAT",
     "is_label_set",
     "probs_path",
+    "read_case_records",
     "read_manifest",
     "read_probs",
+    "write_case_record",
     "write_manifest",
     "write_probs",
 ]
@@ -81,3 +88,26 @@ def read_probs(label_set: str | Path, case: str, key: str = "probs") -> np.ndarr
             return data[key].astype(np.float32)
     except Exception as exc:
         raise NaktError(path, f"cannot read probabilities ({type(exc).__name__}: {exc})") from None
+
+
+RECORDS = "cases"
+
+
+def write_case_record(label_set: str | Path, case: str, record: dict) -> None:
+    """Mark `case` done: its record (mask path, agreement, STAPLE estimates...), written atomically."""
+    write_json(Path(label_set) / RECORDS / f"{case}.json", record)
+
+
+def read_case_records(label_set: str | Path) -> dict[str, dict]:
+    """Every finished case's record, by case name (a record is complete or absent: they are written
+    atomically)."""
+    folder = Path(label_set) / RECORDS
+    if not folder.is_dir():
+        return {}
+    records = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records[path.name[: -len(".json")]] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise NaktError(path, f"cannot read case record ({exc})") from None
+    return records
