@@ -169,28 +169,49 @@ def label(opts: LabelOptions) -> Path:
                               if opts.fusion == "weighted" else (None, "unused"))
     records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
                for i, t in enumerate(opts.teacher)]
-    manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
-                "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
-                "classes": len(values), "label_values": values, "orientation": orientation, "cases": {}}
-    if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
-        previous = labelset.read_manifest(out)
-        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in records]
-        if not same or previous.get("fusion") != opts.fusion:
-            raise NaktError(out, "holds a label set made by other teachers or another fusion",
-                            "choose a new --out folder, or --overwrite to replace it")
-        manifest["cases"] = previous.get("cases", {})
-    labelset.write_manifest(out, manifest)  # first, so that even an interrupted first case leaves a label set
+    header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
+              "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
+              "classes": len(values), "label_values": values, "orientation": orientation}
+    _claim_label_set(out, opts, header)
 
-    todo = [c for c in cases if c.name not in manifest["cases"]]
+    done = labelset.done_cases(out)
+    todo = [c for c in cases if c.name not in done]
     for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
         image = read_image(case.images, orientation=orientation)
         teacher_probs = np.stack([reorder(t.case_probs(case, image), t.card.label_values, values) for t in teachers])
-        fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
-        mask = decode_labels(fused.argmax(0), values)
-        mask_path = write_label(mask, image, out / "masks" / case.name)
-        labelset.write_probs(out, case.name, fused, teacher_probs if opts.save_teacher_probs else None)
-        # The manifest entry comes last: a case counts as done only once its files are complete.
-        manifest["cases"][case.name] = {"mask": str(mask_path.relative_to(out)),
-                                        "probs": f"probs/{case.name}.npz", **info}
-        labelset.write_manifest(out, manifest)
+        _write_case(out, case.name, image, teacher_probs, values, opts, weights)
+    _consolidate_if_done(out, header, [c.name for c in cases])
     return out
+
+
+def _claim_label_set(out: Path, opts: LabelOptions, header: dict) -> None:
+    """Claim `out`: a new label set gets its manifest (header, no cases) first, so that even one interrupted in
+    its first case is recognised and resumed; an existing one must come from the same teachers and fusion."""
+    if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
+        previous = labelset.read_manifest(out)
+        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in header["teachers"]]
+        if not same or previous.get("fusion") != opts.fusion:
+            raise NaktError(out, "holds a label set made by other teachers or another fusion",
+                            "choose a new --out folder, or --overwrite to replace it")
+        return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
+    labelset.write_manifest(out, {**header, "cases": {}})
+
+
+def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: list[int], opts: LabelOptions,
+                weights: list[float] | None) -> None:
+    """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
+    its record: a case counts as done only once its files are complete."""
+    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
+    mask = decode_labels(fused.argmax(0), values)
+    mask_path = write_label(mask, image, out / "masks" / name)
+    labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None)
+    labelset.write_record(out, name, {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{name}.npz",
+                                      **info})
+
+
+def _consolidate_if_done(out: Path, header: dict, names: list[str]) -> bool:
+    """Write the full manifest when every case of `names` is done (by this process or any other)."""
+    if not set(names) <= labelset.done_cases(out):
+        return False
+    labelset.consolidate(out, header, names)
+    return True

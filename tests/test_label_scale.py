@@ -1,0 +1,112 @@
+"""Labeling at scale: linear bookkeeping with exact resume after SIGKILL, sharded runs (--num-parts, torchrun)
+and batched network inference, each giving the same bytes as one uninterrupted process."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import nakt
+from nakt.io import labelset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def scale_data(tmp_path_factory) -> Path:
+    """20 small generated images to label and a tiny teacher trained for one epoch on 4 others."""
+    from nakt.demo import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("scale")
+    data = make_synthetic_dataset(root / "data", size=40, seed=3, splits={"train": 4, "transferal": 20})
+    nakt.train(model="monai:UNet", images=str(data / "images"), masks=str(data / "masks"), out=str(root / "run"),
+               cases=f"{data / 'splits.json'}:train", size=[32], epochs=1, val_fraction=0, progress=False)
+    return root
+
+
+def label_args(root: Path, out: Path, *extra) -> list[str]:
+    data = root / "data"
+    return ["label", "--teacher", str(root / "run"), "--teacher", str(root / "run"), "--images",
+            str(data / "images"), "--cases", f"{data / 'splits.json'}:transferal", "--out", str(out),
+            "--fusion", "staple", "--save-teacher-probs", "--device", "cpu", "--no-progress", *extra]
+
+
+def command(root: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "nakt", *label_args(root, out, *extra)]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_tree(expected: Path, got: Path) -> None:
+    a, b = tree(expected), tree(got)
+    assert sorted(a) == sorted(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def reference(scale_data, tmp_path_factory) -> Path:
+    """The label set of one uninterrupted process."""
+    out = tmp_path_factory.mktemp("reference") / "labels"
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def n_records(out: Path) -> int:
+    folder = out / labelset.RECORDS
+    return len([n for n in os.listdir(folder) if not n.startswith(".")]) if folder.is_dir() else 0
+
+
+def kill_when(cmd: list[str], ready) -> bool:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds; True when it was killed before finishing."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline and not ready():
+            time.sleep(0.002)
+        killed = proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        return killed
+    finally:
+        proc.wait()
+
+
+def test_manifest_is_consolidated_with_its_old_format(reference):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["format"] == labelset.LABELSET_FORMAT and len(manifest["cases"]) == 20
+    first = next(iter(manifest["cases"].values()))
+    assert first["mask"].startswith("masks/") and "staple" in first and "agreement" in first
+    assert labelset.is_label_set(reference)
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_same_bytes(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    rng = random.Random(12)
+    killed = 0
+    for target in sorted(rng.sample(range(1, 19), 3)):
+        killed += kill_when(command(scale_data, out), lambda t=target: n_records(out) >= t)
+        assert labelset.is_label_set(out)  # an unfinished label set is still one, and resumable
+    assert killed >= 2 and n_records(out) < 20
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_tree(reference, out)
+
+
+def test_a_run_killed_before_its_first_case_resumes(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    kill_when(command(scale_data, out), lambda: (out / "manifest.json").is_file())
+    assert n_records(out) < 20
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_tree(reference, out)
