@@ -8,6 +8,8 @@ different inputs can be combined. Cases already in the label set are skipped, so
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
-from nakt.config import at_least, check_device, check_options, one_of
+from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
 from nakt.inference import infer_probs, pick_device
@@ -24,6 +26,7 @@ from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, write_label
 from nakt.models import NaktModel, load, parse_spec
 from nakt.preprocess import decode_labels
+from nakt.sharding import Share, current_share, on_first_part, process_group
 from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
@@ -50,10 +53,16 @@ class LabelOptions:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    num_parts: int = 1
+    part_id: int = 0
 
     def __post_init__(self) -> None:
         check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
-                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device})
+                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
+                             "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True)})
+        if self.num_parts > 1 and self.overwrite:
+            raise NaktError(None, "--overwrite with --num-parts would let each part remove the others' cases",
+                            "empty the --out folder once before starting the parts")
         if not self.teacher:
             raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
         if self.weights is not None:
@@ -151,17 +160,29 @@ def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean",
 
 
 def label(opts: LabelOptions) -> Path:
-    """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder."""
+    """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder.
+
+    With ``num_parts`` > 1, or under torchrun, this process labels only its share of the cases (`nakt.sharding`);
+    whichever part finds every case done consolidates the manifest."""
     look_up_option(opts.fusion, FUSIONS, "fusion")
     opts.task = check_task(opts)
-    out = Path(opts.out)
+    share = current_share(opts.num_parts, opts.part_id)
     if opts.task == "classification":
         from nakt.classify.stages import label_classification
 
+        if share.parts > 1:
+            raise NaktError(None, "classification label sets are written in one go, not in parts",
+                            "run nakt label once, without --num-parts or torchrun")
         weights = teacher_weights(opts.teacher, opts.weights, opts.weighting)[0] if opts.fusion == "weighted" else None
         return label_classification(opts, weights)
+    with process_group(share):
+        return _label_segmentation(opts, share)
+
+
+def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
+    out = Path(opts.out)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
-    device = pick_device(opts.device)
+    device = share.device(pick_device(opts.device))
     teachers = [load_teacher(t, device, trust=opts.trust_checkpoint) for t in opts.teacher]
     values = common_label_values(teachers)
     orientation = reading_orientation(teachers)
@@ -172,22 +193,42 @@ def label(opts: LabelOptions) -> Path:
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
               "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation}
-    _claim_label_set(out, opts, header)
+    if share.parts > 1 and not share.distributed:
+        _wait_for_sibling_claim(out)
+    on_first_part(share, lambda: _claim_label_set(out, opts, header))
+    if share.distributed and share.part != 0:
+        _claim_label_set(out, opts, header, check_only=True)  # part 0 made it a label set already
 
     done = labelset.done_cases(out)
-    todo = [c for c in cases if c.name not in done]
-    for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
+    todo = [c for i, c in enumerate(cases) if share.owns(i) and c.name not in done]
+    for case in tqdm(todo, desc=f"label {share.part + 1}/{share.parts}" if share.parts > 1 else "label",
+                     unit="case", disable=not opts.progress):
         image = read_image(case.images, orientation=orientation)
         teacher_probs = np.stack([reorder(t.case_probs(case, image), t.card.label_values, values) for t in teachers])
         _write_case(out, case.name, image, teacher_probs, values, opts, weights)
-    _consolidate_if_done(out, header, [c.name for c in cases])
+    share.barrier()
+    if share.part == 0 or not share.distributed:
+        _consolidate_if_done(out, header, [c.name for c in cases])
     return out
 
 
-def _claim_label_set(out: Path, opts: LabelOptions, header: dict) -> None:
+def _wait_for_sibling_claim(out: Path, timeout: float = 60.0) -> None:
+    """Parts started together race to create `out`: while it holds only the temporary file of a sibling's
+    first manifest, wait for that manifest rather than refuse the folder as not a label set."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and out.is_dir():
+        entries = os.listdir(out)
+        if not entries or not all(e.startswith(labelset.TMP_PREFIX) for e in entries):
+            return
+        time.sleep(0.05)
+
+
+def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bool = False) -> None:
     """Claim `out`: a new label set gets its manifest (header, no cases) first, so that even one interrupted in
-    its first case is recognised and resumed; an existing one must come from the same teachers and fusion."""
-    if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
+    its first case is recognised and resumed; an existing one must come from the same teachers and fusion.
+    `check_only`: `out` was just claimed by part 0, never replace it."""
+    overwrite = opts.overwrite and not check_only
+    if outputs.claim_output(out, outputs.LABEL_SET, overwrite, resume=not overwrite):
         previous = labelset.read_manifest(out)
         same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in header["teachers"]]
         if not same or previous.get("fusion") != opts.fusion:

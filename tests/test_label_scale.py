@@ -110,3 +110,46 @@ def test_a_run_killed_before_its_first_case_resumes(scale_data, reference, tmp_p
     done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_tree(reference, out)
+
+
+def run_all(commands: list[list[str]], together: bool) -> None:
+    """Run `commands` one after the other, or all at once; each must succeed."""
+    if not together:
+        for cmd in commands:
+            done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+        return
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one after the other", "concurrently"])
+def test_two_parts_give_the_bytes_of_one_process(scale_data, reference, tmp_path, together):
+    out = tmp_path / "labels"
+    run_all([command(scale_data, out, "--num-parts", "2", "--part-id", str(i)) for i in (1, 0)], together)
+    assert_same_tree(reference, out)
+
+
+def test_torchrun_gives_the_bytes_of_one_process(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "nakt", *label_args(scale_data, out)]
+    run_all([cmd], together=False)
+    assert_same_tree(reference, out)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-parts", "2", "--part-id", "2"], "--part-id: must be in [0, 2), got 2"),
+    (["--num-parts", "0"], "--num-parts: must be at least 1, got 0"),
+    (["--num-parts", "2", "--overwrite"], "--overwrite with --num-parts"),
+])
+def test_bad_parts_are_one_line(scale_data, tmp_path, capsys, extra, message):
+    from nakt.cli import main
+
+    assert main(label_args(scale_data, tmp_path / "o") + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
