@@ -153,3 +153,65 @@ def test_bad_parts_are_one_line(scale_data, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def loaded_block(root: Path, teachers, n: int = 5):
+    from nakt.batched import blocks, load_blocks
+    from nakt.io.dataset import discover_cases
+
+    cases = discover_cases(str(root / "data" / "images"), cases=f"{root / 'data' / 'splits.json'}:transferal")
+    return next(load_blocks(cases, blocks(len(cases), n)[:1], "RAS", teachers))
+
+
+def test_batched_fp32_equals_one_case_at_a_time(scale_data):
+    import numpy as np
+
+    from nakt.batched import block_probs
+    from nakt.inference import infer_probs
+    from nakt.teachers import load_teacher
+
+    teacher = load_teacher(str(scale_data / "run"), "cpu")
+    block = loaded_block(scale_data, [teacher])
+    batched = block_probs(teacher, block, "fp32")
+    for item, probs in zip(block, batched):
+        np.testing.assert_allclose(probs, infer_probs(teacher.model, item.image.array), atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32_and_is_recorded(scale_data, tmp_path):
+    import numpy as np
+
+    from nakt.batched import block_probs
+    from nakt.teachers import load_teacher
+
+    teacher = load_teacher(str(scale_data / "run"), "cpu")
+    block = loaded_block(scale_data, [teacher])
+    for a, b in zip(block_probs(teacher, block, "fp32"), block_probs(teacher, block, "bf16")):
+        assert b.dtype == np.float32 and (a.argmax(0) == b.argmax(0)).mean() >= 0.99
+    out = nakt.label(teacher=[str(scale_data / "run")], images=str(scale_data / "data" / "images"),
+                     cases=f"{scale_data / 'data' / 'splits.json'}:transferal", out=str(tmp_path / "l"),
+                     precision="bf16", batch_size=4, device="cpu", progress=False)
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
+    with pytest.raises(nakt.NaktError, match="--precision bf16"):
+        nakt.label(teacher=[str(scale_data / "run")], images=str(scale_data / "data" / "images"),
+                   cases=f"{scale_data / 'data' / 'splits.json'}:transferal", out=str(tmp_path / "l"),
+                   precision="fp32", device="cpu", progress=False)
+
+
+def test_flip_tta_changes_nothing_for_a_flip_symmetric_input(scale_data):
+    import numpy as np
+    import torch
+
+    from nakt.batched import net_probs
+    from nakt.models import NaktModel
+    from nakt.teachers import NetTeacher, load_teacher
+
+    unet = load_teacher(str(scale_data / "run"), "cpu")
+    x = torch.randn(3, 1, 32, 32)
+    x = x + x.flip(-1)  # mirror-symmetric images
+    plain, flipped = net_probs(unet, x, "fp32"), net_probs(unet, x, "fp32", "flip")
+    np.testing.assert_allclose(flipped, (plain + plain.flip(-1)) / 2, atol=1e-6)
+    np.testing.assert_allclose(flipped, flipped.flip(-1), atol=1e-6)  # the averaged output is symmetric too
+    # a network that commutes with mirroring (pointwise) sees nothing new in the mirror: TTA changes nothing
+    pointwise = NetTeacher("pointwise", NaktModel(torch.nn.Conv2d(1, 2, 1), unet.card).eval())
+    np.testing.assert_allclose(net_probs(pointwise, x, "fp32", "flip"), net_probs(pointwise, x, "fp32"),
+                               atol=1e-6)
