@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a label set of nakt's own instead of resuming it")
+    p.add_argument("--num-parts", type=int, help="split the cases into this many parts, each labelled by its own "
+                   "process into the same --out (SLURM arrays; torchrun splits by itself)")
+    p.add_argument("--part-id", type=int, help="the part this process labels, 0 .. num-parts - 1")
+    p.add_argument("--batch-size", type=int, help="cases per network batch (also the unit of parts and resume)")
+    p.add_argument("--num-workers", type=int, help="processes decoding and preparing images")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="network arithmetic: auto is bf16 on GPUs and on CPUs with AMX, else fp32")
+    p.add_argument("--tta", choices=["none", "flip"], help="flip: mean of each image and its mirror")
     _document(p, LabelOptions)
 
     p = sub.add_parser("predict", help="segment (or classify) images with a trained model")

@@ -26,12 +26,12 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def probs_on_grid(model: NaktModel, x: torch.Tensor) -> torch.Tensor:
+def probs_on_grid(model: NaktModel, x: torch.Tensor, autocast: bool = True) -> torch.Tensor:
     """Probabilities ``[B, C, *grid]`` for prepared inputs ``[B, C_in, *grid]`` (sliding windows when the
-    model card has a patch size)."""
+    model card has a patch size). `autocast`: bf16 on GPUs; False leaves precision to the caller."""
     device = next(model.parameters(), torch.empty(0)).device
     x = x.to(device)
-    with _autocast(device):
+    with _autocast(device) if autocast else nullcontext():
         if model.card.patch:
             from monai.inferers import sliding_window_inference
 

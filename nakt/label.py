@@ -8,6 +8,8 @@ different inputs can be combined. Cases already in the label set are skipped, so
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
-from nakt.config import at_least, check_device, check_options, one_of
+from nakt.batched import PRECISIONS, TTAS, block_probs, blocks, load_blocks, resolve_precision
+from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
-from nakt.io.images import read_image, write_label
+from nakt.io.images import write_label
 from nakt.models import NaktModel, load, parse_spec
 from nakt.preprocess import decode_labels
+from nakt.sharding import Share, current_share, on_first_part, process_group
 from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
@@ -50,10 +54,22 @@ class LabelOptions:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    num_parts: int = 1
+    part_id: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    precision: str = "auto"
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
-                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device})
+                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
+                             "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True),
+                             "batch_size": at_least(1), "num_workers": at_least(0),
+                             "precision": one_of(*PRECISIONS), "tta": one_of(*TTAS)})
+        if self.num_parts > 1 and self.overwrite:
+            raise NaktError(None, "--overwrite with --num-parts would let each part remove the others' cases",
+                            "empty the --out folder once before starting the parts")
         if not self.teacher:
             raise NaktError(None, "no teacher given", "pass --teacher RUN_DIR (repeatable)")
         if self.weights is not None:
@@ -151,17 +167,29 @@ def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean",
 
 
 def label(opts: LabelOptions) -> Path:
-    """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder."""
+    """Annotate every image under ``opts.images`` with the fused teachers; returns the label-set folder.
+
+    With ``num_parts`` > 1, or under torchrun, this process labels only its share of the cases (`nakt.sharding`);
+    whichever part finds every case done consolidates the manifest."""
     look_up_option(opts.fusion, FUSIONS, "fusion")
     opts.task = check_task(opts)
-    out = Path(opts.out)
+    share = current_share(opts.num_parts, opts.part_id)
     if opts.task == "classification":
         from nakt.classify.stages import label_classification
 
+        if share.parts > 1:
+            raise NaktError(None, "classification label sets are written in one go, not in parts",
+                            "run nakt label once, without --num-parts or torchrun")
         weights = teacher_weights(opts.teacher, opts.weights, opts.weighting)[0] if opts.fusion == "weighted" else None
         return label_classification(opts, weights)
+    with process_group(share):
+        return _label_segmentation(opts, share)
+
+
+def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
+    out = Path(opts.out)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
-    device = pick_device(opts.device)
+    device = share.device(pick_device(opts.device))
     teachers = [load_teacher(t, device, trust=opts.trust_checkpoint) for t in opts.teacher]
     values = common_label_values(teachers)
     orientation = reading_orientation(teachers)
@@ -169,33 +197,81 @@ def label(opts: LabelOptions) -> Path:
                               if opts.fusion == "weighted" else (None, "unused"))
     records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
                for i, t in enumerate(opts.teacher)]
-    manifest = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
-                "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
-                "classes": len(values), "label_values": values, "orientation": orientation, "cases": {}}
-    if outputs.claim_output(out, outputs.LABEL_SET, opts.overwrite, resume=not opts.overwrite):
+    header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
+              "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
+              "classes": len(values), "label_values": values, "orientation": orientation,
+              "precision": resolve_precision(opts.precision, device), "tta": opts.tta}
+    if share.parts > 1 and not share.distributed:
+        _wait_for_sibling_claim(out)
+    on_first_part(share, lambda: _claim_label_set(out, opts, header))
+    if share.distributed and share.part != 0:
+        _claim_label_set(out, opts, header, check_only=True)  # part 0 made it a label set already
+
+    # Blocks of batch_size cases are the unit of batching, sharding and resuming (a block with any case left is
+    # redone whole), so each case is always computed in the same batch: the same bytes however the run went.
+    done = labelset.done_cases(out)
+    chosen = [b for j, b in enumerate(blocks(len(cases), opts.batch_size))
+              if share.owns(j) and any(cases[i].name not in done for i in b)]
+    desc = f"label {share.part + 1}/{share.parts}" if share.parts > 1 else "label"
+    with tqdm(total=sum(map(len, chosen)), desc=desc, unit="case", disable=not opts.progress) as bar:
+        for block in load_blocks(cases, chosen, orientation, teachers, opts.num_workers):
+            per_teacher = [block_probs(t, block, header["precision"], opts.tta) for t in teachers]
+            for k, item in enumerate(block):
+                teacher_probs = np.stack([reorder(probs[k], t.card.label_values, values)
+                                          for t, probs in zip(teachers, per_teacher)])
+                _write_case(out, item.case.name, item.image, teacher_probs, values, opts, weights)
+            bar.update(len(block))
+    share.barrier()
+    if share.part == 0 or not share.distributed:
+        _consolidate_if_done(out, header, [c.name for c in cases])
+    return out
+
+
+def _wait_for_sibling_claim(out: Path, timeout: float = 60.0) -> None:
+    """Parts started together race to create `out`: while it holds only the temporary file of a sibling's
+    first manifest, wait for that manifest rather than refuse the folder as not a label set."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and out.is_dir():
+        entries = os.listdir(out)
+        if not entries or not all(e.startswith(labelset.TMP_PREFIX) for e in entries):
+            return
+        time.sleep(0.05)
+
+
+def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bool = False) -> None:
+    """Claim `out`: a new label set gets its manifest (header, no cases) first, so that even one interrupted in
+    its first case is recognised and resumed; an existing one must come from the same teachers and fusion.
+    `check_only`: `out` was just claimed by part 0, never replace it."""
+    overwrite = opts.overwrite and not check_only
+    if outputs.claim_output(out, outputs.LABEL_SET, overwrite, resume=not overwrite):
         previous = labelset.read_manifest(out)
-        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in records]
+        same = [t["sha256"] for t in previous.get("teachers", [])] == [t["sha256"] for t in header["teachers"]]
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        done = {**previous.get("cases", {}), **labelset.read_case_records(out)}
-    else:
-        done = {}
-    labelset.write_manifest(out, manifest)  # first, so that even an interrupted first case leaves a label set
+        for key in ("precision", "tta"):  # label sets older than these keys resume with any
+            if previous.get(key, header[key]) != header[key]:
+                raise NaktError(out, f"holds a label set made with --{key} {previous[key]}, not {header[key]}",
+                                f"pass --{key} {previous[key]} to resume it, or choose a new --out folder")
+        return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
+    labelset.write_manifest(out, {**header, "cases": {}})
 
-    todo = [c for c in cases if c.name not in done]
-    for case in tqdm(todo, desc="label", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=orientation)
-        teacher_probs = np.stack([reorder(t.case_probs(case, image), t.card.label_values, values) for t in teachers])
-        fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
-        mask = decode_labels(fused.argmax(0), values)
-        mask_path = write_label(mask, image, out / "masks" / case.name)
-        labelset.write_probs(out, case.name, fused, teacher_probs if opts.save_teacher_probs else None)
-        # The record comes last: a case counts as done only once its files are complete.
-        done[case.name] = {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{case.name}.npz", **info}
-        labelset.write_case_record(out, case.name, done[case.name])
-    # consolidated once, in the cases' order: linear in the number of cases
-    manifest["cases"] = {**{c.name: done[c.name] for c in cases}, **{k: v for k, v in done.items() if k not in
-                                                                    {c.name for c in cases}}}
-    labelset.write_manifest(out, manifest)
-    return out
+
+def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: list[int], opts: LabelOptions,
+                weights: list[float] | None) -> None:
+    """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
+    its record: a case counts as done only once its files are complete."""
+    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
+    mask = decode_labels(fused.argmax(0), values)
+    mask_path = write_label(mask, image, out / "masks" / name)
+    labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None)
+    labelset.write_record(out, name, {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{name}.npz",
+                                      **info})
+
+
+def _consolidate_if_done(out: Path, header: dict, names: list[str]) -> bool:
+    """Write the full manifest when every case of `names` is done (by this process or any other)."""
+    if not set(names) <= labelset.done_cases(out):
+        return False
+    labelset.consolidate(out, header, names)
+    return True

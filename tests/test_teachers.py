@@ -113,7 +113,7 @@ def test_label_killed_at_any_moment_resumes_to_the_same_label_set(net_run, synth
     for wait_for in (3, 20):  # kill twice, at different points
         proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline and len(list((killed / "cases").glob("*.json"))) < wait_for:
+        while time.time() < deadline and len(list((killed / "records").glob("*.json"))) < wait_for:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

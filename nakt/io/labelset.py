@@ -2,16 +2,21 @@
 ``probs/<case>.npz`` (key ``probs``: fused soft probabilities, float16 ``[C, *spatial]``; optionally
 ``teacher_probs`` ``[K, C, *spatial]``) and ``manifest.json``. The only module that touches them.
 
-While labelling runs, each finished case gets one small record, ``cases/<case>.json``, written atomically after
-its mask and probabilities: the work per case stays constant however many cases there are (rewriting one
-growing manifest after every case would cost time quadratic in the number of cases). The manifest holds the
-header from the start and is consolidated with every case's record at the end.
+Bookkeeping stays linear in the number of cases: each finished case gets one small record,
+``records/<case>.json``, written atomically after its mask and probabilities (a case is done exactly when its
+record exists). ``manifest.json`` is written once with the header when a label set starts (so that an unfinished
+one is recognised and resumed) and consolidated from the records when every case is done (`consolidate`); the
+records stay, so consolidation is idempotent and any process may do it. Every file is a deterministic function
+of the inputs (no timestamps, stable key order), so a resumed or sharded run writes the same bytes as one
+uninterrupted process.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +27,22 @@ from nakt.io.rundir import write_json
 
 __all__ = [
     "LABELSET_FORMAT",
+    "consolidate",
+    "done_cases",
     "is_label_set",
     "probs_path",
-    "read_case_records",
     "read_manifest",
     "read_probs",
-    "write_case_record",
+    "read_records",
     "write_manifest",
     "write_probs",
+    "write_record",
 ]
 
 LABELSET_FORMAT = "nakt.labelset/1"
 MANIFEST = "manifest.json"
+RECORDS = "records"
+TMP_PREFIX = ".tmp-"  # `atomic_path`'s temporary files: what a killed process leaves half-written
 
 
 def is_label_set(path: str | Path) -> bool:
@@ -59,7 +68,14 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def write_manifest(path: str | Path, manifest: dict) -> None:
-    write_json(Path(path) / MANIFEST, {"format": LABELSET_FORMAT, **manifest})
+    for attempt in range(3):
+        try:
+            write_json(Path(path) / MANIFEST, {"format": LABELSET_FORMAT, **manifest})
+            return
+        except FileNotFoundError:
+            # a concurrent `consolidate` took our temporary file for a killed process's and removed it
+            if attempt == 2 or not Path(path).is_dir():
+                raise
 
 
 def probs_path(label_set: str | Path, case: str) -> Path:
@@ -90,24 +106,68 @@ def read_probs(label_set: str | Path, case: str, key: str = "probs") -> np.ndarr
         raise NaktError(path, f"cannot read probabilities ({type(exc).__name__}: {exc})") from None
 
 
-RECORDS = "cases"
+def record_path(label_set: str | Path, case: str) -> Path:
+    return Path(label_set) / RECORDS / f"{case}.json"
 
 
-def write_case_record(label_set: str | Path, case: str, record: dict) -> None:
-    """Mark `case` done: its record (mask path, agreement, STAPLE estimates...), written atomically."""
-    write_json(Path(label_set) / RECORDS / f"{case}.json", record)
+def write_record(label_set: str | Path, case: str, record: dict) -> None:
+    """Mark `case` done with its manifest entry; call only once its mask and probabilities are on disk."""
+    write_json(record_path(label_set, case), record)
 
 
-def read_case_records(label_set: str | Path) -> dict[str, dict]:
-    """Every finished case's record, by case name (a record is complete or absent: they are written
-    atomically)."""
+def read_records(label_set: str | Path) -> dict[str, dict]:
+    """Every finished case's record, by case name (temporary files of killed processes are skipped)."""
     folder = Path(label_set) / RECORDS
     if not folder.is_dir():
         return {}
     records = {}
-    for path in sorted(folder.glob("*.json")):
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(TMP_PREFIX) or not name.endswith(".json"):
+            continue
         try:
-            records[path.name[: -len(".json")]] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise NaktError(path, f"cannot read case record ({exc})") from None
+            records[name[: -len(".json")]] = json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # cannot happen with atomic writes, but a damaged record only means the case is redone
     return records
+
+
+def _manifest_cases(label_set: Path) -> dict:
+    """The cases a manifest lists already (label sets consolidated earlier, or written before records)."""
+    try:
+        cases = read_manifest(label_set).get("cases", {})
+    except NaktError:
+        return {}
+    return cases if isinstance(cases, dict) else {}
+
+
+def done_cases(label_set: str | Path) -> set[str]:
+    """Names of the cases finished in `label_set`: those with a record or listed by its manifest."""
+    return set(read_records(label_set)) | set(_manifest_cases(Path(label_set)))
+
+
+def consolidate(label_set: str | Path, header: dict, order: Iterable[str]) -> dict:
+    """Write ``manifest.json``: `header` plus every finished case's entry, cases in `order` first, then those
+    of earlier runs over other cases in their manifest order, then any other records by name. The result
+    depends only on what is done, never on who finished what when, so concurrent calls write the same bytes.
+    Half-written files of killed processes are removed (only call this once all of `order` is done)."""
+    label_set = Path(label_set)
+    previous, records = _manifest_cases(label_set), read_records(label_set)
+    entries = {**previous, **records}
+    names = [n for n in order if n in entries]
+    names += [n for n in previous if n not in set(names)]
+    names += sorted(set(records) - set(names))
+    manifest = {**header, "cases": {n: entries[n] for n in names}}
+    write_manifest(label_set, manifest)
+    _remove_stale_temporaries(label_set)
+    return manifest
+
+
+def _remove_stale_temporaries(label_set: Path) -> None:
+    """Remove what killed processes left half-written in the per-case folders; once every case is done no
+    process writes there any more, so every temporary file there is stale."""
+    for folder in ("masks", "probs", RECORDS, "."):
+        path = label_set / folder
+        if path.is_dir():
+            for name in os.listdir(path):
+                if name.startswith(TMP_PREFIX) and (folder != "." or name.endswith(MANIFEST)):
+                    (path / name).unlink(missing_ok=True)

@@ -55,7 +55,7 @@ RUN = OutputKind("run directory", "config.json", "nakt.run/",
 SUBSET_RUNS = OutputKind("set of subset runs", "subsets.json", "nakt.subsets/",
                          ("subsets.json", "subset_*.txt", "subset_*"))
 LABEL_SET = OutputKind("label set", "manifest.json", "nakt.labelset/",
-                       ("manifest.json", "masks", "probs", "cases", "labels.csv"))
+                       ("manifest.json", "masks", "probs", "records", "labels.csv"))
 PREDICTIONS = OutputKind("predictions folder", "predictions.json", "nakt.predictions/",
                          ("predictions.json", "predictions.csv"),
                          ("{case}.png", "{case}.nii.gz", "{case}.mha", "{case}.mhd", "{case}.raw", "{case}.nrrd",

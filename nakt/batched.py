@@ -1,0 +1,172 @@
+"""Batched inference for many cases and several teachers: images are decoded and prepared once (in DataLoader
+workers) for all teachers, each network (`NetTeacher`) runs on batches of same-shape inputs under
+``torch.inference_mode`` and the chosen precision, and its probabilities are mapped back to each image's grid
+exactly as `nakt.inference.infer_probs` does. Teachers that are not networks nakt feeds (nnU-Net, predictions on
+disk) keep their own `Teacher.case_probs`.
+
+Cases are processed in blocks of `batch_size` consecutive cases of the sorted case list; a block is the unit of
+batching, of sharding (`nakt.sharding.Share.owns`) and of resuming, so every case is always computed in the same
+batch and results are the same bytes however the work was split or interrupted. Memory stays bounded: only the
+blocks in flight (the current one plus the loader's prefetch) are held.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nakt.errors import NaktError
+from nakt.inference import probs_on_grid
+from nakt.io.dataset import Case
+from nakt.io.images import Image, read_image
+from nakt.models import ModelCard
+from nakt.preprocess import prepare_image, resize
+from nakt.teachers import NetTeacher, Teacher
+
+__all__ = ["PRECISIONS", "TTAS", "LoadedCase", "block_probs", "blocks", "cpu_has_amx", "load_blocks",
+           "net_probs", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTAS = ("none", "flip")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tiles for bfloat16 (Sapphire Rapids and later): bf16 then pays off clearly."""
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on GPUs (as `infer_probs` always did there) and on CPUs with AMX, else ``fp32``;
+    others unchanged. CPUs with AVX512-BF16 but no AMX stay fp32: there bf16 labels of an undertrained teacher
+    moved a student's Dice measurably (tests/test_pipeline.py, real chest X-rays) for a small speed-up."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()) else "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def _model_device(teacher: NetTeacher) -> torch.device:
+    return next(teacher.model.parameters(), torch.empty(0)).device
+
+
+def net_probs(teacher: NetTeacher, x: torch.Tensor, precision: str = "fp32", tta: str = "none") -> torch.Tensor:
+    """Probabilities ``[B, C, *grid]`` (float32, CPU) for prepared inputs ``[B, C_in, *grid]`` of one shape.
+
+    ``tta="flip"`` averages the image and its mirror along the last axis, both in one batch of ``2B``.
+    """
+    device = _model_device(teacher)
+    x = x.to(device)
+    if tta == "flip":
+        x = torch.cat([x, x.flip(-1)])
+    if device.type == "cuda" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's fast convolutions want NHWC
+    with torch.inference_mode(), _autocast(precision, device):
+        probs = probs_on_grid(teacher.model, x, autocast=False).float()
+    if tta == "flip":
+        half = len(probs) // 2
+        probs = (probs[:half] + probs[half:].flip(-1)) / 2
+    return probs.cpu()
+
+
+def to_image_grid(probs: torch.Tensor, spatial: tuple[int, ...]) -> np.ndarray:
+    """One case's probabilities ``[C, *grid]`` -> ``[C, *spatial]`` on its image's grid, renormalised (as
+    `infer_probs`)."""
+    probs = resize(probs, spatial).clamp_min(0)
+    return (probs / probs.sum(0, keepdim=True).clamp_min(1e-8)).numpy()
+
+
+def _prep_key(card: ModelCard) -> tuple:
+    """What `prepare_image` reads of a card: teachers with equal keys share one prepared input."""
+    return card.spatial_dims, card.in_channels, card.normalization, tuple(card.size or ())
+
+
+@dataclass
+class LoadedCase:
+    """A case decoded once: its image and the prepared input ``[C_in, *grid]`` of each preprocessing key."""
+
+    index: int
+    case: Case
+    image: Image
+    prepared: dict[tuple, torch.Tensor]
+
+
+def blocks(n_cases: int, batch_size: int) -> list[list[int]]:
+    """Indices ``0..n-1`` in blocks of `batch_size` consecutive cases."""
+    return [list(range(start, min(start + batch_size, n_cases))) for start in range(0, n_cases, batch_size)]
+
+
+class _BlockDataset(torch.utils.data.Dataset):
+    """Item j: block j of cases, read and prepared for every preprocessing key (in a loader worker)."""
+
+    def __init__(self, cases: list[Case], chosen: list[list[int]], orientation: str, cards: list[ModelCard]):
+        self.cases, self.chosen, self.orientation = cases, chosen, orientation
+        self.cards = {_prep_key(c): c for c in cards}
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, j: int) -> list[LoadedCase] | NaktError:
+        try:
+            return [self._load(i) for i in self.chosen[j]]
+        except NaktError as exc:  # handed back whole: the loader would rebuild it from its message alone
+            return exc
+
+    def _load(self, i: int) -> LoadedCase:
+        case = self.cases[i]
+        image = read_image(case.images, orientation=self.orientation)
+        prepared = {key: prepare_image(image.array, card, case.images[0]) for key, card in self.cards.items()}
+        return LoadedCase(i, case, image, prepared)
+
+
+def _itself(item):
+    return item
+
+
+def load_blocks(cases: list[Case], chosen: list[list[int]], orientation: str, teachers: list[Teacher],
+                num_workers: int = 0) -> Iterator[list[LoadedCase]]:
+    """The `chosen` blocks of `cases`, in order, decoded and prepared by `num_workers` loader processes."""
+    cards = [t.card for t in teachers if isinstance(t, NetTeacher)]
+    loader = torch.utils.data.DataLoader(_BlockDataset(cases, chosen, orientation, cards), batch_size=None,
+                                         collate_fn=_itself, num_workers=num_workers)
+    for block in loader:
+        if isinstance(block, NaktError):
+            raise block
+        yield block
+
+
+def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp32",
+                tta: str = "none") -> list[np.ndarray]:
+    """One teacher's probabilities ``[C, *spatial]`` for each case of a block, on each image's grid.
+
+    Networks run on batches of same-shape prepared inputs; other teachers case by case."""
+    if not isinstance(teacher, NetTeacher):
+        return [teacher.case_probs(item.case, item.image) for item in block]
+    teacher.model.eval()
+    key = _prep_key(teacher.card)
+    out: list[np.ndarray | None] = [None] * len(block)
+    for shape in dict.fromkeys(tuple(item.prepared[key].shape) for item in block):
+        members = [k for k, item in enumerate(block) if tuple(item.prepared[key].shape) == shape]
+        probs = net_probs(teacher, torch.stack([block[k].prepared[key] for k in members]), precision, tta)
+        for k, p in zip(members, probs):
+            out[k] = to_image_grid(p, block[k].image.spatial_shape)
+    return out
+

@@ -1,0 +1,217 @@
+"""Labeling at scale: linear bookkeeping with exact resume after SIGKILL, sharded runs (--num-parts, torchrun)
+and batched network inference, each giving the same bytes as one uninterrupted process."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import nakt
+from nakt.io import labelset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def scale_data(tmp_path_factory) -> Path:
+    """20 small generated images to label and a tiny teacher trained for one epoch on 4 others."""
+    from nakt.demo import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("scale")
+    data = make_synthetic_dataset(root / "data", size=40, seed=3, splits={"train": 4, "transferal": 20})
+    nakt.train(model="monai:UNet", images=str(data / "images"), masks=str(data / "masks"), out=str(root / "run"),
+               cases=f"{data / 'splits.json'}:train", size=[32], epochs=1, val_fraction=0, progress=False)
+    return root
+
+
+def label_args(root: Path, out: Path, *extra) -> list[str]:
+    data = root / "data"
+    return ["label", "--teacher", str(root / "run"), "--teacher", str(root / "run"), "--images",
+            str(data / "images"), "--cases", f"{data / 'splits.json'}:transferal", "--out", str(out),
+            "--fusion", "staple", "--save-teacher-probs", "--device", "cpu", "--no-progress", *extra]
+
+
+def command(root: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "nakt", *label_args(root, out, *extra)]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_tree(expected: Path, got: Path) -> None:
+    a, b = tree(expected), tree(got)
+    assert sorted(a) == sorted(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def reference(scale_data, tmp_path_factory) -> Path:
+    """The label set of one uninterrupted process."""
+    out = tmp_path_factory.mktemp("reference") / "labels"
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def n_records(out: Path) -> int:
+    folder = out / labelset.RECORDS
+    return len([n for n in os.listdir(folder) if not n.startswith(".")]) if folder.is_dir() else 0
+
+
+def kill_when(cmd: list[str], ready) -> bool:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds; True when it was killed before finishing."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline and not ready():
+            time.sleep(0.002)
+        killed = proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        return killed
+    finally:
+        proc.wait()
+
+
+def test_manifest_is_consolidated_with_its_old_format(reference):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["format"] == labelset.LABELSET_FORMAT and len(manifest["cases"]) == 20
+    first = next(iter(manifest["cases"].values()))
+    assert first["mask"].startswith("masks/") and "staple" in first and "agreement" in first
+    assert labelset.is_label_set(reference)
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_same_bytes(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    rng = random.Random(12)
+    killed = 0
+    for target in sorted(rng.sample(range(1, 19), 3)):
+        killed += kill_when(command(scale_data, out), lambda t=target: n_records(out) >= t)
+        assert labelset.is_label_set(out)  # an unfinished label set is still one, and resumable
+    assert killed >= 2 and n_records(out) < 20
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_tree(reference, out)
+
+
+def test_a_run_killed_before_its_first_case_resumes(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    kill_when(command(scale_data, out), lambda: (out / "manifest.json").is_file())
+    assert n_records(out) < 20
+    done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_tree(reference, out)
+
+
+def run_all(commands: list[list[str]], together: bool) -> None:
+    """Run `commands` one after the other, or all at once; each must succeed."""
+    if not together:
+        for cmd in commands:
+            done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+        return
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one after the other", "concurrently"])
+def test_two_parts_give_the_bytes_of_one_process(scale_data, reference, tmp_path, together):
+    out = tmp_path / "labels"
+    run_all([command(scale_data, out, "--num-parts", "2", "--part-id", str(i)) for i in (1, 0)], together)
+    assert_same_tree(reference, out)
+
+
+def test_torchrun_gives_the_bytes_of_one_process(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "nakt", *label_args(scale_data, out)]
+    run_all([cmd], together=False)
+    assert_same_tree(reference, out)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-parts", "2", "--part-id", "2"], "--part-id: must be in [0, 2), got 2"),
+    (["--num-parts", "0"], "--num-parts: must be at least 1, got 0"),
+    (["--num-parts", "2", "--overwrite"], "--overwrite with --num-parts"),
+])
+def test_bad_parts_are_one_line(scale_data, tmp_path, capsys, extra, message):
+    from nakt.cli import main
+
+    assert main(label_args(scale_data, tmp_path / "o") + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def loaded_block(root: Path, teachers, n: int = 5):
+    from nakt.batched import blocks, load_blocks
+    from nakt.io.dataset import discover_cases
+
+    cases = discover_cases(str(root / "data" / "images"), cases=f"{root / 'data' / 'splits.json'}:transferal")
+    return next(load_blocks(cases, blocks(len(cases), n)[:1], "RAS", teachers))
+
+
+def test_batched_fp32_equals_one_case_at_a_time(scale_data):
+    import numpy as np
+
+    from nakt.batched import block_probs
+    from nakt.inference import infer_probs
+    from nakt.teachers import load_teacher
+
+    teacher = load_teacher(str(scale_data / "run"), "cpu")
+    block = loaded_block(scale_data, [teacher])
+    batched = block_probs(teacher, block, "fp32")
+    for item, probs in zip(block, batched):
+        np.testing.assert_allclose(probs, infer_probs(teacher.model, item.image.array), atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32_and_is_recorded(scale_data, tmp_path):
+    import numpy as np
+
+    from nakt.batched import block_probs
+    from nakt.teachers import load_teacher
+
+    teacher = load_teacher(str(scale_data / "run"), "cpu")
+    block = loaded_block(scale_data, [teacher])
+    for a, b in zip(block_probs(teacher, block, "fp32"), block_probs(teacher, block, "bf16")):
+        assert b.dtype == np.float32 and (a.argmax(0) == b.argmax(0)).mean() >= 0.99
+    out = nakt.label(teacher=[str(scale_data / "run")], images=str(scale_data / "data" / "images"),
+                     cases=f"{scale_data / 'data' / 'splits.json'}:transferal", out=str(tmp_path / "l"),
+                     precision="bf16", batch_size=4, device="cpu", progress=False)
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
+    with pytest.raises(nakt.NaktError, match="--precision bf16"):
+        nakt.label(teacher=[str(scale_data / "run")], images=str(scale_data / "data" / "images"),
+                   cases=f"{scale_data / 'data' / 'splits.json'}:transferal", out=str(tmp_path / "l"),
+                   precision="fp32", device="cpu", progress=False)
+
+
+def test_flip_tta_changes_nothing_for_a_flip_symmetric_input(scale_data):
+    import numpy as np
+    import torch
+
+    from nakt.batched import net_probs
+    from nakt.models import NaktModel
+    from nakt.teachers import NetTeacher, load_teacher
+
+    unet = load_teacher(str(scale_data / "run"), "cpu")
+    x = torch.randn(3, 1, 32, 32)
+    x = x + x.flip(-1)  # mirror-symmetric images
+    plain, flipped = net_probs(unet, x, "fp32"), net_probs(unet, x, "fp32", "flip")
+    np.testing.assert_allclose(flipped, (plain + plain.flip(-1)) / 2, atol=1e-6)
+    np.testing.assert_allclose(flipped, flipped.flip(-1), atol=1e-6)  # the averaged output is symmetric too
+    # a network that commutes with mirroring (pointwise) sees nothing new in the mirror: TTA changes nothing
+    pointwise = NetTeacher("pointwise", NaktModel(torch.nn.Conv2d(1, 2, 1), unet.card).eval())
+    np.testing.assert_allclose(net_probs(pointwise, x, "fp32", "flip"), net_probs(pointwise, x, "fp32"),
+                               atol=1e-6)
