@@ -48,14 +48,12 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object written by nakt; a missing or broken file is one line naming it."""
-    return _read_json(Path(path))
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, hint: str = "is this a run directory written by nakt train?") -> dict:
+    """A JSON object written by nakt (or a framework it reads); a missing or broken file is one line naming it,
+    with `hint` when it is missing."""
+    path = Path(path)
     if not path.is_file():
-        raise NaktError(path, "not found", "is this a run directory written by nakt train?")
+        raise NaktError(path, "not found", hint)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -73,14 +71,14 @@ def write_config(run: Path, card: ModelCard, training: dict, complete: bool = Tr
 
 def is_complete(run: Path) -> bool:
     """True unless config.json says training has not finished (runs written before the flag count as done)."""
-    return _read_json(Path(run) / CONFIG).get("complete", True) is not False
+    return read_json(Path(run) / CONFIG).get("complete", True) is not False
 
 
 def read_config(run: Path, require_complete: bool = True) -> tuple[ModelCard, dict]:
     """The model card and training record of a run; an unfinished run is refused unless `require_complete`
     is False, with the command that resumes it."""
     path = Path(run) / CONFIG
-    data = _read_json(path)
+    data = read_json(path)
     if not str(data.get("format", "")).startswith("nakt.run/"):
         raise NaktError(path, f"unknown format {data.get('format')!r}", f"expected {RUN_FORMAT}")
     if require_complete and data.get("complete", True) is False:
@@ -111,4 +109,4 @@ def write_metrics(run: Path, metrics: dict) -> None:
 
 def read_metrics(run: Path) -> dict:
     path = Path(run) / METRICS
-    return _read_json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import json
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
@@ -34,6 +33,7 @@ import torch
 from nakt.errors import NaktError
 from nakt.io.dataset import Case
 from nakt.io.images import Image
+from nakt.io.rundir import read_json
 from nakt.models.card import ModelCard
 from nakt.models.safe_checkpoint import NNUNET_GLOBALS, TRUST_HINT, load_checkpoint
 from nakt.teachers import teacher_scheme
@@ -113,13 +113,7 @@ def _fold_checkpoints(folder: Path, folds: list | None, checkpoint: str) -> dict
     return paths
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise NaktError(path, "not found", "an nnU-Net trained model folder holds plans.json and dataset.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NaktError(path, f"invalid JSON ({exc})") from None
+_FOLDER_HINT = "an nnU-Net trained model folder holds plans.json and dataset.json"
 
 
 def _check_network_classes(plans_path: Path, configuration_manager) -> None:
@@ -232,8 +226,8 @@ def load_nnunet_teacher(rest: str, spec: str, device: torch.device) -> NnunetTea
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = _read_json(folder / "dataset.json")
-    plans = _read_json(folder / "plans.json")
+    dataset_json = read_json(folder / "dataset.json", _FOLDER_HINT)
+    plans = read_json(folder / "plans.json", _FOLDER_HINT)
     checkpoints = _fold_checkpoints(folder, options["folds"], options["checkpoint"])
     loaded = {f: load_checkpoint(p, NNUNET_GLOBALS, options["trust"]) for f, p in checkpoints.items()}
     first_path, first = checkpoints[next(iter(loaded))], next(iter(loaded.values()))
