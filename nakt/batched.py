@@ -13,13 +13,16 @@ blocks in flight (the current one plus the loader's prefetch) are held.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nakt.config import at_least, one_of
 from nakt.errors import NaktError
 from nakt.inference import probs_on_grid
 from nakt.io.dataset import Case
@@ -28,36 +31,59 @@ from nakt.models import ModelCard
 from nakt.preprocess import prepare_image, resize
 from nakt.teachers import NetTeacher, Teacher
 
-__all__ = ["PRECISIONS", "TTAS", "LoadedCase", "block_probs", "blocks", "cpu_has_amx", "load_blocks",
-           "net_probs", "resolve_precision"]
+__all__ = ["INFERENCE_CHECKS", "PRECISIONS", "TTAS", "BackgroundWriter", "InferenceOptions", "LoadedCase",
+           "block_probs", "blocks", "cpu_has_bf16", "default_batch_size", "load_blocks", "net_probs",
+           "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTAS = ("none", "flip")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(kw_only=True)
+class InferenceOptions:
+    """How the verbs that run models on many cases (label, predict, evaluate) batch them: `batch_size` cases per
+    network batch (None: `default_batch_size`), `num_workers` loader processes decoding images, `precision`
+    (`resolve_precision`) and test-time augmentation `tta` (``none`` or ``flip``)."""
+
+    batch_size: int | None = None
+    num_workers: int = 0
+    precision: str = "auto"
+    tta: str = "none"
+
+
+INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0), "precision": one_of(*PRECISIONS),
+                    "tta": one_of(*TTAS)}
+
+
 @functools.cache
-def cpu_has_amx() -> bool:
-    """True when this CPU has AMX tiles for bfloat16 (Sapphire Rapids and later): bf16 then pays off clearly."""
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16, or AMX tiles on Sapphire Rapids and later)."""
     if "AMX" in torch.backends.cpu.get_cpu_capability():
         return True
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split(":", 1)[1].split()
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
     except OSError:
         pass
     return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on GPUs (as `infer_probs` always did there) and on CPUs with AMX, else ``fp32``;
-    others unchanged. CPUs with AVX512-BF16 but no AMX stay fp32: there bf16 labels of an undertrained teacher
-    moved a student's Dice measurably (tests/test_pipeline.py, real chest X-rays) for a small speed-up."""
+    """``auto`` -> ``bf16`` on GPUs and on CPUs that compute bfloat16 natively, else ``fp32``; others unchanged.
+    (On 2 AVX512-BF16 cores bf16 autocast ran 2D segmentation networks ~2x faster; benchmarks/throughput.py
+    measures how often its labels differ from fp32's.)"""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx()) else "fp32"
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+
+
+def default_batch_size(teachers: list[Teacher]) -> int:
+    """8 cases per batch for 2D teachers; 1 when any teacher is 3D (a block of volumes and its K teachers'
+    probabilities must fit in memory)."""
+    return 1 if any(t.card.spatial_dims == 3 for t in teachers) else 8
 
 
 def _autocast(precision: str, device: torch.device):
@@ -77,8 +103,8 @@ def net_probs(teacher: NetTeacher, x: torch.Tensor, precision: str = "fp32", tta
     x = x.to(device)
     if tta == "flip":
         x = torch.cat([x, x.flip(-1)])
-    if device.type == "cuda" and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's fast convolutions want NHWC
+    if x.ndim == 4:  # NHWC: cuDNN's and oneDNN's fast convolutions (measured 1.5x on CPU, batch 8 fp32)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), _autocast(precision, device):
         probs = probs_on_grid(teacher.model, x, autocast=False).float()
     if tta == "flip":
@@ -161,6 +187,8 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
     if not isinstance(teacher, NetTeacher):
         return [teacher.case_probs(item.case, item.image) for item in block]
     teacher.model.eval()
+    if teacher.card.spatial_dims == 2:
+        teacher.model.to(memory_format=torch.channels_last)  # once per teacher; a no-op afterwards
     key = _prep_key(teacher.card)
     out: list[np.ndarray | None] = [None] * len(block)
     for shape in dict.fromkeys(tuple(item.prepared[key].shape) for item in block):
@@ -170,3 +198,38 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
             out[k] = to_image_grid(p, block[k].image.spatial_shape)
     return out
 
+
+
+class BackgroundWriter:
+    """Runs the per-case work after inference (fusion, encoding, writing) on one thread, so the networks never
+    wait on disk. At most `depth` jobs are pending, which bounds memory; an error in a job is raised in the
+    caller at its next `submit` or when the ``with`` block ends. Jobs run in submission order.
+
+    >>> with BackgroundWriter() as writer:
+    ...     writer.submit(print, "written")
+    written
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nakt-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable, *args) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            while self._pending:  # on an error too: jobs already submitted finish their (atomic) writes
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)

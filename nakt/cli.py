@@ -60,6 +60,18 @@ def _classification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="classification: the CSV column holding the class (default: label)")
 
 
+def _inference_flags(p: argparse.ArgumentParser,
+                     batch_help: str = "cases per network batch (8 for 2D models, 1 for 3D)") -> None:
+    """How a verb that runs models over many cases batches them (`nakt.batched.InferenceOptions`)."""
+    p.add_argument("--batch-size", type=int, help=batch_help)
+    p.add_argument("--num-workers", type=int, help="processes decoding and preparing images")
+    from nakt.batched import PRECISIONS, TTAS
+
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="network arithmetic: auto is bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
+    p.add_argument("--tta", choices=list(TTAS), help="flip: mean of each image and its mirror")
+
+
 def _trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", default=None,
                    help="let pickled checkpoints (nnU-Net's) load types beyond nakt's allow-list: only for files "
@@ -168,11 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-parts", type=int, help="split the cases into this many parts, each labelled by its own "
                    "process into the same --out (SLURM arrays; torchrun splits by itself)")
     p.add_argument("--part-id", type=int, help="the part this process labels, 0 .. num-parts - 1")
-    p.add_argument("--batch-size", type=int, help="cases per network batch (also the unit of parts and resume)")
-    p.add_argument("--num-workers", type=int, help="processes decoding and preparing images")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="network arithmetic: auto is bf16 on GPUs and on CPUs with AMX, else fp32")
-    p.add_argument("--tta", choices=["none", "flip"], help="flip: mean of each image and its mirror")
+    _inference_flags(p, "cases per network batch, 8 for 2D and 1 for 3D teachers (also the unit of parts and "
+                        "resume)")
     _document(p, LabelOptions)
 
     p = sub.add_parser("predict", help="segment (or classify) images with a trained model")
@@ -185,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier nakt predictions folder")
+    _inference_flags(p)
     _document(p, PredictOptions)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 against masks (AUC... for classification); writes "
@@ -203,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", help="folder of region masks (e.g. a field of view); outside counts as background")
     p.add_argument("--no-hd95", dest="hd95", action="store_false", default=None)
     _trust_flag(p)
+    _inference_flags(p)
     _document(p, EvaluateOptions)
 
     p = sub.add_parser("export", help="write a run as an ONNX or TorchScript file with its sidecar contract "

@@ -13,11 +13,22 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
+from nakt.batched import (
+    INFERENCE_CHECKS,
+    BackgroundWriter,
+    InferenceOptions,
+    block_probs,
+    blocks,
+    default_batch_size,
+    load_blocks,
+    resolve_precision,
+)
 from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError
-from nakt.io import outputs
-from nakt.io.dataset import discover_cases
-from nakt.io.images import read_image, read_mask
+from nakt.inference import pick_device
+from nakt.io import labelset, outputs
+from nakt.io.dataset import Case, discover_cases
+from nakt.io.images import Image, case_name, is_image_file, read_image, read_mask
 from nakt.io.rundir import write_json
 from nakt.metrics import case_scores
 from nakt.predict import load_checked
@@ -29,7 +40,7 @@ __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(InferenceOptions):
     """Options of `evaluate`: give `model` (a run) or `pred` (a folder of predicted masks), not both.
 
     For a classification run, `labels` (CSV) or class folders give the truth; `graded` adds quadratic kappa
@@ -37,7 +48,8 @@ class EvaluateOptions:
     adversarial versions of the images.
 
     `roi` is a folder of region masks paired by case name (e.g. a fundus field of view): pixels outside them
-    count as background in both prediction and truth.
+    count as background in both prediction and truth. A model runs on batches of cases like `label`'s
+    (`InferenceOptions`); cases are scored as they come, so memory does not grow with their number.
     """
 
     images: str
@@ -64,7 +76,8 @@ class EvaluateOptions:
 
     def __post_init__(self) -> None:
         check_options(self, {"task": one_of("segmentation", "classification"), "attack": one_of("fgsm", "pgd"),
-                             "eps": at_least(0), "steps": at_least(1), "device": check_device})
+                             "eps": at_least(0), "steps": at_least(1), "device": check_device,
+                             **INFERENCE_CHECKS})
         if (self.model is None) == (self.pred is None):
             raise NaktError(None, "give either --model RUN or --pred DIR (one of them)")
         if self.pred is not None and self.task == "classification":
@@ -79,21 +92,6 @@ def summarize(per_case: list[dict]) -> dict:
         mean[key] = float(np.mean(values)) if values else None
         std[key] = float(np.std(values)) if values else None
     return {"mean": mean, "std": std, "per_case": per_case}
-
-
-def _match_binary_codings(pairs: list[tuple]) -> tuple[list[tuple], list[int]]:
-    """The label values to score, recoding predictions when both sides are binary but coded differently.
-
-    Two annotators' binary masks are often saved as 0/1 and 0/255; scored as they are, the two foregrounds
-    would count as two disjoint classes (Dice 0). Multi-class maps are never recoded.
-    """
-    pred_values = {int(v) for _, p, _, _ in pairs for v in np.unique(p)} - {0}
-    truth_values = {int(v) for _, _, t, _ in pairs for v in np.unique(t)} - {0}
-    if len(pred_values) == 1 and len(truth_values) == 1 and pred_values != truth_values:
-        (fg,) = truth_values
-        pairs = [(name, np.where(p > 0, fg, 0), t, spacing) for name, p, t, spacing in pairs]
-        pred_values = truth_values
-    return pairs, sorted({0} | pred_values | truth_values)
 
 
 def evaluate(opts: EvaluateOptions) -> dict:
@@ -114,39 +112,69 @@ def evaluate(opts: EvaluateOptions) -> dict:
         return _evaluate_masks(opts, teacher)
 
 
+def _scored_values(pred_paths: list[Path], truth_paths: list[Path]) -> tuple[list[int], int | None]:
+    """The label values to score predictions on disk with, and the truth's foreground value when predictions
+    must be recoded to it: two annotators' binary masks are often saved as 0/1 and 0/255, and scored as they are
+    the two foregrounds would count as two disjoint classes (Dice 0). Multi-class maps are never recoded.
+    Reads the label maps once more (without holding them), so scoring itself can stream."""
+    pred_values = {int(v) for path in pred_paths for v in np.unique(read_label_map(path))} - {0}
+    truth_values = {int(v) for path in truth_paths for v in np.unique(read_label_map(path))} - {0}
+    if len(pred_values) == 1 and len(truth_values) == 1 and pred_values != truth_values:
+        return sorted({0} | truth_values), next(iter(truth_values))
+    return sorted({0} | pred_values | truth_values), None
+
+
 def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
     cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=True)
-    pred_cases = None
-    if opts.model is None:
-        pred_cases = {c.name: c for c in discover_cases(opts.pred)}
-        missing = [c.name for c in cases if c.name not in pred_cases]
-        if missing:
-            raise NaktError(opts.pred, f"no prediction for {len(missing)} case(s), e.g. {missing[0]!r}")
     rois = {c.name: c.mask for c in discover_cases(opts.images, opts.roi, opts.cases, opts.channels,
                                                    require_masks=True)} if opts.roi else {}
-    pairs = []
-    for case in tqdm(cases, desc="evaluate", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=reading_orientation([teacher]) if teacher else "RAS")
+    per_case: list[dict] = []
+
+    def score(case: Case, image: Image, pred: np.ndarray, values: list[int]) -> None:
         truth = read_label_map(case.mask, like=image)
-        if teacher is not None:
-            pred = decode_labels(teacher.case_probs(case, image).argmax(0), teacher.card.label_values)
-        else:
-            pred = read_label_map(pred_cases[case.name].images[0], like=image)
         if rois:
             outside = read_mask(rois[case.name], like=image) == 0
             pred, truth = np.where(outside, 0, pred), np.where(outside, 0, truth)
-        pairs.append((case.name, pred, truth, image.spacing))
-    if teacher is not None:
-        values = list(teacher.card.label_values)
-    else:
-        pairs, values = _match_binary_codings(pairs)
-    per_case = []
-    for (name, pred, truth, spacing), case in zip(pairs, cases):
         scores = case_scores(encode_labels(pred, values), encode_labels(truth, values, case.mask), len(values),
-                             spacing=spacing, hd95=opts.hd95)
-        per_case.append({"case": name, **scores})
+                             spacing=image.spacing, hd95=opts.hd95)
+        per_case.append({"case": case.name, **scores})
+
+    with tqdm(total=len(cases), desc="evaluate", unit="case", disable=not opts.progress) as bar:
+        if teacher is not None:
+            values = list(teacher.card.label_values)
+            precision = resolve_precision(opts.precision, pick_device(opts.device))
+            chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
+            with BackgroundWriter() as scorer:  # scoring (HD95 above all) overlaps the next batch's inference
+                for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
+                    for item, probs in zip(block, block_probs(teacher, block, precision, opts.tta)):
+                        pred = decode_labels(probs.argmax(0), teacher.card.label_values)
+                        scorer.submit(score, item.case, item.image, pred, values)
+                        scorer.submit(bar.update, 1)
+        else:
+            pred_files = _prediction_files(opts.pred, cases)
+            values, recode_to = _scored_values(pred_files, [c.mask for c in cases])
+            for case, pred_file in zip(cases, pred_files):
+                image = read_image(case.images, orientation="RAS")
+                pred = read_label_map(pred_file, like=image)
+                score(case, image, pred if recode_to is None else np.where(pred > 0, recode_to, 0), values)
+                bar.update(1)
     summary = {"format": "nakt.summary/1", "nakt_version": __version__, **summarize(per_case),
                "label_values": values, "model": opts.model, "pred": opts.pred, "roi": opts.roi}
     write_json(Path(opts.out) / "summary.json", summary)
     return summary
+
+
+def _prediction_files(pred: str, cases: list[Case]) -> list[Path]:
+    """Each case's predicted label map under `pred`, paired by case name: a folder of masks, a nakt predictions
+    folder (its ``probs/`` is not a case) or a nakt label set (its ``masks/``)."""
+    if labelset.is_label_set(pred):
+        pred = str(Path(pred) / "masks")
+    if outputs.holds_output(pred, outputs.PREDICTIONS):
+        found = {case_name(p): p for p in sorted(Path(pred).iterdir()) if p.is_file() and is_image_file(p)}
+    else:
+        found = {c.name: c.images[0] for c in discover_cases(pred)}
+    missing = [c.name for c in cases if c.name not in found]
+    if missing:
+        raise NaktError(pred, f"no prediction for {len(missing)} case(s), e.g. {missing[0]!r}")
+    return [found[c.name] for c in cases]

@@ -17,7 +17,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
-from nakt.batched import PRECISIONS, TTAS, block_probs, blocks, load_blocks, resolve_precision
+from nakt.batched import (
+    INFERENCE_CHECKS,
+    BackgroundWriter,
+    InferenceOptions,
+    block_probs,
+    blocks,
+    default_batch_size,
+    load_blocks,
+    resolve_precision,
+)
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
@@ -36,7 +45,7 @@ WEIGHTINGS = ("dice", "inverse-error")
 
 
 @dataclass
-class LabelOptions:
+class LabelOptions(InferenceOptions):
     """Options of `label` (flag names of ``nakt label``). `task` defaults to the teachers' own. An existing label
     set of the same teachers and fusion in `out` is resumed; `overwrite` replaces it instead."""
 
@@ -56,17 +65,12 @@ class LabelOptions:
     progress: bool = True
     num_parts: int = 1
     part_id: int = 0
-    batch_size: int = 8
-    num_workers: int = 0
-    precision: str = "auto"
-    tta: str = "none"
 
     def __post_init__(self) -> None:
         check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
                              "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
                              "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True),
-                             "batch_size": at_least(1), "num_workers": at_least(0),
-                             "precision": one_of(*PRECISIONS), "tta": one_of(*TTAS)})
+                             **INFERENCE_CHECKS})
         if self.num_parts > 1 and self.overwrite:
             raise NaktError(None, "--overwrite with --num-parts would let each part remove the others' cases",
                             "empty the --out folder once before starting the parts")
@@ -200,7 +204,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
               "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation,
-              "precision": resolve_precision(opts.precision, device), "tta": opts.tta}
+              "precision": resolve_precision(opts.precision, device), "tta": opts.tta,
+              "batch_size": opts.batch_size or default_batch_size(teachers)}
     if share.parts > 1 and not share.distributed:
         _wait_for_sibling_claim(out)
     on_first_part(share, lambda: _claim_label_set(out, opts, header))
@@ -210,17 +215,14 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     # Blocks of batch_size cases are the unit of batching, sharding and resuming (a block with any case left is
     # redone whole), so each case is always computed in the same batch: the same bytes however the run went.
     done = labelset.done_cases(out)
-    chosen = [b for j, b in enumerate(blocks(len(cases), opts.batch_size))
+    chosen = [b for j, b in enumerate(blocks(len(cases), header["batch_size"]))
               if share.owns(j) and any(cases[i].name not in done for i in b)]
     desc = f"label {share.part + 1}/{share.parts}" if share.parts > 1 else "label"
-    with tqdm(total=sum(map(len, chosen)), desc=desc, unit="case", disable=not opts.progress) as bar:
+    with (tqdm(total=sum(map(len, chosen)), desc=desc, unit="case", disable=not opts.progress) as bar,
+          BackgroundWriter() as writer):
         for block in load_blocks(cases, chosen, orientation, teachers, opts.num_workers):
             per_teacher = [block_probs(t, block, header["precision"], opts.tta) for t in teachers]
-            for k, item in enumerate(block):
-                teacher_probs = np.stack([reorder(probs[k], t.card.label_values, values)
-                                          for t, probs in zip(teachers, per_teacher)])
-                _write_case(out, item.case.name, item.image, teacher_probs, values, opts, weights)
-            bar.update(len(block))
+            writer.submit(_write_block, out, block, per_teacher, teachers, values, opts, weights, bar)
     share.barrier()
     if share.part == 0 or not share.distributed:
         _consolidate_if_done(out, header, [c.name for c in cases])
@@ -249,12 +251,22 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        for key in ("precision", "tta"):  # label sets older than these keys resume with any
+        for key in ("precision", "tta", "batch_size"):  # label sets older than these keys resume with any
             if previous.get(key, header[key]) != header[key]:
                 raise NaktError(out, f"holds a label set made with --{key} {previous[key]}, not {header[key]}",
                                 f"pass --{key} {previous[key]} to resume it, or choose a new --out folder")
         return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
     labelset.write_manifest(out, {**header, "cases": {}})
+
+
+def _write_block(out: Path, block: list, per_teacher: list[list[np.ndarray]], teachers: list, values: list[int],
+                 opts: LabelOptions, weights: list[float] | None, bar: tqdm) -> None:
+    """Fuse and write every case of a block (on the background writer's thread)."""
+    for k, item in enumerate(block):
+        teacher_probs = np.stack([reorder(probs[k], t.card.label_values, values)
+                                  for t, probs in zip(teachers, per_teacher)])
+        _write_case(out, item.case.name, item.image, teacher_probs, values, opts, weights)
+    bar.update(len(block))
 
 
 def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: list[int], opts: LabelOptions,

@@ -9,12 +9,23 @@ import numpy as np
 from tqdm import tqdm
 
 from nakt import __version__
+from nakt.batched import (
+    INFERENCE_CHECKS,
+    BackgroundWriter,
+    InferenceOptions,
+    LoadedCase,
+    block_probs,
+    blocks,
+    default_batch_size,
+    load_blocks,
+    resolve_precision,
+)
 from nakt.config import check_device, check_options, one_of
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs
 from nakt.io.dataset import discover_cases
-from nakt.io.images import read_image, write_label
+from nakt.io.images import write_label
 from nakt.io.rundir import write_json
 from nakt.models import NaktModel
 from nakt.preprocess import decode_labels
@@ -26,9 +37,10 @@ TASKS = ("segmentation", "classification")
 
 
 @dataclass
-class PredictOptions:
+class PredictOptions(InferenceOptions):
     """Options of `predict` (flag names of ``nakt predict``). `task`, when given, must be the model's.
-    `overwrite` replaces an earlier predictions folder of nakt's (never a folder nakt did not write)."""
+    `overwrite` replaces an earlier predictions folder of nakt's (never a folder nakt did not write). Cases run
+    in batches like `label`'s (`InferenceOptions`)."""
 
     model: str
     images: str
@@ -43,7 +55,7 @@ class PredictOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_options(self, {"task": one_of(*TASKS), "device": check_device})
+        check_options(self, {"task": one_of(*TASKS), "device": check_device, **INFERENCE_CHECKS})
 
 
 def begin_predictions(out: Path, opts: PredictOptions, cases: list[str]) -> None:
@@ -81,11 +93,22 @@ def predict(opts: PredictOptions) -> Path:
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     out = Path(opts.out)
     begin_predictions(out, opts, [c.name for c in cases])
-    for case in tqdm(cases, desc="predict", unit="case", disable=not opts.progress):
-        image = read_image(case.images, orientation=reading_orientation([teacher]))
-        probs = teacher.case_probs(case, image)
-        write_label(decode_labels(probs.argmax(0), teacher.card.label_values), image, out / case.name)
-        if opts.save_probs:
-            labelset.write_probs(out, case.name, probs)
+    precision = resolve_precision(opts.precision, pick_device(opts.device))
+    chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
+    with (tqdm(total=len(cases), desc="predict", unit="case", disable=not opts.progress) as bar,
+          BackgroundWriter() as writer):
+        for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
+            writer.submit(_write_block, out, block, block_probs(teacher, block, precision, opts.tta), teacher,
+                          opts.save_probs, bar)
     end_predictions(out, opts, [c.name for c in cases])
     return out
+
+
+def _write_block(out: Path, block: list[LoadedCase], probs: list[np.ndarray], teacher: Teacher, save_probs: bool,
+                 bar: tqdm) -> None:
+    """Write each case's label map (and probabilities) of a block, on the background writer's thread."""
+    for item, case_probs in zip(block, probs):
+        write_label(decode_labels(case_probs.argmax(0), teacher.card.label_values), item.image, out / item.case.name)
+        if save_probs:
+            labelset.write_probs(out, item.case.name, case_probs)
+    bar.update(len(block))

@@ -215,3 +215,51 @@ def test_flip_tta_changes_nothing_for_a_flip_symmetric_input(scale_data):
     pointwise = NetTeacher("pointwise", NaktModel(torch.nn.Conv2d(1, 2, 1), unet.card).eval())
     np.testing.assert_allclose(net_probs(pointwise, x, "fp32", "flip"), net_probs(pointwise, x, "fp32"),
                                atol=1e-6)
+
+
+def test_predict_and_evaluate_run_batched_with_the_same_results_as_case_by_case(scale_data, tmp_path):
+    """predict and evaluate use the labeling pipeline: batches of cases (any size), one background writer or
+    scorer; their masks and scores equal the per-case inference core's (`predict_array`)."""
+    import numpy as np
+
+    from nakt.io.images import read_image, read_mask
+    from nakt.predict import predict_array
+
+    data, run = scale_data / "data", str(scale_data / "run")
+    common = {"images": str(data / "images"), "cases": f"{data / 'splits.json'}:transferal", "device": "cpu",
+              "precision": "fp32", "progress": False}
+    batched = nakt.predict(model=run, out=str(tmp_path / "b8"), batch_size=8, save_probs=True, **common)
+    single = nakt.predict(model=run, out=str(tmp_path / "b1"), batch_size=1, **common)
+    model = nakt.load(run)
+    masks = sorted((batched).glob("*.png"))
+    assert len(masks) == 20 and (batched / "probs" / f"{masks[0].stem}.npz").is_file()
+    for mask in masks:
+        expected = predict_array(model, read_image([data / "images" / mask.name]).array)
+        assert (read_mask(mask) == expected).mean() >= 0.999, mask.name
+        assert (read_mask(mask) == read_mask(single / mask.name)).mean() >= 0.999, mask.name
+    assert json.loads((batched / "predictions.json").read_text())["complete"] is True
+
+    scored = nakt.evaluate(model=run, masks=str(data / "masks"), out=str(tmp_path / "eval_model"), batch_size=3,
+                           **common)
+    from_disk = nakt.evaluate(pred=str(batched), masks=str(data / "masks"), out=str(tmp_path / "eval_pred"),
+                              **common)
+    assert [c["case"] for c in scored["per_case"]] == [c["case"] for c in from_disk["per_case"]]
+    assert len(scored["per_case"]) == 20
+    np.testing.assert_allclose([c["dice"] for c in scored["per_case"]],
+                               [c["dice"] for c in from_disk["per_case"]], atol=0.01)
+    # a label set is scored by its masks/ (one teacher: the same masks as predict's)
+    labels = nakt.label(teacher=[run], out=str(tmp_path / "labels"), batch_size=8, **common)
+    from_labels = nakt.evaluate(pred=str(labels), masks=str(data / "masks"), out=str(tmp_path / "eval_labels"),
+                                **common)
+    assert from_labels["per_case"] == from_disk["per_case"]
+
+
+def test_the_background_writer_raises_a_jobs_error_in_the_caller():
+    from nakt.batched import BackgroundWriter
+
+    done = []
+    with pytest.raises(ZeroDivisionError), BackgroundWriter(depth=1) as writer:
+        writer.submit(done.append, 1)
+        writer.submit(lambda: 1 / 0)
+        writer.submit(done.append, 2)  # waits for the failing job first, and raises its error here
+    assert done == [1]

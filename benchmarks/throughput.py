@@ -1,0 +1,338 @@
+"""Labeling throughput: how close does ``nakt label`` run to the hardware's limit, and does it stay linear?
+
+One run on the same inputs (../shared/data/cxr_lungs, teachers at 256 px, K = 3 teachers of three families:
+smp U-Net/ResNet-18, smp FPN/ResNet-34, MONAI SegResNet, trained here on the teacher_train split):
+
+- images/s of ``nakt.label`` (defaults, and ``--precision fp32``) against a naive loop written below: per image,
+  per teacher, decode the image again and run the network on a batch of one in fp32 (what tutorials do), fuse
+  by the mean and write the same mask and probabilities; repeated and interleaved, medians reported;
+- the achieved FLOP rate (network FLOPs from ``torch.utils.flop_counter`` over the whole labeling wall time) as a
+  fraction of the fp32 and bf16 matmul rates measured in the same run;
+- pixel agreement of the bf16 and fp32 label sets (and of nakt's fp32 labels with the naive loop's);
+- marginal time per case (over the second half of the cases, from the records' write times) and peak RSS of a
+  fresh process at 100, 1,000 and 10,000 cases (one image repeated, a small teacher);
+- ``torchrun --nproc-per-node 2`` against one process on the same work;
+- a ``torch.profiler`` summary of one labeling run (where the time goes).
+
+Writes ``benchmarks/results/throughput.json`` and ``benchmarks/results/throughput.md``.
+
+    python benchmarks/throughput.py [--quick] [--work runs/throughput]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from torch.utils.flop_counter import FlopCounterMode
+
+import nakt
+from nakt.batched import cpu_has_bf16, resolve_precision
+from nakt.inference import infer_probs
+from nakt.io import labelset
+from nakt.io.dataset import discover_cases
+from nakt.io.images import read_image, read_mask, write_label
+from nakt.io.rundir import is_complete
+from nakt.preprocess import decode_labels, prepare_image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cxr_lungs"
+RESULTS = ROOT / "benchmarks" / "results"
+TEACHERS = {"unet": "smp:Unet/resnet18", "fpn": "smp:FPN/resnet34", "segresnet": "monai:SegResNet"}
+LABELLED_SPLITS = ("transferal", "finetune", "test")  # images the teachers did not train on
+
+
+def train_teachers(work: Path, epochs: int) -> list[Path]:
+    """The three teachers, trained on teacher_train at 256 px (kept in `work` and reused when complete)."""
+    runs = []
+    for name, spec in TEACHERS.items():
+        run = work / "teachers" / name
+        if not (run / "config.json").is_file() or not is_complete(run):
+            print(f"training {spec} ...", flush=True)
+            nakt.train(model=spec, images=str(DATA / "images"), masks=str(DATA / "masks"),
+                       cases=f"{DATA}/splits.json:teacher_train", val_images=str(DATA / "images"),
+                       val_masks=str(DATA / "masks"), val_cases=f"{DATA}/splits.json:teacher_val", size=[256],
+                       epochs=epochs, batch_size=8, lr=1e-3, seed=0, out=str(run), overwrite=True, progress=False)
+        runs.append(run)
+    return runs
+
+
+def case_list(work: Path, limit: int | None) -> Path:
+    splits = json.loads((DATA / "splits.json").read_text())
+    names = sorted(n for split in LABELLED_SPLITS for n in splits[split])[:limit]
+    path = work / "cases.json"
+    path.write_text(json.dumps(names))
+    return path
+
+
+def naive_label(runs: list[Path], cases: Path, out: Path) -> float:
+    """The baseline: per image, per teacher, decode again and run a batch of one in fp32; returns seconds."""
+    started = time.perf_counter()
+    models = [nakt.load(str(run)) for run in runs]
+    for model in models:
+        model.eval()
+    values = list(models[0].card.label_values)
+    for case in discover_cases(DATA / "images", cases=cases):
+        teacher_probs = []
+        for model in models:
+            image = read_image(case.images)
+            teacher_probs.append(infer_probs(model, image.array, case.images[0]))
+        fused = np.mean(teacher_probs, axis=0)
+        write_label(decode_labels(fused.argmax(0), values), image, out / "masks" / case.name)
+        labelset.write_probs(out, case.name, fused)  # the same file writer as nakt's, so only the loop differs
+    return time.perf_counter() - started
+
+
+def nakt_label(runs: list[Path], cases: Path, out: Path, **options) -> float:
+    started = time.perf_counter()
+    nakt.label(teacher=[str(r) for r in runs], images=str(DATA / "images"), cases=str(cases), out=str(out),
+               fusion="mean", device="cpu", progress=False, overwrite=True, **options)
+    return time.perf_counter() - started
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def network_flops(runs: list[Path], cases: Path) -> float:
+    """FLOPs of the K networks for one image (its prepared input, batch of one)."""
+    case = discover_cases(DATA / "images", cases=cases)[0]
+    image = read_image(case.images)
+    total = 0
+    for run in runs:
+        model = nakt.load(str(run)).eval()
+        x = prepare_image(image.array, model.card, case.images[0])[None]
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(x)
+        total += counter.get_total_flops()
+    return float(total)
+
+
+def network_seconds(runs: list[Path], cases: Path, precision: str, batch_size: int = 8) -> float:
+    """Seconds the K networks alone take over the cases (inputs prepared beforehand, nakt's batches and
+    precision, no decoding, fusion or writing): the ceiling the whole pipeline can approach."""
+    from nakt.batched import LoadedCase, block_probs, blocks, load_blocks
+    from nakt.teachers import load_teacher
+
+    teachers = [load_teacher(str(run), "cpu") for run in runs]
+    listed = discover_cases(DATA / "images", cases=cases)
+    loaded: list[list[LoadedCase]] = list(load_blocks(listed, blocks(len(listed), batch_size), "RAS", teachers))
+    started = time.perf_counter()
+    for teacher in teachers:
+        for block in loaded:
+            block_probs(teacher, block, precision)
+    return time.perf_counter() - started
+
+
+def agreement(a: Path, b: Path) -> float:
+    """Fraction of pixels with the same label in the masks of two label sets."""
+    same = total = 0
+    for mask in sorted((a / "masks").iterdir()):
+        x, y = read_mask(mask), read_mask(b / "masks" / mask.name)
+        same += int((x == y).sum())
+        total += x.size
+    return same / total
+
+
+def profile_summary(runs: list[Path], cases: Path, out: Path, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        nakt_label(runs, cases, out)
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
+
+
+SCALE_SCRIPT = """
+import json, resource, sys, time
+import nakt
+started = time.perf_counter()
+nakt.label(teacher=[sys.argv[1]], images=sys.argv[2], out=sys.argv[3], device="cpu", progress=False)
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def scale_run(teacher: Path, work: Path, n_cases: int) -> dict:
+    """Label `n_cases` copies of one small image in a fresh process: marginal time per case over the second
+    half of the cases (from the records' write times) and the process's peak RSS."""
+    folder = work / f"scale_{n_cases}"
+    images, out = folder / "images", folder / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    source = work / "scale_source.png"
+    for i in range(n_cases):
+        link = images / f"case_{i:05d}.png"
+        if not link.exists():
+            link.symlink_to(source)
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    result = subprocess.run([sys.executable, "-c", SCALE_SCRIPT, str(teacher), str(images), str(out)],
+                            check=True, capture_output=True, text=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    times = sorted(p.stat().st_mtime_ns for p in (out / "records").iterdir())
+    half = len(times) // 2
+    marginal = (times[-1] - times[half]) / 1e9 / (len(times) - 1 - half)
+    return {"cases": n_cases, "seconds": measured["seconds"], "marginal_ms_per_case": 1e3 * marginal,
+            "peak_rss_mb": measured["peak_rss_mb"]}
+
+
+def scale_teacher(work: Path) -> Path:
+    """A small teacher (MONAI UNet at 64 px, one short epoch) and a 128-px copy of one X-ray to repeat."""
+    first = sorted((DATA / "images").iterdir())[0]
+    PILImage.open(first).convert("L").resize((128, 128)).save(work / "scale_source.png")
+    run = work / "scale_teacher"
+    if not (run / "config.json").is_file() or not is_complete(run):
+        nakt.train(model="monai:UNet", images=str(DATA / "images"), masks=str(DATA / "masks"),
+                   cases=f"{DATA}/splits.json:finetune", size=[64], epochs=1, batch_size=4, val_fraction=0,
+                   out=str(run), overwrite=True, progress=False)
+    return run
+
+
+def torchrun_run(runs: list[Path], cases: Path, out: Path, processes: int) -> float:
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "nakt", "label", *[a for r in runs for a in ("--teacher", str(r))],
+               "--images", str(DATA / "images"), "--cases", str(cases), "--out", str(out), "--device", "cpu",
+               "--no-progress"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=str(ROOT / "runs" / "throughput"))
+    parser.add_argument("--quick", action="store_true", help="few images, short training, small scale sweep")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    runs = train_teachers(work, epochs=2 if quick else 15)
+    cases = case_list(work, 24 if quick else None)
+    n_images = len(json.loads(cases.read_text()))
+    auto = resolve_precision("auto", torch.device("cpu"))
+
+    timings: dict[str, list[float]] = {"naive": [], "nakt_fp32": [], "nakt_auto": [], "networks_only": []}
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for rep in range(1 if quick else args.repeats):  # interleaved, so drifts in machine speed hit every variant
+        print(f"repeat {rep + 1}: naive, nakt fp32, nakt {auto}", flush=True)
+        rates["fp32"].append(matmul_gflops(torch.float32))
+        rates["bf16"].append(matmul_gflops(torch.bfloat16))
+        timings["naive"].append(naive_label(runs, cases, work / "naive"))
+        timings["nakt_fp32"].append(nakt_label(runs, cases, work / "nakt_fp32", precision="fp32"))
+        timings["nakt_auto"].append(nakt_label(runs, cases, work / "nakt_auto"))
+        timings["networks_only"].append(network_seconds(runs, cases, auto))
+    seconds = {k: statistics.median(v) for k, v in timings.items()}
+    images_per_s = {k: n_images / s for k, s in seconds.items()}
+    matmul = {k: statistics.median(v) for k, v in rates.items()}
+    flops = network_flops(runs, cases)
+    achieved = flops * n_images / seconds["nakt_auto"] / 1e9
+    achieved_networks = flops * n_images / seconds["networks_only"] / 1e9
+
+    print("profiling ...", flush=True)
+    profile_cases = work / "profile_cases.json"
+    profile_cases.write_text(json.dumps(json.loads(cases.read_text())[:16]))
+    profile = profile_summary(runs, profile_cases, work / "profiled")
+
+    print("torchrun 1 vs 2 processes ...", flush=True)
+    torchrun = {f"{p}_process": n_images / torchrun_run(runs, cases, work / f"torchrun_{p}", p) for p in (1, 2)}
+
+    print("scale sweep ...", flush=True)
+    teacher = scale_teacher(work)
+    scale = [scale_run(teacher, work, n) for n in ((100, 300, 1000) if quick else (100, 1000, 10000))]
+
+    results = {
+        "machine": machine(), "quick": quick, "images": n_images, "teachers": TEACHERS, "size": 256,
+        "precision_auto": auto, "seconds": timings, "images_per_s": images_per_s,
+        "speedup_vs_naive": images_per_s["nakt_auto"] / images_per_s["naive"],
+        "speedup_fp32_vs_naive": images_per_s["nakt_fp32"] / images_per_s["naive"],
+        "matmul_gflops": rates, "network_gflop_per_image": flops / 1e9, "achieved_gflops": achieved,
+        "fraction_of_fp32_matmul": achieved / matmul["fp32"], "fraction_of_bf16_matmul": achieved / matmul["bf16"],
+        "achieved_gflops_networks_only": achieved_networks,
+        "networks_only_fraction_of_bf16_matmul": achieved_networks / matmul["bf16"],
+        "agreement_bf16_fp32": agreement(work / "nakt_auto", work / "nakt_fp32"),
+        "agreement_fp32_naive": agreement(work / "nakt_fp32", work / "naive"),
+        "torchrun_images_per_s": torchrun, "scale": scale,
+        "scale_ratio_marginal": scale[-1]["marginal_ms_per_case"] / scale[-2]["marginal_ms_per_case"],
+        "scale_ratio_rss": scale[-1]["peak_rss_mb"] / scale[-2]["peak_rss_mb"],
+        "profile": profile,
+        "command": "python benchmarks/throughput.py" + (" --quick" if quick else ""),
+    }
+    results["targets"] = {
+        "speedup_vs_naive >= 2.5": results["speedup_vs_naive"] >= 2.5,
+        "fraction_of_bf16_matmul >= 0.70": results["fraction_of_bf16_matmul"] >= 0.70,
+        "agreement_bf16_fp32 >= 0.999": results["agreement_bf16_fp32"] >= 0.999,
+        "marginal time at the largest size within 10%": results["scale_ratio_marginal"] <= 1.10,
+        "peak RSS at the largest size within 10%": results["scale_ratio_rss"] <= 1.10,
+    }
+    name = "throughput_quick" if quick else "throughput"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(table(results))
+    print(table(results))
+
+
+def table(r: dict) -> str:
+    ips = r["images_per_s"]
+    lines = [f"Labeling throughput, {r['images']} cxr_lungs images, K = 3 teachers at 256 px "
+             f"({', '.join(r['teachers'].values())}); {r['machine']['cpu_count']} CPU cores; `{r['command']}`", "",
+             "| measure | value | target | met |", "| --- | --- | --- | --- |",
+             f"| naive loop (per teacher, batch 1, fp32) | {ips['naive']:.2f} images/s | | |",
+             f"| nakt label, --precision fp32 | {ips['nakt_fp32']:.2f} images/s "
+             f"({r['speedup_fp32_vs_naive']:.2f}x naive) | | |",
+             f"| nakt label, defaults (precision auto = {r['precision_auto']}) | {ips['nakt_auto']:.2f} images/s "
+             f"({r['speedup_vs_naive']:.2f}x naive) | >= 2.5x | {_yes(r['targets']['speedup_vs_naive >= 2.5'])} |",
+             f"| achieved network FLOP rate (whole labeling wall time) | {r['achieved_gflops']:.0f} GFLOP/s = "
+             f"{100 * r['fraction_of_bf16_matmul']:.0f}% of bf16 matmul "
+             f"({statistics.median(r['matmul_gflops']['bf16']):.0f}), "
+             f"{100 * r['fraction_of_fp32_matmul']:.0f}% of fp32 matmul "
+             f"({statistics.median(r['matmul_gflops']['fp32']):.0f}) | >= 70% of bf16 | "
+             f"{_yes(r['targets']['fraction_of_bf16_matmul >= 0.70'])} |",
+             f"| the same, networks alone (inputs prepared beforehand, {ips['networks_only']:.2f} images/s) | "
+             f"{r['achieved_gflops_networks_only']:.0f} GFLOP/s = "
+             f"{100 * r['networks_only_fraction_of_bf16_matmul']:.0f}% of bf16 matmul | | |",
+             f"| pixel agreement, {r['precision_auto']} vs fp32 labels | {100 * r['agreement_bf16_fp32']:.3f}% "
+             f"| >= 99.9% | {_yes(r['targets']['agreement_bf16_fp32 >= 0.999'])} |",
+             f"| pixel agreement, nakt fp32 vs naive loop | {100 * r['agreement_fp32_naive']:.3f}% | | |",
+             f"| torchrun, 1 process / 2 processes | {r['torchrun_images_per_s']['1_process']:.2f} / "
+             f"{r['torchrun_images_per_s']['2_process']:.2f} images/s | | |"]
+    for s in r["scale"]:
+        lines.append(f"| {s['cases']:,} cases (small teacher) | {s['marginal_ms_per_case']:.2f} ms/case marginal, "
+                     f"peak RSS {s['peak_rss_mb']:.0f} MB | | |")
+    lines.append(f"| largest vs next size | marginal x{r['scale_ratio_marginal']:.2f}, RSS "
+                 f"x{r['scale_ratio_rss']:.2f} | within 10% | "
+                 f"{_yes(r['targets']['marginal time at the largest size within 10%'])} / "
+                 f"{_yes(r['targets']['peak RSS at the largest size within 10%'])} |")
+    if not all(r["targets"].values()):
+        lines += ["", "Where the time goes (torch.profiler, 16 images, defaults):", "", "```", r["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+if __name__ == "__main__":
+    main()
