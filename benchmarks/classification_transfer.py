@@ -90,7 +90,7 @@ def prepare(cfg: dict, data: Path, work: Path, max_images: int | None) -> tuple[
 def _write(path: Path, text: str) -> None:
     """Write through a temporary file: processes running other seeds read these files meanwhile."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def run_seed(cfg: dict, images: Path, lists: dict, work: Path, seed: int) -> dict:

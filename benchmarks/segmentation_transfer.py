@@ -78,7 +78,7 @@ def prepare_brats_slices(source: Path, dest: Path, step: int = 3, min_brain: flo
                 splits["teacher_val"].append(case)
             else:
                 splits["finetune" if i % 5 == 0 else "transferal"].append(case)
-    (dest / "splits.json").write_text(json.dumps(splits, indent=1))
+    (dest / "splits.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
     return dest
 
 
@@ -103,7 +103,7 @@ class Bench:
             cases = splits[split][:max_cases] if max_cases else splits[split]
             path = work / "cases" / f"{split}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(cases) + "\n")
+            path.write_text("\n".join(cases) + "\n", encoding="utf-8")
             self.lists[split] = str(path)
         self.io = {"images": str(data / "images"), "channels": cfg.get("channels"), "progress": False}
         self.masks = str(data / "masks")
@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
         if human is not None:
             result["rows"][HUMAN_ROW] = human_row(human)
         result["reference_command"] = command
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(name, result))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        (out / f"{name}.md").write_text(markdown(name, result), encoding="utf-8")
         return result
     per_seed: dict[int, dict] = {}
     for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "seeds": list(per_seed), "seeds_planned": seeds, "config": cfg, "command": command,
                   "machine": machine(cfg.get("train", {}).get("device", "auto")),
                   "total_wall_s": time.time() - started, "rows": rows}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(name, result))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        (out / f"{name}.md").write_text(markdown(name, result), encoding="utf-8")
     print(markdown(name, result))
     return result
 

@@ -52,8 +52,8 @@ TEACHERS = {"unet": "smp:Unet/resnet18", "fpn": "smp:FPN/resnet34", "segresnet":
 LABELLED_SPLITS = ("transferal", "finetune", "test")  # images the teachers did not train on
 
 
-def train_teachers(work: Path, epochs: int) -> list[Path]:
-    """The three teachers, trained on teacher_train at 256 px (kept in `work` and reused when complete)."""
+def train_teachers(work: Path, epochs: int, size: int = 256) -> list[Path]:
+    """The three teachers, trained on teacher_train at `size` px (kept in `work` and reused when complete)."""
     runs = []
     for name, spec in TEACHERS.items():
         run = work / "teachers" / name
@@ -61,7 +61,7 @@ def train_teachers(work: Path, epochs: int) -> list[Path]:
             print(f"training {spec} ...", flush=True)
             nakt.train(model=spec, images=str(DATA / "images"), masks=str(DATA / "masks"),
                        cases=f"{DATA}/splits.json:teacher_train", val_images=str(DATA / "images"),
-                       val_masks=str(DATA / "masks"), val_cases=f"{DATA}/splits.json:teacher_val", size=[256],
+                       val_masks=str(DATA / "masks"), val_cases=f"{DATA}/splits.json:teacher_val", size=[size],
                        epochs=epochs, batch_size=8, lr=1e-3, seed=0, out=str(run), overwrite=True, progress=False)
         runs.append(run)
     return runs
@@ -220,24 +220,30 @@ def machine() -> dict:
             "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(ROOT / "runs" / "throughput"))
+    parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.json and throughput.md")
     parser.add_argument("--quick", action="store_true", help="few images, short training, small scale sweep")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the timed runs")
+    parser.add_argument("--epochs", type=int, help="teacher training epochs (default 15, quick 2)")
+    parser.add_argument("--size", type=int, default=256, help="teachers' input size")
+    parser.add_argument("--images", type=int, help="label only the first N images (default all; quick 24)")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", help="case counts of the scale sweep "
+                        "(default 100 1000 10000; quick 100 300 1000)")
+    args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     quick = args.quick
-    runs = train_teachers(work, epochs=2 if quick else 15)
-    cases = case_list(work, 24 if quick else None)
+    runs = train_teachers(work, args.epochs or (2 if quick else 15), args.size)
+    cases = case_list(work, args.images or (24 if quick else None))
     n_images = len(json.loads(cases.read_text()))
     auto = resolve_precision("auto", torch.device("cpu"))
 
     timings: dict[str, list[float]] = {"naive": [], "nakt_fp32": [], "nakt_auto": [], "networks_only": []}
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for rep in range(1 if quick else args.repeats):  # interleaved, so drifts in machine speed hit every variant
-        print(f"repeat {rep + 1}: naive, nakt fp32, nakt {auto}", flush=True)
+    for rep in range(args.repeats):  # interleaved, so drifts in machine speed hit every variant
+        print(f"repeat {rep + 1}: naive, nakt fp32, nakt {auto}, networks alone", flush=True)
         rates["fp32"].append(matmul_gflops(torch.float32))
         rates["bf16"].append(matmul_gflops(torch.bfloat16))
         timings["naive"].append(naive_label(runs, cases, work / "naive"))
@@ -261,10 +267,11 @@ def main() -> None:
 
     print("scale sweep ...", flush=True)
     teacher = scale_teacher(work)
-    scale = [scale_run(teacher, work, n) for n in ((100, 300, 1000) if quick else (100, 1000, 10000))]
+    sizes = args.scale_sizes or ((100, 300, 1000) if quick else (100, 1000, 10000))
+    scale = [scale_run(teacher, work, n) for n in sizes]
 
     results = {
-        "machine": machine(), "quick": quick, "images": n_images, "teachers": TEACHERS, "size": 256,
+        "machine": machine(), "quick": quick, "images": n_images, "teachers": TEACHERS, "size": args.size,
         "precision_auto": auto, "seconds": timings, "images_per_s": images_per_s,
         "speedup_vs_naive": images_per_s["nakt_auto"] / images_per_s["naive"],
         "speedup_fp32_vs_naive": images_per_s["nakt_fp32"] / images_per_s["naive"],
@@ -278,7 +285,7 @@ def main() -> None:
         "scale_ratio_marginal": scale[-1]["marginal_ms_per_case"] / scale[-2]["marginal_ms_per_case"],
         "scale_ratio_rss": scale[-1]["peak_rss_mb"] / scale[-2]["peak_rss_mb"],
         "profile": profile,
-        "command": "python benchmarks/throughput.py" + (" --quick" if quick else ""),
+        "command": " ".join(["python benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     results["targets"] = {
         "speedup_vs_naive >= 2.5": results["speedup_vs_naive"] >= 2.5,
@@ -287,16 +294,17 @@ def main() -> None:
         "marginal time at the largest size within 10%": results["scale_ratio_marginal"] <= 1.10,
         "peak RSS at the largest size within 10%": results["scale_ratio_rss"] <= 1.10,
     }
-    name = "throughput_quick" if quick else "throughput"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "throughput.md").write_text(table(results), encoding="utf-8")
     print(table(results))
+    return results
 
 
 def table(r: dict) -> str:
     ips = r["images_per_s"]
-    lines = [f"Labeling throughput, {r['images']} cxr_lungs images, K = 3 teachers at 256 px "
+    lines = [f"Labeling throughput, {r['images']} cxr_lungs images, K = 3 teachers at {r['size']} px "
              f"({', '.join(r['teachers'].values())}); {r['machine']['cpu_count']} CPU cores; `{r['command']}`", "",
              "| measure | value | target | met |", "| --- | --- | --- | --- |",
              f"| naive loop (per teacher, batch 1, fp32) | {ips['naive']:.2f} images/s | | |",

@@ -47,3 +47,23 @@ def test_classification_benchmark_quick_smoke_and_resume(tmp_path):
     trained_at = weights.stat().st_mtime_ns
     resumed = classification_transfer.main([*argv, "--resume"])  # the finished seed is read back, not retrained
     assert resumed["rows"] == rows and weights.stat().st_mtime_ns == trained_at
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/throughput.py end to end on a few real X-rays with tiny teachers: every measure is present and
+    nakt's fp32 labels are the naive loop's."""
+    shared_dataset("cxr_lungs")
+    import throughput
+
+    result = throughput.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--epochs", "1",
+                              "--size", "32", "--images", "6", "--repeats", "1", "--scale-sizes", "8", "16"])
+    assert result["images"] == 6
+    assert set(result["images_per_s"]) == {"naive", "nakt_fp32", "nakt_auto", "networks_only"}
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert result["agreement_fp32_naive"] >= 0.999  # the same teachers, the same preprocessing, fp32 both
+    assert 0 < result["fraction_of_bf16_matmul"] < result["networks_only_fraction_of_bf16_matmul"] * 1.5
+    assert [s["cases"] for s in result["scale"]] == [8, 16]
+    assert len(list((tmp_path / "work" / "scale_16" / "labels" / "records").iterdir())) == 16
+    assert set(result["torchrun_images_per_s"]) == {"1_process", "2_process"}
+    written = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert written["targets"] == result["targets"] and "images/s" in (tmp_path / "out" / "throughput.md").read_text()

@@ -263,3 +263,36 @@ def test_the_background_writer_raises_a_jobs_error_in_the_caller():
         writer.submit(lambda: 1 / 0)
         writer.submit(done.append, 2)  # waits for the failing job first, and raises its error here
     assert done == [1]
+
+
+def test_loader_workers_give_the_same_bytes_in_2d(scale_data, reference, tmp_path):
+    out = tmp_path / "labels"
+    run_all([command(scale_data, out, "--num-workers", "2")], together=False)
+    assert_same_tree(reference, out)
+
+
+def test_loader_workers_give_the_same_bytes_in_3d_with_sliding_windows(tmp_path):
+    """3D volumes (two modalities, a patch model: batched sliding windows) decoded in loader processes."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import write_volume_case
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        case = write_volume_case(tmp_path / "images", f"c{i}", rng, shape=(28, 24, 20))
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        shutil.move(case / "seg.nii.gz", tmp_path / "masks" / f"c{i}.nii.gz")
+    run = nakt.train(model="monai:UNet", images=str(tmp_path / "images"), masks=str(tmp_path / "masks"),
+                     out=str(tmp_path / "run"), patch=[24], patches_per_case=1, epochs=1, val_fraction=0,
+                     batch_size=2, progress=False, device="cpu",
+                     model_kwargs={"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1})
+    trees = []
+    for workers in (0, 2):
+        out = nakt.label(teacher=[str(run)], images=str(tmp_path / "images"), out=str(tmp_path / f"w{workers}"),
+                         num_workers=workers, device="cpu", progress=False)
+        trees.append(tree(out))
+    manifest = json.loads(trees[0]["manifest.json"])
+    assert manifest["batch_size"] == 1 and len(manifest["cases"]) == 3  # 3D teachers: one volume per batch
+    assert sorted(trees[0]) == sorted(trees[1]) and trees[0] == trees[1]
