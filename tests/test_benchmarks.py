@@ -56,7 +56,8 @@ def test_throughput_benchmark_smoke(tmp_path):
     import throughput
 
     result = throughput.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--epochs", "1",
-                              "--size", "32", "--images", "6", "--repeats", "1", "--scale-sizes", "8", "16"])
+                              "--size", "64", "--train-cases", "8", "--images", "6", "--repeats", "1",
+                              "--scale-sizes", "8", "16"])
     assert result["images"] == 6
     assert set(result["images_per_s"]) == {"naive", "nakt_fp32", "nakt_auto", "networks_only"}
     assert all(v > 0 for v in result["images_per_s"].values())

@@ -276,7 +276,6 @@ def test_loader_workers_give_the_same_bytes_in_3d_with_sliding_windows(tmp_path)
     import shutil
 
     import numpy as np
-
     from conftest import write_volume_case
 
     rng = np.random.default_rng(0)
