@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from nakt import __version__
@@ -221,7 +222,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     with (tqdm(total=sum(map(len, chosen)), desc=desc, unit="case", disable=not opts.progress) as bar,
           BackgroundWriter() as writer):
         for block in load_blocks(cases, chosen, orientation, teachers, opts.num_workers):
-            per_teacher = [block_probs(t, block, header["precision"], opts.tta) for t in teachers]
+            with torch.profiler.record_function("nakt.label: networks"):  # named stages in torch.profiler tables
+                per_teacher = [block_probs(t, block, header["precision"], opts.tta) for t in teachers]
             writer.submit(_write_block, out, block, per_teacher, teachers, values, opts, weights, bar)
     share.barrier()
     if share.part == 0 or not share.distributed:
@@ -262,11 +264,17 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
 def _write_block(out: Path, block: list, per_teacher: list[list[np.ndarray]], teachers: list, values: list[int],
                  opts: LabelOptions, weights: list[float] | None, bar: tqdm) -> None:
     """Fuse and write every case of a block (on the background writer's thread)."""
+    with torch.profiler.record_function("nakt.label: fuse and write"):
+        _write_cases(out, block, per_teacher, teachers, values, opts, weights)
+    bar.update(len(block))
+
+
+def _write_cases(out: Path, block: list, per_teacher: list[list[np.ndarray]], teachers: list, values: list[int],
+                 opts: LabelOptions, weights: list[float] | None) -> None:
     for k, item in enumerate(block):
         teacher_probs = np.stack([reorder(probs[k], t.card.label_values, values)
                                   for t, probs in zip(teachers, per_teacher)])
         _write_case(out, item.case.name, item.image, teacher_probs, values, opts, weights)
-    bar.update(len(block))
 
 
 def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: list[int], opts: LabelOptions,
