@@ -140,6 +140,24 @@ def test_precision_is_autocast_and_recorded(name, tmp_path):
     assert seen and set(seen) == {torch.bfloat16}
 
 
+def test_fp16_keeps_its_gradient_scaler_in_the_resume_state(tmp_path, monkeypatch):
+    """fp16 scales the loss (GradScaler); an interrupted fp16 run resumes to the uninterrupted weights."""
+    from test_resume import Interrupted, interrupt, same_weights
+
+    _, _, _, metrics = train_tiny("classification", tmp_path / "whole", precision="fp16")
+    assert metrics["precision"] == "fp16" and all(np.isfinite(h["train_loss"]) for h in metrics["history"])
+    with monkeypatch.context() as m:
+        interrupt(m, 1, after_save=True)
+        with pytest.raises(Interrupted):
+            train_tiny("classification", tmp_path / "cut", precision="fp16")
+    assert read_training_state(tmp_path / "cut")["state_dicts"]["scaler"]["scale"] > 0
+    card, task = cls_task()
+    model = build_model(card)
+    fit(model, task, tmp_path / "cut", FitOptions(epochs=2, batch_size=4, lr=3e-3, precision="fp16", progress=False),
+        resume=True)
+    assert same_weights(rundir.read_weights(tmp_path / "whole"), rundir.read_weights(tmp_path / "cut"))
+
+
 # --- options of the other task: one line, exit 2 --------------------------------------------------------------------
 
 SEG = "train --model monai:UNet --images {d}/images --masks {d}/masks --out {d}/out --no-progress"
