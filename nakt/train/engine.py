@@ -129,6 +129,48 @@ def _trainable(model: NaktModel, epoch: int, opts: FitOptions, encoder: set[str]
     return frozen, unfrozen
 
 
+@dataclass
+class _Step:
+    """One optimizer step (MONAI's ``_iteration``, detectron2's ``run_step``): batch to the device -> forward
+    and loss under autocast (online teachers on the same images) -> backward (scaled for fp16) -> step ->
+    schedule -> EMA. Returns the loss."""
+
+    model: NaktModel
+    task: Task
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    smoothed: nn.Module | None
+    teachers: Sequence[NaktModel]
+    sampler: TeacherSampler | None
+    precision: str
+    nhwc: bool
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if self.nhwc:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        with autocast(self.precision, device):
+            if self.sampler is not None:  # online: the drawn teacher(s) see the same augmented batch
+                with torch.no_grad():
+                    batch["teacher_probs"] = torch.stack([self.teachers[k].predict_proba(batch["image"]).float()
+                                                          for k in self.sampler.draw()]).mean(0)
+            loss = self.task.loss(self.model(batch["image"]).float(), batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.schedule.step()
+        if self.smoothed is not None:
+            self.smoothed.update_parameters(self.model)
+        return loss.item()
+
+
 def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Sequence[NaktModel] = (),
         resume: bool = False) -> dict:
     """Train `model` in place on `task` and keep the best epoch's weights (by the task's validation score; the
@@ -163,33 +205,12 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Seq
     state = TrainingState(run, opts.epochs, log, {"model": model, "ema": smoothed, "optimizer": optimizer,
                                                   "schedule": schedule, "scaler": scaler}, generators, task.transforms)
     done = state.resume(scored) if resume else 0
+    step = _Step(model, task, optimizer, schedule, scaler, smoothed, teachers, sampler, precision, nhwc)
     encoder = set(task.encoder(model)) if opts.freeze_encoder_epochs else set()
     for epoch in range(done + 1, opts.epochs + 1):
         t0 = time.time()
         frozen, unfrozen = _trainable(model, epoch, opts, encoder)
-        losses = []
-        for batch in task.batches(rng, opts.batch_size):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if nhwc:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                if sampler is not None:  # online: the drawn teacher(s) see the same augmented batch
-                    with torch.no_grad():
-                        batch["teacher_probs"] = torch.stack(
-                            [teachers[k].predict_proba(batch["image"]).float() for k in sampler.draw()]).mean(0)
-                loss = task.loss(model(batch["image"]).float(), batch)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            schedule.step()
-            if smoothed is not None:
-                smoothed.update_parameters(model)
-            losses.append(loss.item())
+        losses = [step(batch) for batch in task.batches(rng, opts.batch_size)]
         score = task.validate(scored, precision, opts.batch_size)
         log.update(scored, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                             "val_score": score, "lr": schedule.get_last_lr()[-1], "encoder_frozen": frozen,
