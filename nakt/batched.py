@@ -32,7 +32,7 @@ from nakt.preprocess import prepare_image, resize
 from nakt.teachers import NetTeacher, Teacher
 
 __all__ = ["INFERENCE_CHECKS", "PRECISIONS", "TTAS", "BackgroundWriter", "InferenceOptions", "LoadedCase",
-           "block_probs", "blocks", "cpu_has_bf16", "default_batch_size", "load_blocks", "net_probs",
+           "autocast", "block_probs", "blocks", "cpu_has_bf16", "default_batch_size", "load_blocks", "net_probs",
            "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -86,7 +86,8 @@ def default_batch_size(teachers: list[Teacher]) -> int:
     return 1 if any(t.card.spatial_dims == 3 for t in teachers) else 8
 
 
-def _autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a resolved `precision` (``fp32``: none) on `device`'s type."""
     return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=DTYPES[precision])
 
 
@@ -105,7 +106,7 @@ def net_probs(teacher: NetTeacher, x: torch.Tensor, precision: str = "fp32", tta
         x = torch.cat([x, x.flip(-1)])
     if x.ndim == 4:  # NHWC: cuDNN's and oneDNN's fast convolutions (measured 1.5x on CPU, batch 8 fp32)
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), _autocast(precision, device):
+    with torch.inference_mode(), autocast(precision, device):
         probs = probs_on_grid(teacher.model, x, autocast=False).float()
     if tta == "flip":
         half = len(probs) // 2

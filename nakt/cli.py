@@ -120,11 +120,17 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--hard-labels", action="store_true", default=None,
                    help="with a label set as --masks: train on its hard masks, not its soft probabilities")
     p.add_argument("--min-confidence", type=float,
-                   help="with soft labels: leave pixels whose top probability is below this out of the loss")
+                   help="with soft labels: leave pixels (classification: images) whose top probability is below "
+                   "this out of the loss")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--spatial-augment", action="store_true", default=None,
                    help="segmentation: also rotate (up to 15 degrees) and scale (0.85-1.15) images with targets")
-    p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder frozen for this many epochs")
+    p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder (classifiers: all but the head) "
+                   "frozen for this many epochs (finetune: 5, none with --recipe targeted)")
+    from nakt.batched import PRECISIONS
+
+    p.add_argument("--precision", choices=list(PRECISIONS), help="training arithmetic (autocast): auto is bf16 on "
+                   "GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
     p.add_argument("--seed", type=int)
     p.add_argument("--orientation", help="3D: reorient volumes to this anatomical orientation before the network "
@@ -286,9 +292,7 @@ def summary_line(verb: str, result) -> str:
         if outputs.holds_output(result, outputs.SUBSET_RUNS):
             return f"wrote the subset runs in {result}"
         metrics = rundir.read_metrics(Path(result))
-        key = "best_val_dice" if "best_val_dice" in metrics else "best_val_score"
-        metric = metrics.get("best_val_metric", "dice")
-        score = metrics.get(key)
+        score, metric = rundir.best_score(metrics)
         shown = f"best validation {metric} {score:.4f} at epoch {metrics.get('best_epoch')}" \
             if isinstance(score, (int, float)) and score >= 0 else "no validation: last epoch kept"
         return f"wrote {result} ({shown}, {metrics.get('wall_seconds', 0):.0f} s)"

@@ -139,8 +139,7 @@ def teacher_weights(specs: list[str], weights: list[float] | None = None,
     for spec in specs:
         scheme, rest = parse_spec(spec)
         metrics = rundir.read_metrics(Path(rest)) if scheme == "run" else {}
-        score = metrics.get("best_val_dice", metrics.get("best_val_score"))
-        scores.append(score)
+        scores.append(rundir.best_score(metrics)[0])
     if any(s is None for s in scores):
         return [1.0] * len(specs), "equal (some teachers have no validation score)"
     if weighting == "inverse-error":

@@ -24,6 +24,20 @@ def synthetic2d(tmp_path_factory) -> Path:
                                   splits={"teacher_train": 12, "teacher_val": 4, "transferal": 12, "test": 6})
 
 
+def write_random_pngs(folder: Path, n: int = 12, shape=(20, 24)) -> Path:
+    """`n` random grey PNGs ``<i>.png`` in `folder` and ``labels.csv`` giving them classes 0, 1, 0, ...;
+    returns the CSV."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
 def write_volume_case(folder: Path, name: str, rng, shape=(24, 20, 16), affine=None):
     """A two-modality NIfTI case folder with a mask inside (labels 0, 1, 2), as in brats6."""
     import nibabel as nib

@@ -88,7 +88,7 @@ def test_table_probs_reads_in_chunks_with_the_same_result(tmp_path):
 
 
 def test_class_balanced_weights_give_every_class_the_same_share():
-    from nakt.classify.train import class_balanced_weights
+    from nakt.classify.prepared import class_balanced_weights
 
     targets = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])  # soft targets: classes by argmax
     weights = class_balanced_weights(targets)
@@ -103,36 +103,31 @@ def test_classification_only_options_are_refused_for_segmentation():
 
     with pytest.raises(NaktError, match="--balance-classes applies to classification only"):
         train(TrainOptions(model="smp:Unet/resnet18", images="x", masks="y", out="z", balance_classes=True))
-    with pytest.raises(NaktError, match="--ema applies to classification only"):
-        train(TrainOptions(model="smp:Unet/resnet18", images="x", masks="y", out="z", ema=0.99))
+    with pytest.raises(NaktError, match="--temperature applies to classification only"):
+        train(TrainOptions(model="smp:Unet/resnet18", images="x", masks="y", out="z", temperature=2.0))
 
 
 def test_training_reads_images_lazily_beyond_the_cache_limit_with_the_same_result(tmp_path, monkeypatch):
-    from PIL import Image
+    from conftest import write_random_pngs
 
     import nakt
-    import nakt.classify.train as classify_train
+    import nakt.classify.prepared as prepared
     from nakt.classify.data import read_labels
     from nakt.models import ModelCard
 
-    rng = np.random.default_rng(0)
-    rows = ["image,label"]
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append(f"{i}.png,{i % 2}")
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    write_random_pngs(tmp_path)
     table = read_labels(str(tmp_path), str(tmp_path / "labels.csv"), None, None)
     card = ModelCard("timm:resnet10t", 1, 2, task="classification", size=[16], class_names=["0", "1"])
-    cached = classify_train.training_images(table, card, progress=False)
-    lazy = classify_train.training_images(table, card, progress=False, cache_limit=0)
-    assert isinstance(cached, torch.Tensor) and isinstance(lazy, classify_train.LazyImages) and len(lazy) == 12
+    cached = prepared.training_images(table, card, progress=False)
+    lazy = prepared.training_images(table, card, progress=False, cache_limit=0)
+    assert isinstance(cached, torch.Tensor) and isinstance(lazy, prepared.LazyImages) and len(lazy) == 12
     assert torch.equal(lazy[np.array([5, 0, 7])], cached[[5, 0, 7]]) and torch.equal(lazy[2:9], cached[2:9])
 
     common = {"model": "timm:resnet10t", "task": "classification", "images": str(tmp_path), "size": [16],
               "labels": str(tmp_path / "labels.csv"), "val_fraction": 0.25, "epochs": 2, "batch_size": 4,
               "progress": False}
     in_memory = nakt.train(out=str(tmp_path / "cached"), **common)
-    monkeypatch.setattr(classify_train, "CACHE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(prepared, "CACHE_LIMIT_BYTES", 0)
     from_disk = nakt.train(out=str(tmp_path / "lazy"), **common)
     history = [json.loads((run / "metrics.json").read_text())["history"] for run in (in_memory, from_disk)]
     losses = [[h["train_loss"] for h in run] for run in history]

@@ -25,7 +25,7 @@ def test_cli_pipeline_on_generated_2d(synthetic2d, tmp_path, capsys):
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert config["format"] == "nakt.run/1" and config["label_values"] == [0, 255] and config["in_channels"] == 1
-    assert len(metrics["history"]) == 4 and 0 <= metrics["best_val_dice"] <= 1
+    assert len(metrics["history"]) == 4 and 0 <= metrics["best_val_score"] <= 1 and metrics["best_val_metric"] == "dice"
     assert (run_dir / "model.safetensors").is_file()
 
     labels = tmp_path / "labels"
@@ -81,7 +81,7 @@ def test_cli_pipeline_on_generated_2d(synthetic2d, tmp_path, capsys):
     assert run("evaluate", "--model", tmp_path / "t0", "--images", data / "images", "--masks", data / "masks",
                "--cases", f"{s}:teacher_val", "--out", tmp_path / "eval_val", "--no-hd95", "--no-progress") == 0
     reloaded = json.loads((tmp_path / "eval_val" / "summary.json").read_text())["mean"]["dice"]
-    assert reloaded == pytest.approx(metrics["best_val_dice"], abs=1e-4)
+    assert reloaded == pytest.approx(metrics["best_val_score"], abs=1e-4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -205,7 +205,7 @@ def test_no_validation_keeps_last_epoch_and_roi_restricts_scoring(synthetic2d, t
                          cases=f"{s}:teacher_val", out=str(tmp_path / "r"), size=[32], epochs=2, batch_size=2,
                          val_fraction=0, progress=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["best_val_dice"] is None and metrics["best_epoch"] == 2
+    assert metrics["best_val_score"] is None and metrics["best_epoch"] == 2
     assert len(json.loads((run_dir / "config.json").read_text())["training"]["trained_on"]) == 4
 
     # predictions = truth inside the left half, nonsense outside; an ROI on the left half scores 1.0

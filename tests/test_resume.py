@@ -1,4 +1,5 @@
-"""Resuming an interrupted training: `fit` / `_fit` with ``resume=True`` end as an uninterrupted run would."""
+"""Resuming an interrupted training: the engine's `fit` with ``resume=True`` ends as an uninterrupted run would,
+for either task adapter."""
 
 import dataclasses
 import os
@@ -17,7 +18,8 @@ from nakt.io import rundir
 from nakt.models import ModelCard, build_model
 from nakt.train import TrainOptions
 from nakt.train.checkpoint import TRAINING_STATE, TrainingState, clear_training_state, read_training_state
-from nakt.train.loop import fit
+from nakt.train.engine import FitOptions, fit
+from nakt.train.segmentation import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +66,8 @@ def seg_samples(synthetic2d):
 def seg_fit(card, train, val, run: Path, resume: bool = False) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = build_model(card)
-    metrics = fit(model, train, val, run, epochs=4, batch_size=4, lr=3e-3, seed=3, augment=True,
-                  spatial_augment=True, progress=False, resume=resume)
+    task = SegmentationTask(card, train, val, augment=True, spatial_augment=True, seed=3)
+    metrics = fit(model, task, run, FitOptions(epochs=4, batch_size=4, lr=3e-3, seed=3, progress=False), resume=resume)
     return model.state_dict(), metrics
 
 
@@ -93,7 +95,8 @@ def test_segmentation_resume_equals_uninterrupted(seg_samples, tmp_path, monkeyp
     assert same_weights(whole, resumed)
     assert history(tmp_path / "whole") == history(tmp_path / "cut")
     assert metrics_resumed["best_epoch"] == metrics["best_epoch"]
-    assert metrics_resumed["best_val_dice"] == metrics["best_val_dice"]
+    assert metrics_resumed["best_val_score"] == metrics["best_val_score"]
+    assert metrics_resumed["best_val_metric"] == "dice"
 
 
 def test_resume_after_the_last_epoch_just_finishes(seg_samples, tmp_path):
@@ -126,10 +129,12 @@ def test_state_loads_without_unpickling_code_and_must_fit_the_options(seg_sample
     assert state["epoch"] == state["epochs"] == 4 and state["best"]["best_epoch"] >= 1
     assert {"model", "optimizer", "schedule"} <= set(state["state_dicts"])
     with pytest.raises(NaktError, match="resumed with 5"):
-        fit(build_model(card), train, val, tmp_path, epochs=5, batch_size=4, lr=3e-3, progress=False, resume=True)
+        fit(build_model(card), SegmentationTask(card, train, val), tmp_path,
+            FitOptions(epochs=5, batch_size=4, lr=3e-3, progress=False), resume=True)
     other = ModelCard("monai:UNet", 1, 3, label_values=[0, 1, 2], size=[32])
     with pytest.raises(NaktError, match="does not fit"):
-        fit(build_model(other), train, val, tmp_path, epochs=4, batch_size=4, lr=3e-3, progress=False, resume=True)
+        fit(build_model(other), SegmentationTask(other, train, val), tmp_path,
+            FitOptions(epochs=4, batch_size=4, lr=3e-3, progress=False), resume=True)
 
 
 # --- classification ---------------------------------------------------------------------------------------------
@@ -137,7 +142,8 @@ def test_state_loads_without_unpickling_code_and_must_fit_the_options(seg_sample
 def cls_fit(run: Path, resume: bool = False) -> dict:
     """A tiny timm student with an EMA and two online teachers drawn at random (RoS-KD)."""
     from nakt.classify.data import LabelTable
-    from nakt.classify.train import _fit, target_probs
+    from nakt.classify.prepared import target_probs
+    from nakt.train.classification import ClassificationTask
 
     card = ModelCard("timm:resnet10t", 1, 2, task="classification", size=[32], class_names=["a", "b"])
     rng = np.random.default_rng(0)
@@ -154,7 +160,8 @@ def cls_fit(run: Path, resume: bool = False) -> dict:
     model = build_model(card)
     opts = TrainOptions(model=card.spec, images="", out=str(run), task="classification", epochs=4, batch_size=4,
                         lr=3e-3, ema=0.9, teacher=["t1", "t2"], teacher_mode="random", seed=5, progress=False)
-    _fit(model, teachers, images[:16], target_probs(train), images[16:], val, run, opts, resume=resume)
+    task = ClassificationTask(card, images[:16], target_probs(train), images[16:], val, augment=opts.augment)
+    fit(model, task, run, FitOptions.of(opts), teachers, resume=resume)
     return model.state_dict()
 
 

@@ -1,6 +1,8 @@
 """Classification: labels, KD losses, metrics, robustness, targeted transfer and RoS-KD.
 
-The pipeline verbs (`nakt.train`, `label`, `predict`, `evaluate`) dispatch here for classification runs.
+The pipeline verbs `label`, `predict` and `evaluate` dispatch here for classification runs; training uses these
+pieces through the engine's classification adapter (`nakt.train.classification`). Nothing here imports
+`nakt.train`.
 """
 
 from nakt.classify.losses import kd_loss

@@ -10,7 +10,7 @@ import torch
 
 from nakt.classify.data import LabelTable
 from nakt.classify.losses import kd_loss
-from nakt.classify.train import target_probs
+from nakt.classify.prepared import target_probs
 from nakt.errors import look_up_option
 from nakt.models import NaktModel
 

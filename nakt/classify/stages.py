@@ -11,7 +11,7 @@ import numpy as np
 from nakt import __version__
 from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels, restrict
 from nakt.classify.metrics import classification_scores
-from nakt.classify.train import load_images, predict_probs
+from nakt.classify.prepared import load_images, predict_probs
 from nakt.errors import NaktError
 from nakt.fusion import fuse
 from nakt.inference import pick_device

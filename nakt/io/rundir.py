@@ -24,6 +24,7 @@ __all__ = [
     "read_config",
     "read_json",
     "read_metrics",
+    "best_score",
     "read_weights",
     "write_config",
     "write_json",
@@ -110,3 +111,12 @@ def write_metrics(run: Path, metrics: dict) -> None:
 def read_metrics(run: Path) -> dict:
     path = Path(run) / METRICS
     return read_json(path) if path.is_file() else {}
+
+
+def best_score(metrics: dict) -> tuple[float | None, str]:
+    """The best validation score of a run's metrics.json and its metric's name (``dice``, ``auc``); None when the
+    run had no validation. Runs written before the one key (``best_val_dice`` for segmentation,
+    ``best_val_score`` without a metric) read the same."""
+    if "best_val_dice" in metrics and "best_val_score" not in metrics:
+        return metrics["best_val_dice"], "dice"
+    return metrics.get("best_val_score"), metrics.get("best_val_metric", "dice")

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from nakt.batched import PRECISIONS
 from nakt.classify.transfer import RECIPES
 from nakt.config import at_least, between, check_device, check_options, check_orientation, one_of
 from nakt.errors import NaktError
-from nakt.inference import pick_device
-from nakt.io import labelset, outputs, rundir
-from nakt.io.dataset import discover_cases
-from nakt.models import ModelCard, build_model, load, parse_spec
-from nakt.models.weights import load_pretrained
-from nakt.train.data import label_values_of, make_samples, read_cases
-from nakt.train.loop import fit
+from nakt.io import outputs, rundir
+from nakt.models import parse_spec
+from nakt.train import classification, segmentation
+from nakt.train.classification import train_classifier
+from nakt.train.segmentation import train_segmentation
+from nakt.train.setup import RUN_ONLY
 
-__all__ = ["FinetuneOptions", "TrainOptions", "finetune", "infer_task", "resume_options", "train"]
+__all__ = ["FinetuneOptions", "TASK_OPTIONS", "TrainOptions", "check_task_options", "finetune", "infer_task",
+           "resume_options", "train"]
 
 TASKS = ("segmentation", "classification")
 # value checks of TrainOptions (types come from the annotations); run before any data is read
@@ -34,7 +31,10 @@ TRAIN_CHECKS = {
     "size": at_least(1), "patch": at_least(1), "patches_per_case": at_least(1), "in_channels": at_least(1),
     "min_confidence": between(0, 1), "val_fraction": between(0, 1, high_open=True),
     "freeze_encoder_epochs": at_least(0), "seed": at_least(0), "orientation": check_orientation,
+    "precision": one_of(*PRECISIONS),
 }
+# the options only one task takes (each task adapter lists its own); `check_task_options` refuses the others
+TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classification.OPTIONS}
 
 
 @dataclass
@@ -47,12 +47,20 @@ class TrainOptions:
     `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
     distils a label set's soft probabilities (Hinton KD). Classification extras: `teacher` runs online
     distillation (`teacher_mode` ``random`` = RoS-KD, one teacher per step, or ``mean``; `alpha` weighs the
-    teacher term against the labels), `ema` smooths the student, `subsets` K trains K teachers on overlapping
-    random subsets (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of
-    training labels, `balance_classes` draws each epoch's images with probability inversely proportional to
-    their class's frequency (imbalanced tasks such as referable DR). Both tasks: `recipe="targeted"` uses
-    discriminative learning rates with gradual unfreezing (one more layer group every `unfreeze_every` epochs);
-    `init` starts from another run's weights (every tensor whose name and shape match).
+    teacher term against the labels), `subsets` K trains K teachers on overlapping random subsets
+    (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels,
+    `balance_classes` draws each epoch's images with probability inversely proportional to their class's
+    frequency (imbalanced tasks such as referable DR). Segmentation extras: `patch`, `spatial_augment`,
+    `hard_labels`, `orientation` and the mask options. An option of the other task is refused
+    (`check_task_options`).
+
+    Both tasks (one engine, `nakt.train.engine`): `recipe="targeted"` uses discriminative learning rates with
+    gradual unfreezing (one more layer group every `unfreeze_every` epochs); `freeze_encoder_epochs` keeps the
+    encoder (smp) or everything but the head (classifiers) frozen for the first epochs; `ema` keeps an
+    exponential moving average of the weights, which is scored and saved; `min_confidence` leaves pixels
+    (segmentation) or images (classification) whose target's top probability is below it out of the loss;
+    `precision` is ``auto`` (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), ``fp32``, ``bf16``
+    or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
 
     `task` is inferred when not given (`infer_task`). 3D volumes are reoriented to `orientation` (a nibabel
     axcode such as ``RAS``, or ``none`` for storage order) before the network sees them; the model card records
@@ -106,6 +114,7 @@ class TrainOptions:
     model_kwargs: dict = field(default_factory=dict)
     seed: int = 0
     orientation: str = "RAS"
+    precision: str = "auto"
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -119,33 +128,24 @@ class TrainOptions:
             raise NaktError(None, f"--patch takes 1, 2 or 3 numbers, got {len(self.patch)}")
         if self.resume and self.overwrite:
             raise NaktError(None, "--resume continues a run, --overwrite replaces it", "give one of them")
+        if self.recipe == "targeted" and self.freeze_encoder_epochs:
+            raise NaktError(None, "--freeze-encoder-epochs does not combine with --recipe targeted, whose gradual "
+                            "unfreezing decides what trains", "drop one of them")
 
 
 @dataclass
 class FinetuneOptions(TrainOptions):
-    """`train` defaults for a small labelled set: a lower LR and the encoder frozen for the first epochs."""
+    """`train` defaults for a small labelled set: a lower LR and the encoder frozen for the first 5 epochs
+    (none with ``recipe="targeted"``, which unfreezes gradually by itself)."""
 
     epochs: int = 20
     lr: float = 1e-4
-    freeze_encoder_epochs: int = 5
+    freeze_encoder_epochs: int | None = None
 
-
-def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0:
-        return items, []
-    if len(items) < 2:
-        raise NaktError(None, f"{len(items)} training case(s): too few to hold out validation cases",
-                        "give --val-images/--val-masks")
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
-    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
-
-
-def _prepare_out(opts: TrainOptions) -> None:
-    """Claim the run directory: a new or empty folder, or (with --overwrite) a run of nakt's own. With --resume
-    the folder must hold an unfinished run (checked by `resume_options`)."""
-    if not opts.resume:
-        outputs.claim_output(opts.out, outputs.RUN, opts.overwrite)
+    def __post_init__(self) -> None:
+        if self.freeze_encoder_epochs is None:
+            self.freeze_encoder_epochs = 0 if self.recipe == "targeted" else 5
+        super().__post_init__()
 
 
 def infer_task(opts: TrainOptions) -> str:
@@ -169,8 +169,6 @@ def infer_task(opts: TrainOptions) -> str:
     return "classification" if opts.labels is not None and opts.masks is None else "segmentation"
 
 
-# fields that describe how to run, not what is trained: a resumed run may change them
-_RUN_ONLY = {"resume", "progress", "device", "overwrite"}
 
 
 def resume_options(out: str | Path, given: dict, cls: type[TrainOptions] = TrainOptions) -> TrainOptions:
@@ -189,14 +187,14 @@ def resume_options(out: str | Path, given: dict, cls: type[TrainOptions] = Train
     else:
         raise NaktError(out, "is not a run directory: nothing to resume", "start it with nakt train (no --resume)")
     names = {f.name for f in fields(cls)}
-    recorded = {k: v for k, v in record.items() if k in names and k not in _RUN_ONLY}
+    recorded = {k: v for k, v in record.items() if k in names and k not in RUN_ONLY}
     for key, value in given.items():
-        if value is None or key in _RUN_ONLY or key not in recorded or key == "out":
+        if value is None or key in RUN_ONLY or key not in recorded or key == "out":
             continue
         if _normal(value) != _normal(recorded[key]):
             raise NaktError(out, f"--{key.replace('_', '-')} {value!r} differs from the interrupted run's "
                             f"{recorded[key]!r}", "resume with the original options (or only --out and --resume)")
-    extra = {k: v for k, v in given.items() if k in _RUN_ONLY and v is not None}
+    extra = {k: v for k, v in given.items() if k in RUN_ONLY and v is not None}
     return cls(**{**recorded, **extra, "out": str(out), "resume": True})
 
 
@@ -207,75 +205,15 @@ def _normal(value):
     return str(value) if isinstance(value, Path) else value
 
 
-def _orientation(opts: TrainOptions, label_set: Path | None) -> str:
-    """The orientation 3D volumes are read in: the continued run's, else `opts.orientation`. A label set's soft
-    probabilities lie on its teachers' grid, so its orientation must be the same."""
-    orientation = opts.orientation
-    if parse_spec(opts.model)[0] == "run":
-        orientation = rundir.read_config(Path(opts.model))[0].orientation
-    if label_set is not None:
-        theirs = labelset.read_manifest(label_set).get("orientation", "RAS")
-        if theirs.upper() != orientation.upper():
-            raise NaktError(label_set, f"was labelled in orientation {theirs}, the student reads {orientation}",
-                            f"train with --orientation {theirs}")
-    return orientation
-
-
-def _card_for(opts: TrainOptions, items, label_set: Path | None) -> tuple[ModelCard, str | None]:
-    """The model card: from the run being continued, or from the data (channels, classes, dimensions)
-    unless `in_channels` / `label_values` are given. A label set's classes are its teachers' (from its
-    manifest), soft or hard targets alike: its masks may never show a rare class."""
-    if parse_spec(opts.model)[0] == "run":
-        card, _ = rundir.read_config(Path(opts.model))
-        return card, opts.model
-    if opts.resume:  # the recorded card: the data could only rebuild the same one
-        return rundir.read_config(Path(opts.out), require_complete=False)[0], None
-    first = items[0][1]
-    for case, image, _ in items:
-        if image.array.shape[0] != first.array.shape[0] or image.array.ndim != first.array.ndim:
-            raise NaktError(case.images[0], f"{image.array.shape[0]} channel(s), {image.array.ndim - 1}D; "
-                            f"{items[0][0].name} has {first.array.shape[0]}, {first.array.ndim - 1}D")
-    spatial_dims = first.array.ndim - 1
-    if label_set is not None:
-        values = [int(v) for v in labelset.read_manifest(label_set)["label_values"]]
-        extra = sorted(set(label_values_of(items)) - set(values))
-        if extra:
-            raise NaktError(label_set, f"masks hold label values {extra} missing from the manifest")
-    else:
-        values = label_values_of(items)
-    if opts.label_values is not None:
-        extra = sorted(set(values) - set(opts.label_values))
-        if extra:
-            raise NaktError(opts.masks, f"masks hold label values {extra} not in --label-values {opts.label_values}")
-        values = sorted(set(opts.label_values) | {0})
-    if len(values) < 2:
-        raise NaktError(opts.masks, "every mask is empty: nothing to learn")
-    size, patch = opts.size, opts.patch
-    if size is None and patch is None:
-        size, patch = ([256] if spatial_dims == 2 else None), (None if spatial_dims == 2 else [96])
-    card = ModelCard(spec=opts.model, in_channels=opts.in_channels or first.array.shape[0], classes=len(values),
-                     spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
-                     normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs),
-                     orientation=opts.orientation)
-    return card, None
-
-
-def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
-    """Each side the network sees must exceed its downsampling factor, or the deepest layer gets one pixel."""
-    from nakt.preprocess import target_size
-
-    grids = [card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch] if card.patch else [
-        target_size(card, shape) for shape in shapes[:1]]
-    for grid in grids:
-        if min(grid) <= card.size_divisor:
-            what = "--patch" if card.patch else "--size"
-            raise NaktError(None, f"{what} {list(grid)} is too small for {card.spec}, which downsamples "
-                            f"{card.size_divisor}x", f"use sides larger than {card.size_divisor}")
-
-
-# classification-only options with their defaults
-CLASSIFICATION_ONLY = {"labels": None, "teacher": None, "ema": None, "subsets": 0, "label_noise": 0.0,
-                       "balance_classes": False}
+def check_task_options(opts: TrainOptions) -> None:
+    """Refuse an option of another task than `opts.task` given a value other than its default: silently ignoring
+    it would hide a wrong ``--task`` (each adapter lists its own, e.g. `nakt.train.segmentation.OPTIONS`)."""
+    defaults = {f.name: f.default for f in fields(type(opts))}
+    for task, names in TASK_OPTIONS.items():
+        given = [name for name in names if task != opts.task and getattr(opts, name) != defaults[name]]
+        if given:
+            raise NaktError(None, f"--{given[0].replace('_', '-')} applies to {task} only",
+                            f"add --task {task} or drop it")
 
 
 def train(opts: TrainOptions) -> Path:
@@ -285,85 +223,10 @@ def train(opts: TrainOptions) -> Path:
     the run and ``resume=True`` continues it from its last finished epoch.
     """
     opts.task = infer_task(opts)
+    check_task_options(opts)
     if opts.init is not None:
         rundir.read_config(Path(opts.init))  # an unfinished or foreign --init fails now, with its reason
-    if opts.task == "classification":
-        from nakt.classify.train import train_classifier
-
-        return train_classifier(opts)
-    misplaced = [name for name, default in CLASSIFICATION_ONLY.items() if getattr(opts, name) != default]
-    if misplaced:  # silently ignoring them would hide a wrong --task
-        flag = "--" + misplaced[0].replace("_", "-")
-        raise NaktError(None, f"{flag} applies to classification only", "add --task classification or drop it")
-    if opts.masks is None:
-        raise NaktError(None, "missing option 'masks'", "give --masks DIR (or --task classification --labels)")
-    started = time.time()
-    out = Path(opts.out)
-    if parse_spec(opts.model)[0] not in ("run", "torchscript"):
-        build_model(ModelCard(opts.model, 1, 2))  # an unknown architecture fails now, not after reading data
-    masks = Path(opts.masks)
-    soft_from = label_set = None
-    if labelset.is_label_set(masks):
-        label_set = masks
-        soft_from = None if opts.hard_labels else masks
-        masks = masks / "masks"
-    orientation = _orientation(opts, label_set)
-    cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file, require_masks=True)
-    items = read_cases(cases, opts.progress, orientation)
-    if opts.val_images is not None:
-        val_cases = discover_cases(opts.val_images, opts.val_masks or masks, opts.val_cases,
-                                   opts.channels, opts.mask_file, require_masks=True)
-        train_items, val_items = items, read_cases(val_cases, opts.progress, orientation)
-    else:
-        train_items, val_items = _split(items, opts.val_fraction, opts.seed)
-
-    card, init_run = _card_for(opts, train_items + val_items, label_set)
-    torch.manual_seed(opts.seed)
-    if init_run is not None:
-        model = load(init_run)
-    else:
-        model = build_model(card, pretrained=opts.pretrained)
-    if opts.init:  # e.g. a model of the same body part: every tensor whose name and shape match
-        load_pretrained(model, Path(opts.init) / rundir.WEIGHTS)
-    _check_grid(card, [image.spatial_shape for _, image, _ in train_items])
-    _prepare_out(opts)
-    model.to(pick_device(opts.device))
-    train_samples = make_samples(train_items, card, soft_from)
-    val_samples = make_samples(val_items, card)
-    patch = None
-    if card.patch:
-        patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
-    record = {k: v for k, v in asdict(opts).items() if k not in _RUN_ONLY}
-    record.update(continued_from=init_run, soft_targets=soft_from is not None,
-                  trained_on=[s.name for s in train_samples], validated_on=[s.name for s in val_samples])
-    if not opts.resume:
-        rundir.write_config(out, card, record, complete=False)
-    metrics = fit(model, train_samples, val_samples, out, epochs=opts.epochs, batch_size=opts.batch_size,
-                  lr=opts.lr, weight_decay=opts.weight_decay, seed=opts.seed, patch=patch,
-                  patches_per_case=opts.patches_per_case, augment=opts.augment,
-                  spatial_augment=opts.spatial_augment,
-                  freeze_encoder_epochs=opts.freeze_encoder_epochs, min_confidence=opts.min_confidence,
-                  recipe=opts.recipe, unfreeze_every=opts.unfreeze_every, progress=opts.progress,
-                  resume=has_epochs_to_resume(out, opts.resume))
-    finish_run(out, card, record, metrics, started, opts.resume)
-    return out
-
-
-def has_epochs_to_resume(out: Path, resume: bool) -> bool:
-    """With --resume, whether a finished epoch was saved; a run stopped during its first epoch starts over."""
-    from nakt.train.checkpoint import read_training_state
-
-    return resume and read_training_state(out) is not None
-
-
-def finish_run(out: Path, card: ModelCard, record: dict, metrics: dict, started: float, resumed: bool) -> None:
-    """Mark a run complete: wall time into metrics.json, ``complete`` into config.json, the resume state gone.
-    (A resumed run's ``wall_seconds`` counts the resuming process only; ``resumed`` says so.)"""
-    from nakt.train.checkpoint import clear_training_state
-
-    rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1), "resumed": resumed})
-    rundir.write_config(out, card, record, complete=True)
-    clear_training_state(out)
+    return (train_classifier if opts.task == "classification" else train_segmentation)(opts)
 
 
 def finetune(opts: FinetuneOptions) -> Path:

@@ -1,4 +1,4 @@
-"""Per-epoch bookkeeping shared by the segmentation and classification loops: the best epoch's weights in
+"""Per-epoch bookkeeping of the training engine (`nakt.train.engine`): the best epoch's weights in
 ``run/model.safetensors``, ``run/metrics.json`` rewritten after every epoch, a progress line, and the resume
 state ``run/training_state.pt`` that lets an interrupted run continue exactly where it stopped.
 
@@ -40,13 +40,12 @@ STATE_FORMAT = "nakt.training_state/1"
 class BestEpoch:
     """Keeps the epoch with the highest validation score (the last epoch when there is no validation).
 
-    `best_key` names the score in metrics.json (``best_val_dice``, ``best_val_score``); `extra` is written
-    beside it (e.g. which metric the score is).
+    metrics.json holds the score as ``best_val_score`` and its name (`metric`: ``dice``, ``auc``) as
+    ``best_val_metric`` whatever the task; `extra` is written beside them (e.g. the precision trained in).
     """
 
-    def __init__(self, run: Path, epochs: int, metric: str, best_key: str, extra: dict | None = None,
-                 progress: bool = True):
-        self.run, self.epochs, self.metric, self.best_key = run, epochs, metric, best_key
+    def __init__(self, run: Path, epochs: int, metric: str, extra: dict | None = None, progress: bool = True):
+        self.run, self.epochs, self.metric = run, epochs, metric
         self.extra, self.progress = extra or {}, progress
         self.history: list[dict] = []
         self.best: float | None = -1.0
@@ -74,8 +73,8 @@ class BestEpoch:
         """Write `best_model` (if given) as the best weights, then metrics.json from the history."""
         if best_model is not None:
             rundir.write_weights(self.run, best_model)
-        rundir.write_metrics(self.run, {"history": self.history, self.best_key: self.best, **self.extra,
-                                        "best_epoch": self.best_epoch})
+        rundir.write_metrics(self.run, {"history": self.history, "best_val_score": self.best,
+                                        "best_val_metric": self.metric, **self.extra, "best_epoch": self.best_epoch})
 
     def restore_best(self, model: nn.Module) -> None:
         """Load the best epoch's weights (the file `update` wrote) back into `model`."""
