@@ -67,7 +67,7 @@ def main() -> None:
         cases = _copies(DATA / image, out / name / "copies")
         labels = nakt.label(teacher=[str(teacher)], images=str(out / name / "copies"), out=str(out / name / "labels"),
                             overwrite=True, progress=False)
-        manifest = json.loads((labels / "manifest.json").read_text())
+        manifest = json.loads((labels / "manifest.json").read_text(encoding="utf-8"))
         arrays, images = {}, {}
         for case in cases:
             source = read_image(next((out / name / "copies").glob(f"{case}.*")))
@@ -80,7 +80,7 @@ def main() -> None:
                          "agreement_with_nifti": {c: float((a == reference).mean()) for c, a in arrays.items()},
                          "seconds": round(time.time() - started, 1)}
         print(name, json.dumps(results[name]))
-    (out / "axis_consistency.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "axis_consistency.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def prepare(cfg: dict, data: Path, work: Path, max_images: int | None) -> tuple[
         train = rows["train"]
     else:
         images = data / "images"
-        with open(data / "labels.csv") as f:
+        with open(data / "labels.csv", encoding="utf-8") as f:
             table = {Path(r["image"]).stem: r for r in csv.DictReader(f)}
-        splits = json.loads((data / "splits.json").read_text())
+        splits = json.loads((data / "splits.json").read_text(encoding="utf-8"))
 
         def label(r):
             value = int(r[cfg["label_column"]])
@@ -224,7 +224,7 @@ def _finished_seed(path: Path, cfg: dict) -> dict | None:
     """A seed's saved ``{config, rows, wall_s}`` from an earlier run with the same config, else None."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    saved = json.loads(path.read_text(encoding="utf-8"))
     return saved if saved["config"] == cfg else None
 
 

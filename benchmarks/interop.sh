@@ -75,12 +75,12 @@ $PY - "$WORK" <<'PY'
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
-wall = dict(line.split() for line in (work / "wall_seconds.txt").read_text().splitlines())
+wall = dict(line.split() for line in (work / "wall_seconds.txt").read_text(encoding="utf-8").splitlines())
 rows = {}
 for name in ("nnunet", "nakt", "onnx", "student", "fused_labels"):
-    mean = json.loads((work / f"eval_{name}" / "summary.json").read_text())["mean"]
+    mean = json.loads((work / f"eval_{name}" / "summary.json").read_text(encoding="utf-8"))["mean"]
     rows[name] = {"dice": round(mean["dice"], 4), "hd95": None if mean["hd95"] is None else round(mean["hd95"], 2)}
-manifest = json.loads((work / "labels" / "manifest.json").read_text())
+manifest = json.loads((work / "labels" / "manifest.json").read_text(encoding="utf-8"))
 sens = [c["staple"]["sensitivity"] for c in manifest["cases"].values()]
 rows["staple_mean_sensitivity"] = [round(sum(s[k] for s in sens) / len(sens), 4) for k in range(3)]
 result = {"rows": rows, "wall_seconds": {k: int(v) for k, v in wall.items()}}

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         for summary in sorted(seed_dir.glob("eval_*/summary.json")):
             if summary.parent.name.startswith("eval_labels_"):
                 continue  # label sets are scored on the transferal split
-            per_case = json.loads(summary.read_text())["per_case"]
+            per_case = json.loads(summary.read_text(encoding="utf-8"))["per_case"]
             scores = [c["dice"] for c in per_case if c["case"] not in empty]
             table.setdefault(summary.parent.name[len("eval_"):], []).append(float(np.mean(scores)))
     for name, values in table.items():

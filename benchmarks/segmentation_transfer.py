@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_config(path: Path, quick: bool) -> dict:
     """The YAML config, with its ``quick:`` section merged over it in quick mode."""
-    cfg = yaml.safe_load(Path(path).read_text())
+    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     overrides = cfg.pop("quick", {}) if quick else {}
     cfg.pop("quick", None)
     for key, value in overrides.items():
@@ -97,7 +97,7 @@ class Bench:
 
     def __init__(self, cfg: dict, data: Path, work: Path, max_cases: int | None):
         self.cfg, self.data, self.work = cfg, data, work
-        splits = json.loads((data / "splits.json").read_text())
+        splits = json.loads((data / "splits.json").read_text(encoding="utf-8"))
         self.lists = {}
         for split in ("teacher_train", "teacher_val", "transferal", "finetune", "test"):
             cases = splits[split][:max_cases] if max_cases else splits[split]
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.get("human_reference"):  # a second annotator against the first: the human-level reference
         human = bench.evaluate(work / "eval_human", pred=str(data / cfg["human_reference"]))
     if args.reference_only:
-        result = json.loads((out / f"{name}.json").read_text())
+        result = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
         if human is not None:
             result["rows"][HUMAN_ROW] = human_row(human)
         result["reference_command"] = command

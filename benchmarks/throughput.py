@@ -55,11 +55,11 @@ LABELLED_SPLITS = ("transferal", "finetune", "test")  # images the teachers did 
 def train_teachers(work: Path, epochs: int, size: int = 256, max_cases: int | None = None) -> list[Path]:
     """The three teachers, trained on teacher_train (its first `max_cases`) at `size` px, validated on
     teacher_val (kept in `work` and reused when complete)."""
-    splits = json.loads((DATA / "splits.json").read_text())
+    splits = json.loads((DATA / "splits.json").read_text(encoding="utf-8"))
     lists = {}
     for split in ("teacher_train", "teacher_val"):
         lists[split] = work / f"{split}.json"
-        lists[split].write_text(json.dumps(splits[split][:max_cases]))
+        lists[split].write_text(json.dumps(splits[split][:max_cases]), encoding="utf-8")
     runs = []
     for name, spec in TEACHERS.items():
         run = work / "teachers" / name
@@ -74,10 +74,10 @@ def train_teachers(work: Path, epochs: int, size: int = 256, max_cases: int | No
 
 
 def case_list(work: Path, limit: int | None) -> Path:
-    splits = json.loads((DATA / "splits.json").read_text())
+    splits = json.loads((DATA / "splits.json").read_text(encoding="utf-8"))
     names = sorted(n for split in LABELLED_SPLITS for n in splits[split])[:limit]
     path = work / "cases.json"
-    path.write_text(json.dumps(names))
+    path.write_text(json.dumps(names), encoding="utf-8")
     return path
 
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     quick = args.quick
     runs = train_teachers(work, args.epochs or (2 if quick else 15), args.size, args.train_cases)
     cases = case_list(work, args.images or (24 if quick else None))
-    n_images = len(json.loads(cases.read_text()))
+    n_images = len(json.loads(cases.read_text(encoding="utf-8")))
     auto = resolve_precision("auto", torch.device(device))
 
     timings: dict[str, list[float]] = {"naive": [], "nakt_fp32": [], "nakt_auto": [], "networks_only": []}
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("profiling ...", flush=True)
     profile_cases = work / "profile_cases.json"
-    profile_cases.write_text(json.dumps(json.loads(cases.read_text())[:48]))
+    profile_cases.write_text(json.dumps(json.loads(cases.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
     profile = profile_summary(runs, profile_cases, work / "profiled", device)
     torchrun, scale = None, []
     if device == "cpu":

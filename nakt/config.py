@@ -174,7 +174,7 @@ def gather_values(cls: type, config: str | Path | None = None, **given) -> tuple
         if not path.is_file():
             raise NaktError(path, "config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise NaktError(path, f"invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):

@@ -46,7 +46,7 @@ def make_synthetic_dataset(out: str | Path, size: int = 64, seed: int = 0, split
             PILImage.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out / "images" / f"{name}.png")
             PILImage.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
             names[split].append(name)
-    (out / "splits.json").write_text(json.dumps(names, indent=1))
+    (out / "splits.json").write_text(json.dumps(names, indent=1), encoding="utf-8")
     return out
 
 

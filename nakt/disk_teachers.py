@@ -115,7 +115,7 @@ class ProbsTeacher:
         if not dataset.is_file():
             raise NaktError(self.folder, "has no manifest.json (nakt label set) nor dataset.json (nnU-Net predictions)",
                             "or give the label values: probs:DIR?labels=0,1,2")
-        labels = json.loads(dataset.read_text()).get("labels", {})
+        labels = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
         if any(not isinstance(v, int) for v in labels.values()):
             raise NaktError(dataset, "region-based labels (lists of values) are not supported")
         return sorted(labels.values())

@@ -88,7 +88,7 @@ def export(opts: ExportOptions) -> Path:
         _WRITERS[opts.format](_Bare(model.net).eval(), _example(model.card), tmp_model, opts.opset, opts.model)
         exported = load(f"{opts.format}:{tmp_model}", **contract)
         _check(model.to(device), exported.to(device), samples, opts.atol, out)
-        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -99,7 +99,7 @@ def _claim(out: Path, side: Path, overwrite: bool) -> None:
     if not out.exists() and not side.exists():
         return
     try:
-        ours = str(json.loads(side.read_text()).get("format", "")).startswith("nakt.export/")
+        ours = str(json.loads(side.read_text(encoding="utf-8")).get("format", "")).startswith("nakt.export/")
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:

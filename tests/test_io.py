@@ -154,3 +154,21 @@ def test_palette_masks_read_as_indices(tmp_path, suffix):
     pil.save(tmp_path / f"m{suffix}")
     np.testing.assert_array_equal(read_mask(tmp_path / f"m{suffix}"), labels)
     assert read_image(tmp_path / f"m{suffix}").array.shape == (3, 6, 5)  # as an image, the colours
+
+
+def test_text_files_are_read_as_utf8_under_an_ascii_locale(tmp_path):
+    """Case lists, splits and configs written on another machine may name cases with accents; an ASCII locale
+    (a CI runner, a cluster node, or a library that called setlocale) must not change how nakt reads them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "cases.json").write_text('["café_01", "naïve_02"]', encoding="utf-8")
+    code = ("import sys; from nakt.io.dataset import read_case_list; "
+            "print(read_case_list(sys.argv[1]) == ['caf\\u00e9_01', 'na\\u00efve_02'])")  # ASCII command line
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.json")], env=env,
+                          capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "True"

@@ -66,7 +66,7 @@ def _from_folders(root: Path) -> LabelTable:
 
 def _from_csv(root: Path, csv_path: Path, label_column: str | None, soft: bool) -> LabelTable:
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except OSError as exc:
         raise NaktError(csv_path, f"cannot read labels ({exc.strerror})") from None

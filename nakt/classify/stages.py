@@ -62,7 +62,7 @@ def _write_csv(path: Path, keys: list[str], class_names: list[str], probs: np.nd
     for i, key in enumerate(keys):
         writer.writerow([key, *(f"{p:.6f}" for p in probs[i]), *(v[i] for v in (extra or {}).values())])
     with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def _teacher_probs(models: list[NaktModel], table: LabelTable, progress: bool) -> np.ndarray:

@@ -40,7 +40,7 @@ def read_case_list(spec: str | Path | list[str]) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise NaktError(path, "case list not found")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -52,7 +52,7 @@ def is_label_set(path: str | Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return str(json.loads(manifest.read_text()).get("format", "")).startswith("nakt.labelset/")
+        return str(json.loads(manifest.read_text(encoding="utf-8")).get("format", "")).startswith("nakt.labelset/")
     except (json.JSONDecodeError, AttributeError):
         return False
 
@@ -60,7 +60,7 @@ def is_label_set(path: str | Path) -> bool:
 def read_manifest(path: str | Path) -> dict:
     manifest = Path(path) / MANIFEST
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise NaktError(manifest, f"cannot read label-set manifest ({exc})") from None
     if not str(data.get("format", "")).startswith("nakt.labelset/"):
@@ -145,7 +145,7 @@ def read_records(label_set: str | Path) -> dict[str, dict]:
         if name.startswith(TMP_PREFIX) or not name.endswith(".json"):
             continue
         try:
-            records[name[: -len(".json")]] = json.loads((folder / name).read_text())
+            records[name[: -len(".json")]] = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # cannot happen with atomic writes, but a damaged record only means the case is redone
     return records

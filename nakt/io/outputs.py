@@ -67,7 +67,7 @@ DEMO = OutputKind("demo folder", "demo.json", "nakt.demo/",
 
 def _marker(folder: Path, kind: OutputKind) -> dict | None:
     try:
-        data = json.loads((folder / kind.marker).read_text())
+        data = json.loads((folder / kind.marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -38,7 +38,7 @@ CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
 
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
 
 
 def _jsonable(obj):
@@ -56,7 +56,7 @@ def read_json(path: Path, hint: str = "is this a run directory written by nakt t
     if not path.is_file():
         raise NaktError(path, "not found", hint)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise NaktError(path, f"invalid JSON ({exc})") from None
 

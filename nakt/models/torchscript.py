@@ -41,7 +41,7 @@ def foreign_card(path: str | Path, scheme_name: str, what: str, **contract) -> M
     side = sidecar_path(path)
     if side is not None:
         try:
-            info = json.loads(side.read_text())
+            info = json.loads(side.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise NaktError(side, f"invalid JSON ({exc})") from None
         if not isinstance(info, dict):

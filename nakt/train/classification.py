@@ -185,7 +185,7 @@ def _train_subsets(opts) -> Path:
             continue  # finished before the interruption
         cases = out / f"subset_{k}.txt"
         with outputs.atomic_path(cases) as tmp:
-            tmp.write_text("\n".join(table.keys[i] for i in subset) + "\n")
+            tmp.write_text("\n".join(table.keys[i] for i in subset) + "\n", encoding="utf-8")
         resume = opts.resume and outputs.holds_output(run, outputs.RUN)
         train_classifier(dataclasses.replace(opts, subsets=0, cases=str(cases), out=str(run), seed=opts.seed + k,
                                              resume=resume, overwrite=False))
