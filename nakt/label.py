@@ -281,9 +281,7 @@ def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: 
     """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
     its record: a case counts as done only once its files are complete."""
     fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
-    # the mask is the argmax of the probabilities as stored, so a label set's masks and probs never disagree
-    # (a near-tie that storage rounds to a tie goes to the first class, as `probs:` teachers decide it)
-    mask = decode_labels(labelset.stored_probs(fused).argmax(0), values)
+    mask = decode_labels(fused.argmax(0), values)
     mask_path = write_label(mask, image, out / "masks" / name)
     labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None)
     labelset.write_record(out, name, {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{name}.npz",
