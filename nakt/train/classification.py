@@ -26,7 +26,6 @@ from nakt.errors import NaktError
 from nakt.io import rundir
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, load, parse_spec
-from nakt.train.augment import augment, augmenters
 from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
 
 __all__ = ["ClassificationTask", "OPTIONS", "train_classifier"]
@@ -39,21 +38,21 @@ OPTIONS = ("labels", "val_labels", "label_column", "head", "temperature", "teach
 class ClassificationTask:
     """Prepared images ``[N, C_in, H, W]`` (float16, in memory or `LazyImages`) with targets ``[N, C]`` (class
     probabilities) drawn as batches ``{"image": [B, C_in, H, W], "target": [B, C]}``, in a random order or, with
-    `balance_classes`, with every class equally likely; `augment` mirrors half of them (`augmenters`). The loss
-    is `kd_loss` at `temperature` against the targets or, with online teachers, ``alpha`` on the teachers'
-    probabilities and the rest on the targets; images whose target's top probability is below `min_confidence`
-    are left out of it. The score is the validation macro AUC (accuracy where AUC is undefined)."""
+    `balance_classes`, with every class equally likely; `augment` flips half of them. The loss is `kd_loss` at
+    `temperature` against the targets or, with online teachers, ``alpha`` on the teachers' probabilities and the
+    rest on the targets; images whose target's top probability is below `min_confidence` are left out of it.
+    The score is the validation macro AUC (accuracy where AUC is undefined)."""
 
     metric = "auc"
 
     def __init__(self, card: ModelCard, x_train: torch.Tensor | LazyImages, y_train: torch.Tensor,
                  x_val: torch.Tensor | LazyImages, val_table: LabelTable, *, augment: bool = False,
                  balance_classes: bool = False, temperature: float = 1.0, alpha: float = 0.5,
-                 min_confidence: float = 0.0, seed: int = 0):
+                 min_confidence: float = 0.0):
         self.card, self.x_train, self.y_train, self.x_val, self.val_table = card, x_train, y_train, x_val, val_table
-        self.temperature, self.alpha, self.min_confidence = temperature, alpha, min_confidence
+        self.augment, self.temperature, self.alpha, self.min_confidence = augment, temperature, alpha, min_confidence
         self.balance = class_balanced_weights(y_train) if balance_classes else None
-        self.transforms = augmenters(2, seed, keys=("image",), intensity=False) if augment else {}
+        self.transforms: dict[str, object] = {}
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(len(self.x_train) / batch_size))
@@ -66,8 +65,9 @@ class ClassificationTask:
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
             x = self.x_train[idx].float()
-            if self.transforms:
-                x = torch.stack([augment({"image": image}, self.transforms)["image"] for image in x])
+            if self.augment:
+                flip = torch.as_tensor(rng.random(len(idx)) < 0.5)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             yield {"image": x, "target": self.y_train[idx]}
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,8 +122,7 @@ def train_classifier(opts) -> Path:
     x_train, y_train = training_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
     task = ClassificationTask(card, x_train, y_train, training_images(val_table, card, opts.progress), val_table,
                               augment=opts.augment, balance_classes=opts.balance_classes,
-                              temperature=opts.temperature, alpha=opts.alpha, min_confidence=opts.min_confidence,
-                              seed=opts.seed)
+                              temperature=opts.temperature, alpha=opts.alpha, min_confidence=opts.min_confidence)
     record = record_of(opts)
     record.update(soft_targets=train_table.kind == "probs", trained_on=train_table.keys, validated_on=val_table.keys)
     return run_training(opts, card, model, task, record, teachers, started)

@@ -6,6 +6,7 @@ A sample holds the prepared image ``[C_in, *grid]`` and its target on the same g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from nakt.io.dataset import Case
 from nakt.io.images import read_image, read_mask
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
-from nakt.train.augment import augment
 
-__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases", "read_label_map"]
+__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases", "read_label_map",
+           "spatial_augmenter"]
 
 
 @dataclass
@@ -126,10 +127,24 @@ def _crop(sample: Sample, patch: tuple[int, ...], rng: np.random.Generator) -> t
     return image[(slice(None), *window)], target[(slice(None), *window)] if soft else target[window]
 
 
+def spatial_augmenter(spatial_dims: int, seed: int, max_degrees: float = 15.0, max_scale: float = 0.15):
+    """A random rotation (up to `max_degrees` about each axis) and scaling (1 +- `max_scale` per axis) of
+    image and target together, for half the samples (MONAI `RandAffined`; bilinear on both, so soft targets
+    stay probabilities; borders are repeated)."""
+    from monai.transforms import RandAffined
+
+    augmenter = RandAffined(keys=("image", "target"), prob=0.5, mode=("bilinear", "bilinear"), padding_mode="border",
+                            rotate_range=[math.radians(max_degrees)] * (1 if spatial_dims == 2 else 3),
+                            scale_range=[max_scale] * spatial_dims)
+    augmenter.set_random_state(seed)
+    return augmenter
+
+
 def batches(samples: list[Sample], batch_size: int, classes: int, rng: np.random.Generator,
-            patch: tuple[int, ...] | None = None, patches_per_case: int = 1, transforms: dict | None = None):
-    """Yield ``(images [B, C_in, *grid], targets [B, C, *grid] probabilities)`` for one epoch: the order and
-    crops drawn with `rng`, each sample then through `transforms` (`nakt.train.augment.augmenters`)."""
+            patch: tuple[int, ...] | None = None, patches_per_case: int = 1, augment: bool = False,
+            spatial=None):
+    """Yield ``(images [B, C_in, *grid], targets [B, C, *grid] probabilities)`` for one epoch; `spatial` is a
+    `spatial_augmenter` (or None)."""
     order = np.concatenate([rng.permutation(len(samples)) for _ in range(patches_per_case if patch else 1)])
     for start in range(0, len(order), batch_size):
         xs, ys = [], []
@@ -140,9 +155,13 @@ def batches(samples: list[Sample], batch_size: int, classes: int, rng: np.random
                 y = one_hot(y[None], classes)[0]
             else:  # float16 storage rounds; targets must sum to 1 exactly
                 y = y.float() / y.float().sum(0, keepdim=True).clamp_min(1e-6)
-            if transforms:
-                moved = augment({"image": x, "target": y}, transforms)
-                x, y = moved["image"], moved["target"]
+            if augment:
+                if rng.random() < 0.5:
+                    x, y = x.flip(-1), y.flip(-1)
+                x = x * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+            if spatial is not None:
+                moved = spatial({"image": x, "target": y})
+                x, y = torch.as_tensor(moved["image"]), torch.as_tensor(moved["target"])
             xs.append(x)
             ys.append(y)
         if len(xs) == 1 and len(order) > 1:

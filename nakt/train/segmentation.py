@@ -19,8 +19,7 @@ from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
-from nakt.train.augment import augmenters
-from nakt.train.data import Sample, batches, hard_target, label_values_of, make_samples, read_cases
+from nakt.train.data import Sample, batches, hard_target, label_values_of, make_samples, read_cases, spatial_augmenter
 from nakt.train.losses import SoftDiceCELoss
 from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
 
@@ -45,10 +44,10 @@ class SegmentationTask:
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
                  min_confidence: float = 0.0, seed: int = 0):
         self.card, self.train, self.val = card, train, val
-        self.patch, self.patches_per_case = patch, patches_per_case
+        self.patch, self.patches_per_case, self.augment = patch, patches_per_case, augment
         self.min_confidence = min_confidence
-        self.transforms = augmenters(card.spatial_dims, seed, flips=augment, intensity=augment,
-                                     spatial=spatial_augment)
+        self.spatial = spatial_augmenter(card.spatial_dims, seed) if spatial_augment else None
+        self.transforms = {"spatial": self.spatial}
         self.loss_fn = SoftDiceCELoss()
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -56,7 +55,7 @@ class SegmentationTask:
 
     def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for x, y in batches(self.train, batch_size, self.card.classes, rng, self.patch, self.patches_per_case,
-                            self.transforms):
+                            self.augment, self.spatial):
             yield {"image": x, "target": y}
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
