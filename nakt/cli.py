@@ -86,10 +86,13 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--val-labels", help="classification: labels of --val-images")
     p.add_argument("--head", choices=["softmax", "sigmoid", "ordinal"], help="classification head")
     p.add_argument("--temperature", type=float, help="distillation temperature for soft labels (Hinton KD)")
-    p.add_argument("--teacher", action="append", help="classification: online distillation from this run "
-                   "(repeat for several; see nakt distill)")
-    p.add_argument("--teacher-mode", choices=["random", "mean"], help="random: one teacher per step (RoS-KD)")
-    p.add_argument("--alpha", type=float, help="weight of the teacher term against the labels (default 0.5)")
+    p.add_argument("--teacher", action="append", help="online distillation from this network (run directory, "
+                   "torchscript:, onnx:, bundle:), run on the student's augmented batches (repeat for several)")
+    p.add_argument("--teacher-mode", choices=["random", "mean"], help="random: one teacher per step (RoS-KD); "
+                   "mean: all, fused by --fusion")
+    p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"],
+                   help="how online teachers are fused per sample with --teacher-mode mean (default mean)")
+    p.add_argument("--alpha", type=float, help="weight of the teachers against the stored targets (default 0.5)")
     p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--recipe", choices=["targeted"], help="targeted: discriminative LRs + gradual unfreezing")
     p.add_argument("--unfreeze-every", type=int, help="targeted recipe: epochs between unfreezing steps")
@@ -131,6 +134,10 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
 
     p.add_argument("--precision", choices=list(PRECISIONS), help="training arithmetic (autocast): auto is bf16 on "
                    "GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
+    p.add_argument("--num-workers", type=int, help="DataLoader processes reading and augmenting training images "
+                   "(default 2; 0: in the main process)")
+    p.add_argument("--cache-gb", type=float, help="hold prepared images in memory up to this many GiB (default 4; "
+                   "validation first), read the rest from disk every epoch")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
     p.add_argument("--seed", type=int)
     p.add_argument("--orientation", help="3D: reorient volumes to this anatomical orientation before the network "
@@ -164,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p, "run directory to fine-tune")
     _document(p, FinetuneOptions)
 
-    p = sub.add_parser("distill", help="classification: train a student with teachers running alongside "
-                       "(online KD, RoS-KD with --teacher-mode random)")
+    p = sub.add_parser("distill", help="train a student with teachers running on its augmented batches "
+                       "(online KD; RoS-KD with --teacher-mode random)")
     _train_flags(p, "student model spec")
     _document(p, TrainOptions)
 
@@ -266,8 +273,7 @@ def _run(args: argparse.Namespace):
         return getattr(nakt, args.verb.replace("-", "_"))(config=args.config, **values)
     if args.verb == "distill":
         if not values.get("teacher"):
-            raise NaktError(None, "nakt distill needs --teacher RUN (repeatable)")
-        values["task"] = "classification"
+            raise NaktError(None, "nakt distill needs --teacher (a run directory or network file; repeatable)")
         return nakt.train(config=args.config, **values)
     return getattr(nakt, args.verb)(config=args.config, **values)
 

@@ -57,12 +57,13 @@ def current_share(num_parts: int = 1, part_id: int = 0) -> Share:
 
 
 @contextmanager
-def process_group(share: Share) -> Iterator[None]:
-    """A gloo process group for torchrun's processes (CPU barriers only: the work itself is not collective)."""
+def process_group(share: Share, backend: str = "gloo") -> Iterator[None]:
+    """A process group for torchrun's processes: gloo (CPU tensors: label's barriers, training on CPUs) or nccl
+    (training on GPUs)."""
     if not share.distributed or torch.distributed.is_initialized():
         yield
         return
-    torch.distributed.init_process_group("gloo")
+    torch.distributed.init_process_group(backend)
     try:
         yield
     finally:

@@ -25,17 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def seg_task(val: bool = False, **kw):
     """An smp U-Net (it has an encoder) on eight 32x32 squares."""
-    from nakt.train.data import Sample
     from nakt.train.segmentation import SegmentationTask
 
     card = ModelCard("smp:Unet/resnet18", 1, 2, label_values=[0, 1], size=[32])
     rng = np.random.default_rng(0)
     samples = []
-    for i in range(8):
-        target = torch.zeros(32, 32, dtype=torch.int64)
+    for _ in range(8):
+        target = torch.zeros(32, 32, dtype=torch.uint8)
         a, b = rng.integers(4, 16, 2)
         target[a:a + 12, b:b + 12] = 1
-        samples.append(Sample(str(i), (target[None].float() + torch.randn(1, 32, 32) * 0.3), target, None))
+        samples.append({"image": target[None].float() + torch.randn(1, 32, 32) * 0.3, "target": target})
     return card, SegmentationTask(card, samples[:6], samples[6:] if val else [], **kw)
 
 
@@ -102,7 +101,7 @@ def test_ema_is_what_is_scored_and_saved_without_changing_training(name, tmp_pat
 def test_min_confidence_leaves_unsure_targets_out_of_the_loss(name):
     card, task = TASKS[name](min_confidence=0.8)
     _, plain = TASKS[name]()
-    batch = next(task.batches(np.random.default_rng(0), 4))
+    batch = torch.utils.data.default_collate([task.samples[(i, i)] for i in range(4)])
     target = batch["target"].float().clone()
     unsure = (slice(None), slice(None), slice(0, 16)) if name == "segmentation" else (slice(0, 2),)
     target[unsure] = 1.0 / target.shape[1]  # soft and unsure: top probability 0.5
@@ -165,10 +164,10 @@ CLS = "train --task classification --model timm:resnet10t --images {d}/images --
 REFUSED = [
     (SEG + " --temperature 2", "--temperature applies to classification only"),
     (SEG + " --head sigmoid", "--head applies to classification only"),
-    (SEG + " --alpha 0.3", "--alpha applies to classification only"),
-    (SEG + " --teacher-mode mean", "--teacher-mode applies to classification only"),
+    (SEG + " --alpha 0.3", "--alpha weighs online teachers"),
+    (CLS + " --teacher-mode mean", "--teacher-mode weighs online teachers"),
     (SEG + " --val-labels {d}/val.csv", "--val-labels applies to classification only"),
-    (SEG + " --teacher {d}/run", "--teacher applies to classification only"),
+    (SEG + " --fusion vote", "--fusion weighs online teachers"),
     (SEG + " --balance-classes", "--balance-classes applies to classification only"),
     (SEG + " --label-noise 0.1", "--label-noise applies to classification only"),
     (SEG + " --subsets 2", "--subsets applies to classification only"),

@@ -143,7 +143,8 @@ def test_3d_export_keeps_source_geometry(tmp_path):
     vol = {"channels": ["flair*", "t1c*"], "progress": False}
     teacher = nakt.train(model="monai:UNet", images=str(images), masks=str(images), mask_file="seg*",
                          cases=case_list(tmp_path / "tr.txt", ["train0", "train1"]), out=str(tmp_path / "t3d"),
-                         patch=[32], patches_per_case=1, epochs=1, batch_size=2, val_fraction=0, **vol)
+                         patch=[32], patches_per_case=2, epochs=4, batch_size=2, val_fraction=0, lr=1e-2,
+                         augment=False, precision="fp32", **vol)  # sure to label both classes somewhere
     labels = nakt.label(teacher=[str(teacher)], images=str(images), out=str(tmp_path / "lab3d"),
                         cases=case_list(tmp_path / "tf.txt", ["flipped", "itk", "train0"]), **vol)
     raw = tmp_path / "raw"

@@ -251,8 +251,8 @@ def test_one_teacher_labels_every_format_alike(tmp_path):
             (tmp_path / folder).mkdir(exist_ok=True)
             sitk.WriteImage(_sitk_image(data), str(tmp_path / folder / f"t{i}.nii.gz"))
     run = nakt.train(model="monai:UNet", images=tmp_path / "train_img", masks=tmp_path / "train_msk",
-                     out=tmp_path / "teacher", size=[32], epochs=2, batch_size=2, val_fraction=0,
-                     progress=False, device="cpu")
+                     out=tmp_path / "teacher", size=[32], epochs=6, batch_size=2, val_fraction=0, lr=1e-2,
+                     augment=False, precision="fp32", progress=False, device="cpu")  # sure to segment something
     assert json.loads((run / "config.json").read_text())["orientation"] == "RAS"
     paths = write_copies(_volume(0)[0], tmp_path / "unlabelled")
     out = nakt.label(teacher=[run], images=tmp_path / "unlabelled", out=tmp_path / "labels", progress=False,

@@ -4,8 +4,17 @@ import torch
 
 from nakt.models import load
 from nakt.preprocess import one_hot
-from nakt.train.data import Sample, batches
+from nakt.train.augment import Augmentation
+from nakt.train.data import TrainingSamples
 from nakt.train.losses import SoftDiceCELoss
+
+
+def batch_of(cases: list[dict], classes: int, patch=None, seeds=range(100), **augment) -> dict[str, torch.Tensor]:
+    """One batch of `TrainingSamples` over prepared cases, the way the engine's DataLoader stacks them."""
+    dims = cases[0]["image"].ndim - 1
+    augmentation = Augmentation(dims, ("target",), **{"flip": False, "intensity": False, **augment})
+    samples = TrainingSamples(cases, classes, augmentation, patch)
+    return torch.utils.data.default_collate([samples[(i, seed)] for i, seed in zip(range(len(cases)), seeds)])
 
 
 def test_soft_dice_ce_equals_monai_dicece_on_one_hot():
@@ -31,13 +40,13 @@ def test_soft_targets_pull_towards_teacher_probabilities():
 def test_soft_label_training_step_reduces_loss():
     torch.manual_seed(0)
     model = load("monai:UNet", in_channels=1, classes=2)
-    rng = np.random.default_rng(0)
     image = torch.randn(1, 32, 32)
     probs = torch.zeros(2, 32, 32)
     probs[1, 8:24, 8:24] = 0.8
     probs[0] = 1 - probs[1]
-    samples = [Sample("a", image, probs.half(), None), Sample("b", image.flip(-1), probs.flip(-1).half(), None)]
-    x, y = next(batches(samples, 2, 2, rng))
+    batch = batch_of([{"image": image, "target": probs.half()},
+                      {"image": image.flip(-1), "target": probs.flip(-1).half()}], 2, flip=True, intensity=True)
+    x, y = batch["image"], batch["target"]
     assert y.dtype == torch.float32 and torch.allclose(y.sum(1), torch.ones(2, 32, 32))
     assert y[:, 1].max() == pytest.approx(0.8, abs=1e-3)  # soft targets stay soft
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -54,11 +63,11 @@ def test_soft_label_training_step_reduces_loss():
 
 
 def test_patch_batches_have_patch_size_and_pad_small_images():
-    rng = np.random.default_rng(0)
-    target = torch.zeros(20, 12, dtype=torch.int64)
+    target = torch.zeros(20, 12, dtype=torch.uint8)
     target[5:8, 3:6] = 1
-    samples = [Sample("a", torch.randn(2, 20, 12), target, None)]
-    x, y = next(batches(samples + samples, 2, 2, rng, patch=(16, 16)))
+    case = {"image": torch.randn(2, 20, 12), "target": target}
+    batch = batch_of([case, case], 2, patch=(16, 16))
+    x, y = batch["image"], batch["target"]
     assert x.shape == (2, 2, 16, 16) and y.shape == (2, 2, 16, 16)
     torch.testing.assert_close(y.sum(1), torch.ones(2, 16, 16))
 
@@ -113,14 +122,13 @@ def test_targeted_recipe_and_init_on_segmentation(synthetic2d, tmp_path):
 @pytest.mark.parametrize("shape", [(40, 40), (20, 20, 12)])
 def test_spatial_augmentation_moves_image_and_target_together(shape):
     """Rotated/scaled targets stay probabilities and stay on the image's foreground, in 2D and 3D."""
-    from nakt.train.data import spatial_augmenter
-
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     square = torch.as_tensor(np.all([np.abs(g - 0.2) < 0.4 for g in grid], axis=0))
-    sample = Sample("s", square[None].float(), square.long(), None)
-    augmenter = spatial_augmenter(len(shape), seed=0)
+    case = {"image": square[None].float(), "target": square.to(torch.uint8)}
     moved = 0
-    for x, y in batches([sample] * 8, 8, 2, np.random.default_rng(0), spatial=augmenter):
+    for seed in range(2):
+        batch = batch_of([case] * 8, 2, seeds=range(8 * seed, 8 * seed + 8), spatial=True)
+        x, y = batch["image"], batch["target"]
         assert torch.allclose(y.sum(1), torch.ones(()), atol=1e-5)
         agree = ((x[:, 0] > 0.5) == (y[:, 1] > 0.5)).float().mean()
         assert agree > 0.98

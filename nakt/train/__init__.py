@@ -9,10 +9,14 @@ from nakt.batched import PRECISIONS
 from nakt.classify.transfer import RECIPES
 from nakt.config import at_least, between, check_device, check_options, check_orientation, one_of
 from nakt.errors import NaktError
+from nakt.fusion import FUSIONS
+from nakt.inference import pick_device
 from nakt.io import outputs, rundir
 from nakt.models import parse_spec
+from nakt.sharding import current_share, process_group
 from nakt.train import classification, segmentation
 from nakt.train.classification import train_classifier
+from nakt.train.online import check_online_specs
 from nakt.train.segmentation import train_segmentation
 from nakt.train.setup import RUN_ONLY
 
@@ -31,7 +35,8 @@ TRAIN_CHECKS = {
     "size": at_least(1), "patch": at_least(1), "patches_per_case": at_least(1), "in_channels": at_least(1),
     "min_confidence": between(0, 1), "val_fraction": between(0, 1, high_open=True),
     "freeze_encoder_epochs": at_least(0), "seed": at_least(0), "orientation": check_orientation,
-    "precision": one_of(*PRECISIONS),
+    "precision": one_of(*PRECISIONS), "num_workers": at_least(0), "cache_gb": at_least(0),
+    "fusion": one_of(*FUSIONS),
 }
 # the options only one task takes (each task adapter lists its own); `check_task_options` refuses the others
 TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classification.OPTIONS}
@@ -45,22 +50,30 @@ class TrainOptions:
     targets unless `hard_labels`). Without validation data, `val_fraction` of the cases is held out.
     With ``task="classification"``, `labels` (a CSV or a classification label set) or class folders under
     `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
-    distils a label set's soft probabilities (Hinton KD). Classification extras: `teacher` runs online
-    distillation (`teacher_mode` ``random`` = RoS-KD, one teacher per step, or ``mean``; `alpha` weighs the
-    teacher term against the labels), `subsets` K trains K teachers on overlapping random subsets
+    distils a label set's soft probabilities (Hinton KD). Classification extras: `subsets` K trains K teachers
+    on overlapping random subsets
     (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels,
     `balance_classes` draws each epoch's images with probability inversely proportional to their class's
     frequency (imbalanced tasks such as referable DR). Segmentation extras: `patch`, `spatial_augment`,
     `hard_labels`, `orientation` and the mask options. An option of the other task is refused
     (`check_task_options`).
 
-    Both tasks (one engine, `nakt.train.engine`): `recipe="targeted"` uses discriminative learning rates with
+    Both tasks (one engine, `nakt.train.engine`): `teacher` (networks: run directories, ``torchscript:``,
+    ``onnx:``, ``bundle:``) runs online distillation, the teachers seeing the student's own augmented batch at
+    every step (`nakt.train.online`): `teacher_mode` ``random`` draws one per step (RoS-KD), ``mean`` runs all
+    and fuses them per sample by `fusion` (a `nakt.fusion.FUSIONS` rule); `alpha` weighs the teachers against
+    the stored targets (masks, a label set, class labels), which segmentation may leave out (no `masks`: the
+    teachers alone teach). `recipe="targeted"` uses discriminative learning rates with
     gradual unfreezing (one more layer group every `unfreeze_every` epochs); `freeze_encoder_epochs` keeps the
     encoder (smp) or everything but the head (classifiers) frozen for the first epochs; `ema` keeps an
     exponential moving average of the weights, which is scored and saved; `min_confidence` leaves pixels
     (segmentation) or images (classification) whose target's top probability is below it out of the loss;
     `precision` is ``auto`` (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), ``fp32``, ``bf16``
     or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
+    Training data is read from disk by `num_workers` DataLoader processes; prepared images up to `cache_gb`
+    GiB are held in memory (validation cases first), the rest read again every epoch, so a training set larger
+    than memory trains in bounded memory. Under ``torchrun`` the processes train one model with
+    DistributedDataParallel, `batch_size` being the global batch.
 
     `task` is inferred when not given (`infer_task`). 3D volumes are reoriented to `orientation` (a nibabel
     axcode such as ``RAS``, or ``none`` for storage order) before the network sees them; the model card records
@@ -79,6 +92,7 @@ class TrainOptions:
     temperature: float = 1.0
     teacher: list[str] | None = None
     teacher_mode: str = "random"
+    fusion: str = "mean"
     alpha: float = 0.5
     ema: float | None = None
     recipe: str | None = None
@@ -115,6 +129,8 @@ class TrainOptions:
     seed: int = 0
     orientation: str = "RAS"
     precision: str = "auto"
+    num_workers: int = 2
+    cache_gb: float = 4.0
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -128,6 +144,11 @@ class TrainOptions:
             raise NaktError(None, f"--patch takes 1, 2 or 3 numbers, got {len(self.patch)}")
         if self.resume and self.overwrite:
             raise NaktError(None, "--resume continues a run, --overwrite replaces it", "give one of them")
+        alone = [f for f, default in (("alpha", 0.5), ("teacher_mode", "random"), ("fusion", "mean"))
+                 if getattr(self, f) != default and not self.teacher]
+        if alone:
+            raise NaktError(None, f"--{alone[0].replace('_', '-')} weighs online teachers, and none is given",
+                            "add --teacher, or drop it")
         if self.recipe == "targeted" and self.freeze_encoder_epochs:
             raise NaktError(None, "--freeze-encoder-epochs does not combine with --recipe targeted, whose gradual "
                             "unfreezing decides what trains", "drop one of them")
@@ -226,7 +247,15 @@ def train(opts: TrainOptions) -> Path:
     check_task_options(opts)
     if opts.init is not None:
         rundir.read_config(Path(opts.init))  # an unfinished or foreign --init fails now, with its reason
-    return (train_classifier if opts.task == "classification" else train_segmentation)(opts)
+    if opts.teacher:
+        check_online_specs(opts.teacher)
+    share = current_share()
+    if share.distributed and opts.subsets:
+        raise NaktError(None, "--subsets under torchrun", "train the subset teachers as one job each, or in "
+                        "one process")
+    backend = "nccl" if share.device(pick_device(opts.device)).type == "cuda" else "gloo"
+    with process_group(share, backend):
+        return (train_classifier if opts.task == "classification" else train_segmentation)(opts)
 
 
 def finetune(opts: FinetuneOptions) -> Path:

@@ -42,11 +42,13 @@ class BestEpoch:
 
     metrics.json holds the score as ``best_val_score`` and its name (`metric`: ``dice``, ``auc``) as
     ``best_val_metric`` whatever the task; `extra` is written beside them (e.g. the precision trained in).
+    Only the `main` process of a distributed run writes files and progress; the others keep the history.
     """
 
-    def __init__(self, run: Path, epochs: int, metric: str, extra: dict | None = None, progress: bool = True):
+    def __init__(self, run: Path, epochs: int, metric: str, extra: dict | None = None, progress: bool = True,
+                 main: bool = True):
         self.run, self.epochs, self.metric = run, epochs, metric
-        self.extra, self.progress = extra or {}, progress
+        self.extra, self.progress, self.main = extra or {}, progress and main, main
         self.history: list[dict] = []
         self.best: float | None = -1.0
         self.best_epoch = 0
@@ -60,7 +62,7 @@ class BestEpoch:
         is_best = score is None or score > self.best
         if is_best:
             self.best, self.best_epoch = score, entry["epoch"]
-        if state is not None:
+        if state is not None and self.main:
             state.save(entry["epoch"])
         self.write(model if is_best else None)
         if self.progress:
@@ -71,6 +73,8 @@ class BestEpoch:
 
     def write(self, best_model: nn.Module | None) -> None:
         """Write `best_model` (if given) as the best weights, then metrics.json from the history."""
+        if not self.main:
+            return
         if best_model is not None:
             rundir.write_weights(self.run, best_model)
         rundir.write_metrics(self.run, {"history": self.history, "best_val_score": self.best,
@@ -124,53 +128,23 @@ def _clear_partial_states(run: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _randomizables(transform, path: str = "") -> dict[str, object]:
-    """The MONAI `Randomizable` objects inside `transform` (itself included), by attribute path; each one
-    keeps its own ``.R`` (``RandAffined`` -> ``rand_affine`` -> ``rand_affine_grid``)."""
-    from monai.transforms import Randomizable
-
-    found = {path: transform} if isinstance(transform, Randomizable) else {}
-    for name, value in vars(transform).items():
-        if isinstance(value, Randomizable):
-            found.update(_randomizables(value, f"{path}.{name}"))
-    return found
-
-
-def _random_state_of(transform) -> dict[str, list]:
-    """``get_state()`` of every ``.R`` in `transform`, the key array as an int64 tensor."""
-    out = {}
-    for path, obj in _randomizables(transform).items():
-        kind, keys, pos, has_gauss, gauss = obj.R.get_state()
-        out[path] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    return out
-
-
-def _set_random_state(transform, states: dict[str, list]) -> None:
-    objects = _randomizables(transform)
-    if set(objects) != set(states):
-        raise KeyError(f"random states for {sorted(states)}, the transform has {sorted(objects)}")
-    for path, (kind, keys, pos, has_gauss, gauss) in states.items():
-        objects[path].R.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
 class TrainingState:
     """What a training loop needs to continue after its last finished epoch exactly as if never stopped.
 
     Saved after every epoch: the epoch number and the epoch count; the state dicts of `stateful` (the model's
     weights at the end of the epoch, not the best ones; the optimizer; the LR schedule, whose one-cycle
     position is per step; an EMA model with its update count); the bit-generator state of each numpy
-    Generator in `generators` (batch order, crops, flips, teacher draws); every MONAI ``.R`` RandomState in
-    `transforms` (spatial augmentation); torch's global RNG (and CUDA's when in use); and `log`'s best-so-far
+    Generator in `generators` (the epoch plans, whose per-sample seeds decide crops and augmentation; teacher
+    draws); torch's global RNG (and CUDA's when in use); and `log`'s best-so-far
     (score, epoch, history). The data and model architecture are not saved: the caller rebuilds them from the
     run's options.
     """
 
     def __init__(self, run: Path, epochs: int, log: BestEpoch, stateful: dict[str, object],
-                 generators: dict[str, np.random.Generator], transforms: dict[str, object] | None = None):
+                 generators: dict[str, np.random.Generator]):
         self.run, self.epochs, self.log = Path(run), epochs, log
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         self.generators = generators
-        self.transforms = {k: v for k, v in (transforms or {}).items() if v is not None}
 
     def save(self, epoch: int) -> None:
         """Write the state after `epoch` (see `BestEpoch.update` for when)."""
@@ -178,7 +152,6 @@ class TrainingState:
             "epoch": epoch, "epochs": self.epochs,
             "state_dicts": {k: v.state_dict() for k, v in self.stateful.items()},
             "generators": {k: g.bit_generator.state for k, g in self.generators.items()},
-            "random_states": {k: _random_state_of(t) for k, t in self.transforms.items()},
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "best": self.log.state_dict()})
@@ -202,8 +175,6 @@ class TrainingState:
                 obj.load_state_dict(state["state_dicts"][name])
             for name, g in self.generators.items():
                 g.bit_generator.state = state["generators"][name]
-            for name, t in self.transforms.items():
-                _set_random_state(t, state["random_states"][name])
             torch.set_rng_state(state["torch_rng"])
             if state["cuda_rng"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -9,9 +9,7 @@ on a label set with ``temperature > 1`` is distilled, and one trained on hard la
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +23,25 @@ from nakt.classify.transfer import layer_groups
 from nakt.errors import NaktError
 from nakt.io import rundir
 from nakt.io.images import read_image
-from nakt.models import ModelCard, NaktModel, load, parse_spec
+from nakt.models import ModelCard, NaktModel, parse_spec
+from nakt.train.augment import Augmentation
+from nakt.train.online import load_online_teachers
 from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
 
-__all__ = ["ClassificationTask", "OPTIONS", "train_classifier"]
+__all__ = ["ClassificationSamples", "ClassificationTask", "OPTIONS", "train_classifier"]
 
 # options only classification takes: `nakt.train.train` refuses them for another task
-OPTIONS = ("labels", "val_labels", "label_column", "head", "temperature", "teacher", "teacher_mode", "alpha",
-           "subsets", "subset_fraction", "label_noise", "balance_classes")
+OPTIONS = ("labels", "val_labels", "label_column", "head", "temperature", "subsets", "subset_fraction", "label_noise",
+           "balance_classes")
 
 
 class ClassificationTask:
     """Prepared images ``[N, C_in, H, W]`` (float16, in memory or `LazyImages`) with targets ``[N, C]`` (class
-    probabilities) drawn as batches ``{"image": [B, C_in, H, W], "target": [B, C]}``, in a random order or, with
-    `balance_classes`, with every class equally likely; `augment` flips half of them. The loss is `kd_loss` at
-    `temperature` against the targets or, with online teachers, ``alpha`` on the teachers' probabilities and the
-    rest on the targets; images whose target's top probability is below `min_confidence` are left out of it.
-    The score is the validation macro AUC (accuracy where AUC is undefined)."""
+    probabilities) drawn as samples ``{"image": [C_in, H, W], "target": [C]}`` (`ClassificationSamples`), in a
+    random order or, with `balance_classes`, with every class equally likely; `augment` flips half of them.
+    The loss is `kd_loss` at `temperature` against the targets or, with online teachers, ``alpha`` on the
+    teachers' probabilities and the rest on the targets; images whose target's top probability is below
+    `min_confidence` are left out of it. The score is the validation macro AUC (accuracy where AUC is undefined)."""
 
     metric = "auc"
 
@@ -49,26 +49,17 @@ class ClassificationTask:
                  x_val: torch.Tensor | LazyImages, val_table: LabelTable, *, augment: bool = False,
                  balance_classes: bool = False, temperature: float = 1.0, alpha: float = 0.5,
                  min_confidence: float = 0.0):
-        self.card, self.x_train, self.y_train, self.x_val, self.val_table = card, x_train, y_train, x_val, val_table
-        self.augment, self.temperature, self.alpha, self.min_confidence = augment, temperature, alpha, min_confidence
+        self.card, self.x_val, self.val_table = card, x_val, val_table
+        self.temperature, self.alpha, self.min_confidence = temperature, alpha, min_confidence
+        self.samples = ClassificationSamples(x_train, y_train, Augmentation(2, flip=augment, intensity=False))
         self.balance = class_balanced_weights(y_train) if balance_classes else None
-        self.transforms: dict[str, object] = {}
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return max(1, math.ceil(len(self.x_train) / batch_size))
+    def epoch_size(self) -> int:
+        return len(self.samples)
 
-    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.x_train)
-        order = rng.choice(n, n, p=self.balance) if self.balance is not None else rng.permutation(n)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            x = self.x_train[idx].float()
-            if self.augment:
-                flip = torch.as_tensor(rng.random(len(idx)) < 0.5)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield {"image": x, "target": self.y_train[idx]}
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        n = len(self.samples)
+        return rng.choice(n, n, p=self.balance) if self.balance is not None else rng.permutation(n)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         y, soft = batch["target"], batch.get("teacher_probs")
@@ -96,6 +87,20 @@ class ClassificationTask:
         return [name for group in layer_groups(model)[:-1] for name in group]
 
 
+class ClassificationSamples(torch.utils.data.Dataset):
+    """``samples[(index, seed)]``: prepared image `index` (float32) augmented from `seed`, with its target."""
+
+    def __init__(self, images: torch.Tensor | LazyImages, targets: torch.Tensor, augmentation: Augmentation):
+        self.images, self.targets, self.augmentation = images, targets, augmentation
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = item
+        return self.augmentation({"image": self.images[[index]][0].float(), "target": self.targets[index]}, seed)
+
+
 def train_classifier(opts) -> Path:
     """`nakt train --task classification`: `opts` is a `TrainOptions` with `labels` (CSV or label set) or
     class folders under `images`. With ``subsets`` K, trains K teachers on overlapping subsets instead."""
@@ -118,9 +123,13 @@ def train_classifier(opts) -> Path:
                         f"training classes {card.class_names}")
     prepare_out(opts)
     model = build_student(opts, card, opts.model if parse_spec(opts.model)[0] == "run" else None)
-    teachers = _teachers(opts, card, next(model.parameters()).device)
-    x_train, y_train = training_images(train_table, card, opts.progress), _targets_for_training(train_table, opts)
-    task = ClassificationTask(card, x_train, y_train, training_images(val_table, card, opts.progress), val_table,
+    teachers = load_online_teachers(opts.teacher, card, next(model.parameters()).device, opts.teacher_mode,
+                                    opts.fusion, opts.seed) if opts.teacher else None
+    cache = int(opts.cache_gb * 2**30)
+    x_val = training_images(val_table, card, opts.progress, cache)  # validation first: read every epoch
+    held = x_val.element_size() * x_val.nelement() if isinstance(x_val, torch.Tensor) else 0
+    x_train = training_images(train_table, card, opts.progress, cache - held)
+    task = ClassificationTask(card, x_train, _targets_for_training(train_table, opts), x_val, val_table,
                               augment=opts.augment, balance_classes=opts.balance_classes,
                               temperature=opts.temperature, alpha=opts.alpha, min_confidence=opts.min_confidence)
     record = record_of(opts)
@@ -154,15 +163,6 @@ def _targets_for_training(table: LabelTable, opts) -> torch.Tensor:
                                                                   opts.label_noise, opts.seed),
                            table.class_names, table.kind)
     return target_probs(table)
-
-
-def _teachers(opts, card: ModelCard, device) -> list[NaktModel]:
-    teachers = [load(t).to(device).eval() for t in opts.teacher or []]
-    for spec, t in zip(opts.teacher or [], teachers):
-        if t.card.class_names != card.class_names or t.card.size != card.size:
-            raise NaktError(spec, f"teacher classes {t.card.class_names} / size {t.card.size} differ from the "
-                            f"student's {card.class_names} / {card.size}", "online teachers see the student's batch")
-    return teachers
 
 
 def _train_subsets(opts) -> Path:

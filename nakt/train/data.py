@@ -1,12 +1,14 @@
-"""Training samples in memory and the batches drawn from them.
+"""Segmentation training data read from disk: a survey of the cases (one pass, one case in memory at a time),
+their prepared images and targets cached up to a memory budget (MONAI `CacheDataset`) and read per access beyond
+it, and `TrainingSamples`, the Dataset the engine's DataLoader draws crops and augmented samples from.
 
-A sample holds the prepared image ``[C_in, *grid]`` and its target on the same grid: class indices
-``[*grid]`` (int64) from a mask, or probabilities ``[C, *grid]`` (float16) from a label set's soft labels.
+A prepared case is ``{"image": [C_in, *grid] float32, "target": ...}`` on the network's grid, the target being
+class indices ``[*grid]`` (uint8, or int16 beyond 255 classes) from a mask, or probabilities ``[C, *grid]``
+(float16) from a label set's soft labels.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,33 +23,22 @@ from nakt.io.dataset import Case
 from nakt.io.images import read_image, read_mask
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
+from nakt.train.augment import Augmentation, sample_rng
 
-__all__ = ["Sample", "batches", "hard_target", "label_values_of", "make_samples", "read_cases", "read_label_map",
-           "spatial_augmenter"]
-
-
-@dataclass
-class Sample:
-    name: str
-    image: torch.Tensor
-    target: torch.Tensor
-    path: Path
-
-
-def read_cases(cases: list[Case], progress: bool = True,
-               orientation: str = "RAS") -> list[tuple[Case, object, np.ndarray]]:
-    """Read every case's image and mask (checking that sizes match; 3D ones reoriented to `orientation`);
-    returns (case, Image, mask) triples."""
-    out = []
-    for case in tqdm(cases, desc="read", unit="case", disable=not progress, leave=False):
-        image = read_image(case.images, orientation=orientation)
-        if case.mask is None:
-            raise NaktError(case.images[0], f"no mask for case {case.name!r}")
-        out.append((case, image, read_label_map(case.mask, like=image)))
-    return out
-
+__all__ = ["CaseInfo", "MAX_LABELS", "TrainingSamples", "cached_cases", "hard_target", "label_values_of",
+           "prepared_bytes", "read_label_map", "survey_cases"]
 
 MAX_LABELS = 64
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """What the survey learns of a case without keeping its arrays."""
+
+    case: Case
+    spatial_shape: tuple[int, ...]
+    channels: int
+    label_values: tuple[int, ...]
 
 
 def read_label_map(path: Path, like=None) -> np.ndarray:
@@ -62,108 +53,143 @@ def read_label_map(path: Path, like=None) -> np.ndarray:
     return mask
 
 
-def label_values_of(items) -> list[int]:
-    """The sorted union of label values over the masks of (case, image, mask) items, 0 always included.
+def survey_cases(cases: list[Case], orientation: str = "RAS", progress: bool = True,
+                 soft_from: Path | None = None, classes: int | None = None) -> list[CaseInfo]:
+    """Read every case once (3D volumes reoriented to `orientation`), checking that its mask (where it has one:
+    online teachers may be all a case has) fits its image and, with `soft_from` (a label set of `classes`
+    classes), that its probabilities do; keep only shapes and label values, so that the memory used does not
+    grow with the number of cases."""
+    infos = []
+    for case in tqdm(cases, desc="survey", unit="case", disable=not progress, leave=False):
+        image = read_image(case.images, orientation=orientation)
+        mask = read_label_map(case.mask, like=image) if case.mask is not None else np.zeros(1, np.uint8)
+        probs = labelset.read_probs(soft_from, case.name) if soft_from is not None else None
+        if probs is not None and probs.shape != (classes, *image.spatial_shape):
+            raise NaktError(labelset.probs_path(soft_from, case.name),
+                            f"probabilities of shape {probs.shape} do not fit the image "
+                            f"({classes} classes x {image.spatial_shape})")
+        infos.append(CaseInfo(case, tuple(image.spatial_shape), image.array.shape[0],
+                              tuple(int(v) for v in np.unique(mask))))
+    return infos
 
-    More than `MAX_LABELS` values means a file is not a label map (a photo, or a JPEG-compressed mask).
-    """
+
+def label_values_of(infos: list[CaseInfo]) -> list[int]:
+    """The sorted union of label values over the cases' masks, 0 always included."""
     values = {0}
-    for case, _, mask in items:
-        values.update(int(v) for v in np.unique(mask))
+    for info in infos:
+        values.update(info.label_values)
         if len(values) > MAX_LABELS:
-            raise NaktError(case.mask, f"masks hold more than {MAX_LABELS} distinct values",
+            raise NaktError(info.case.mask, f"masks hold more than {MAX_LABELS} distinct values",
                             "is this an image rather than a label map, or a lossy (JPEG) mask?")
     return sorted(values)
 
 
-def make_samples(items, card: ModelCard, soft_from: Path | None = None) -> list[Sample]:
-    """Prepare images and targets on the network's grid. With `soft_from` (a label set), targets are its
-    soft probabilities where present."""
-    samples = []
-    for case, image, mask in items:
-        x = prepare_image(image.array, card, case.images[0])
-        grid = target_size(card, image.spatial_shape)
-        probs = labelset.read_probs(soft_from, case.name) if soft_from is not None else None
-        if probs is not None:
-            if probs.shape != (card.classes, *image.spatial_shape):
-                raise NaktError(labelset.probs_path(soft_from, case.name),
-                                f"probabilities of shape {probs.shape} do not fit the image "
-                                f"({card.classes} classes x {image.spatial_shape})")
-            target = resize(torch.from_numpy(probs), grid).half()
-        else:
-            labels = encode_labels(mask, card.label_values, case.mask)
-            target = resize(torch.from_numpy(labels)[None], grid, mode="nearest")[0]
-        samples.append(Sample(case.name, x, target, case.images[0]))
-    return samples
+def prepared_bytes(info: CaseInfo, card: ModelCard, soft: bool) -> int:
+    """Memory one prepared case takes (image float32, target float16 probabilities or 1-2 byte indices)."""
+    voxels = int(np.prod(target_size(card, info.spatial_shape)))
+    target = 2 * card.classes if soft else (1 if card.classes <= 256 else 2)
+    return voxels * (4 * card.in_channels + target)
+
+
+def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None):
+    """A deterministic MONAI transform: `CaseInfo` -> prepared case (what `CacheDataset` caches)."""
+    from monai.transforms import Transform
+
+    class PrepareCase(Transform):
+        def __call__(self, info: CaseInfo) -> dict[str, torch.Tensor]:
+            case = info.case
+            image = read_image(case.images, orientation=orientation)
+            grid = target_size(card, image.spatial_shape)
+            probs = labelset.read_probs(soft_from, case.name) if soft_from is not None else None
+            prepared = {"image": prepare_image(image.array, card, case.images[0])}
+            if probs is not None:
+                target = resize(torch.from_numpy(probs), grid).half()
+            elif case.mask is None:  # taught by online teachers alone
+                return prepared
+            else:
+                labels = encode_labels(read_label_map(case.mask, like=image), card.label_values, case.mask)
+                small = np.uint8 if card.classes <= 256 else np.int16
+                target = resize(torch.from_numpy(labels.astype(small))[None], grid, mode="nearest")[0]
+            return {**prepared, "target": target}
+
+    return PrepareCase()
+
+
+def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, orientation: str = "RAS",
+                 soft_from: Path | None = None, workers: int = 1, progress: bool = True):
+    """A MONAI `CacheDataset` of the prepared cases: the leading cases whose prepared size fits `budget` bytes
+    are prepared once and held; the others are read and prepared on every access. Returns (dataset, bytes
+    held)."""
+    from monai.data import CacheDataset
+
+    held = cached = 0
+    for info in infos:
+        size = prepared_bytes(info, card, soft_from is not None)
+        if held + size > budget:
+            break
+        held, cached = held + size, cached + 1
+    dataset = CacheDataset(infos, _prepare_transform(card, orientation, soft_from), cache_num=cached,
+                           num_workers=max(1, workers), progress=progress and cached > 0, copy_cache=False)
+    return dataset, held
 
 
 def hard_target(target: torch.Tensor) -> torch.Tensor:
-    """Class indices ``[*grid]`` from either target form."""
-    return target if target.dtype == torch.int64 else target.float().argmax(0)
+    """Class indices ``[*grid]`` (int64) from either target form."""
+    return target.float().argmax(0) if target.is_floating_point() else target.long()
 
 
-def _crop(sample: Sample, patch: tuple[int, ...], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    image, target = sample.image, sample.target
-    soft = target.dtype != torch.int64
+def _crop(image: torch.Tensor, target: torch.Tensor, patch: tuple[int, ...],
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `patch` window of image ``[C_in, *grid]`` and probability target ``[C, *grid]``, padded first where
+    the image is smaller (padding is background with certainty); half the windows centred on foreground, so
+    that small structures are seen."""
     spatial = image.shape[1:]
     pad = [max(0, p - s) for p, s in zip(patch, spatial)]
     if any(pad):
         flat = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
-        image = F.pad(image, flat)
-        if soft:  # padding is background with certainty
-            target = F.pad(target.float(), flat)
-            target[0][target.sum(0) == 0] = 1
-        else:
-            target = F.pad(target, flat)
+        image, target = F.pad(image, flat), F.pad(target, flat)
+        target[0][target.sum(0) == 0] = 1
         spatial = image.shape[1:]
-    hard = hard_target(target)
-    fg = torch.nonzero(hard > 0)
-    if len(fg) and rng.random() < 0.5:  # half the patches centred on foreground, so small structures are seen
+    fg = torch.nonzero(target.argmax(0) > 0)
+    if len(fg) and rng.random() < 0.5:
         centre = fg[rng.integers(len(fg))].tolist()
         start = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, spatial)]
     else:
         start = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, spatial)]
     window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-    return image[(slice(None), *window)], target[(slice(None), *window)] if soft else target[window]
+    return image[(slice(None), *window)], target[(slice(None), *window)]
 
 
-def spatial_augmenter(spatial_dims: int, seed: int, max_degrees: float = 15.0, max_scale: float = 0.15):
-    """A random rotation (up to `max_degrees` about each axis) and scaling (1 +- `max_scale` per axis) of
-    image and target together, for half the samples (MONAI `RandAffined`; bilinear on both, so soft targets
-    stay probabilities; borders are repeated)."""
-    from monai.transforms import RandAffined
-
-    augmenter = RandAffined(keys=("image", "target"), prob=0.5, mode=("bilinear", "bilinear"), padding_mode="border",
-                            rotate_range=[math.radians(max_degrees)] * (1 if spatial_dims == 2 else 3),
-                            scale_range=[max_scale] * spatial_dims)
-    augmenter.set_random_state(seed)
-    return augmenter
+def _crop_image(image: torch.Tensor, patch: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+    """`_crop` of an image without a target: a uniformly placed window."""
+    background = torch.zeros(1, *image.shape[1:])
+    background[0] = 1
+    return _crop(image, background, patch, rng)[0]
 
 
-def batches(samples: list[Sample], batch_size: int, classes: int, rng: np.random.Generator,
-            patch: tuple[int, ...] | None = None, patches_per_case: int = 1, augment: bool = False,
-            spatial=None):
-    """Yield ``(images [B, C_in, *grid], targets [B, C, *grid] probabilities)`` for one epoch; `spatial` is a
-    `spatial_augmenter` (or None)."""
-    order = np.concatenate([rng.permutation(len(samples)) for _ in range(patches_per_case if patch else 1)])
-    for start in range(0, len(order), batch_size):
-        xs, ys = [], []
-        for i in order[start:start + batch_size]:
-            s = samples[i]
-            x, y = _crop(s, patch, rng) if patch else (s.image, s.target)
-            if y.dtype == torch.int64:
-                y = one_hot(y[None], classes)[0]
-            else:  # float16 storage rounds; targets must sum to 1 exactly
-                y = y.float() / y.float().sum(0, keepdim=True).clamp_min(1e-6)
-            if augment:
-                if rng.random() < 0.5:
-                    x, y = x.flip(-1), y.flip(-1)
-                x = x * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
-            if spatial is not None:
-                moved = spatial({"image": x, "target": y})
-                x, y = torch.as_tensor(moved["image"]), torch.as_tensor(moved["target"])
-            xs.append(x)
-            ys.append(y)
-        if len(xs) == 1 and len(order) > 1:
-            continue  # a lone last sample would break BatchNorm; it is drawn again next epoch
-        yield torch.stack(xs), torch.stack(ys)
+class TrainingSamples(torch.utils.data.Dataset):
+    """Training samples for the engine's DataLoader: ``samples[(index, seed)]`` is the prepared case `index`
+    of `cases` (a `cached_cases` dataset), cropped to `patch` if given and augmented, all drawn from `seed`:
+    ``{"image": [C_in, *grid], "target": [C, *grid]}`` (probabilities summing to 1)."""
+
+    def __init__(self, cases, classes: int, augmentation: Augmentation, patch: tuple[int, ...] | None = None):
+        self.cases, self.classes, self.augmentation, self.patch = cases, classes, augmentation, patch
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = item
+        prepared = self.cases[index]
+        if "target" not in prepared:  # online teachers supply it on the augmented batch
+            image = _crop_image(prepared["image"], self.patch, sample_rng(seed)) if self.patch else prepared["image"]
+            return self.augmentation({"image": image}, seed)
+        target = prepared["target"]
+        if target.is_floating_point():  # float16 storage rounds; targets must sum to 1 exactly
+            target = target.float() / target.float().sum(0, keepdim=True).clamp_min(1e-6)
+        else:
+            target = one_hot(target[None], self.classes)[0]
+        image = prepared["image"]
+        if self.patch:
+            image, target = _crop(image, target, self.patch, sample_rng(seed))
+        return self.augmentation({"image": image, "target": target}, seed)

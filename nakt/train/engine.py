@@ -2,8 +2,11 @@
 (``freeze_encoder_epochs`` and the targeted recipe's gradual unfreezing), EMA, online teachers, the best
 checkpoint, metrics.json and the resume state.
 
-A task (segmentation, classification) is a small adapter (`Task`) that supplies the batches, the loss, the
-validation score and which parameters are its "encoder"; the engine never asks which task it trains. The step is
+A task (segmentation, classification) is a small adapter (`Task`) that supplies a Dataset of training samples,
+the loss, the validation score and which parameters are its "encoder"; the engine never asks which task it
+trains. Batches come from a DataLoader (`nakt.train.loader`); under torchrun the model is wrapped in
+DistributedDataParallel and every rank reads its share of each global batch, rank 0 alone validating and
+writing. The step is
 MONAI's ``SupervisedTrainer._iteration`` / detectron2's ``SimpleTrainer.run_step``: batch -> forward under
 autocast -> loss -> backward -> step; the per-epoch bookkeeping (best epoch, files, resume) is
 `nakt.train.checkpoint`.
@@ -11,8 +14,8 @@ autocast -> loss -> backward -> step; the per-epoch bookkeeping (best epoch, fil
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -22,11 +25,13 @@ import torch
 from torch import nn
 
 from nakt.batched import autocast, resolve_precision
-from nakt.classify.roskd import TeacherSampler, ema_model
+from nakt.classify.roskd import ema_model
 from nakt.classify.transfer import apply_unfreezing, make_optimizer
 from nakt.io import rundir
 from nakt.models.registry import NaktModel
 from nakt.train.checkpoint import BestEpoch, TrainingState
+from nakt.train.loader import PlannedLoader, plan_epoch
+from nakt.train.online import OnlineTeachers
 
 __all__ = ["FitOptions", "Task", "fit", "freeze", "uses_channels_last"]
 
@@ -38,10 +43,10 @@ class FitOptions:
     `freeze_encoder_epochs`: the task's encoder (`Task.encoder`) does not train in the first epochs, its
     BatchNorm statistics kept. ``recipe="targeted"``: discriminative learning rates and gradual unfreezing, one
     more layer group every `unfreeze_every` epochs. `ema`: the scored and saved model is an exponential moving
-    average of the weights with this decay (`nakt.classify.roskd.ema_model`). `teacher_mode`: how online
-    teachers supervise each step (``random``: one drawn per step, RoS-KD; ``mean``: all). `precision`: ``auto``
+    average of the weights with this decay (`nakt.classify.roskd.ema_model`). `precision`: ``auto``
     (bf16 on GPUs and on CPUs that compute bfloat16 natively, else fp32; `nakt.batched.resolve_precision`),
-    ``fp32``, ``bf16`` or ``fp16`` (with a gradient scaler).
+    ``fp32``, ``bf16`` or ``fp16`` (with a gradient scaler). `batch_size` is the global batch, split between
+    the processes of a distributed run; `num_workers` DataLoader processes prepare the samples.
     """
 
     epochs: int = 50
@@ -53,8 +58,8 @@ class FitOptions:
     recipe: str | None = None
     unfreeze_every: int = 1
     ema: float | None = None
-    teacher_mode: str = "random"
     precision: str = "auto"
+    num_workers: int = 0
     progress: bool = True
 
     @classmethod
@@ -66,20 +71,21 @@ class FitOptions:
 class Task(Protocol):
     """What a task adapter supplies to `fit`.
 
-    A batch is a dict ``{"image": [B, C_in, *grid], "target": ...}`` on the CPU; the engine moves it to the
-    device and, with online teachers, adds ``"teacher_probs"`` (the drawn teachers' mean probabilities on the
-    same images, the target's shape).
+    `samples[(index, seed)]` is one training sample, a dict ``{"image": [C_in, *grid], "target": ...}`` whose
+    random crop and augmentation come from `seed` alone; the DataLoader stacks them into batches, which the
+    engine moves to the device and, with online teachers, completes with ``"teacher_probs"`` (the drawn
+    teachers' fused probabilities on the same augmented images, the shape of the network's output).
     """
 
     metric: str  # the validation score's name in metrics.json and the progress line ("dice", "auc")
-    transforms: dict[str, object]  # random MONAI transforms whose generators the resume state keeps
+    samples: torch.utils.data.Dataset
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Optimizer steps in one epoch (sizes the one-cycle schedule)."""
+    def epoch_size(self) -> int:
+        """Samples in one epoch (sizes the one-cycle schedule)."""
         ...
 
-    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of training batches, drawn with `rng` (saved in the resume state)."""
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        """The sample indices of one epoch, in order, drawn with `rng` (saved in the resume state)."""
         ...
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,13 +142,13 @@ class _Step:
     schedule -> EMA. Returns the loss."""
 
     model: NaktModel
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper
     task: Task
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     smoothed: nn.Module | None
-    teachers: Sequence[NaktModel]
-    sampler: TeacherSampler | None
+    teachers: OnlineTeachers | None
     precision: str
     nhwc: bool
 
@@ -152,11 +158,9 @@ class _Step:
         if self.nhwc:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, device):
-            if self.sampler is not None:  # online: the drawn teacher(s) see the same augmented batch
-                with torch.no_grad():
-                    batch["teacher_probs"] = torch.stack([self.teachers[k].predict_proba(batch["image"]).float()
-                                                          for k in self.sampler.draw()]).mean(0)
-            loss = self.task.loss(self.model(batch["image"]).float(), batch)
+            if self.teachers is not None:  # online: the drawn teacher(s) see the same augmented batch
+                batch["teacher_probs"] = self.teachers(batch["image"])
+            loss = self.task.loss(self.forward(batch["image"]).float(), batch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -171,20 +175,25 @@ class _Step:
         return loss.item()
 
 
-def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Sequence[NaktModel] = (),
+def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: OnlineTeachers | None = None,
         resume: bool = False) -> dict:
     """Train `model` in place on `task` and keep the best epoch's weights (by the task's validation score; the
     last epoch's without validation) in ``run/model.safetensors``; the best weights are in `model` at the end.
 
     After every epoch ``run/training_state.pt`` keeps what continuing needs (`TrainingState`: model, EMA,
-    optimizer, schedule, gradient scaler, the batch and teacher-draw generators, the task's random transforms,
-    the best so far); with `resume` the loop restores it and goes on from the next epoch, ending as an
-    uninterrupted run would (`model`, `task` and `teachers` rebuilt as the first run had them).
+    optimizer, schedule, gradient scaler, the epoch-plan and teacher-draw generators, the best so far); with
+    `resume` the loop restores it and goes on from the next epoch, ending as an uninterrupted run would
+    (`model`, `task` and `teachers` rebuilt as the first run had them).
+
+    In a distributed run (a process group is initialised, `nakt.sharding.process_group`) every process calls
+    `fit` with the same arguments; the model is wrapped in DistributedDataParallel, each rank trains on its share
+    of every global batch of `opts.batch_size`, and rank 0 validates and writes the files.
 
     Returns metrics.json: ``history`` (one entry per epoch), ``best_val_score``, ``best_val_metric``,
     ``best_epoch``, ``precision`` (the resolved one).
     """
     device = next(model.parameters()).device
+    rank, world = _rank_and_world()
     precision = resolve_precision(opts.precision, device)
     nhwc = uses_channels_last(model, device)
     if nhwc:
@@ -194,30 +203,63 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Seq
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, opts.recipe)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-        total_steps=opts.epochs * task.steps_per_epoch(opts.batch_size) + 1,
+        total_steps=opts.epochs * max(1, math.ceil(task.epoch_size() / opts.batch_size)) + 1,
         pct_start=0.1 if opts.freeze_encoder_epochs else 0.3)  # short warm-up when the first epochs are frozen
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # bf16 needs no loss scaling
     smoothed = ema_model(model, opts.ema) if opts.ema else None
     scored = smoothed.module if smoothed is not None else model
-    sampler = TeacherSampler(len(teachers), opts.teacher_mode, opts.seed) if teachers else None
-    log = BestEpoch(run, opts.epochs, task.metric, {"precision": precision}, opts.progress)
-    generators = {"batches": rng} if sampler is None else {"batches": rng, "teachers": sampler.rng}
+    log = BestEpoch(run, opts.epochs, task.metric, {"precision": precision}, opts.progress, main=rank == 0)
+    generators = {"batches": rng} if teachers is None else {"batches": rng, "teachers": teachers.rng}
     state = TrainingState(run, opts.epochs, log, {"model": model, "ema": smoothed, "optimizer": optimizer,
-                                                  "schedule": schedule, "scaler": scaler}, generators, task.transforms)
+                                                  "schedule": schedule, "scaler": scaler}, generators)
     done = state.resume(scored) if resume else 0
-    step = _Step(model, task, optimizer, schedule, scaler, smoothed, teachers, sampler, precision, nhwc)
+    forward = _distributed(model, opts) if world > 1 else model
+    step = _Step(model, forward, task, optimizer, schedule, scaler, smoothed, teachers, precision, nhwc)
     encoder = set(task.encoder(model)) if opts.freeze_encoder_epochs else set()
+    loader = PlannedLoader(task.samples, opts.num_workers, rank, world)
     for epoch in range(done + 1, opts.epochs + 1):
         t0 = time.time()
         frozen, unfrozen = _trainable(model, epoch, opts, encoder)
-        losses = [step(batch) for batch in task.batches(rng, opts.batch_size)]
-        score = task.validate(scored, precision, opts.batch_size)
-        log.update(scored, {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                            "val_score": score, "lr": schedule.get_last_lr()[-1], "encoder_frozen": frozen,
+        plan = plan_epoch(task.order(rng), opts.batch_size, rng, world)
+        losses = [step(batch) for batch in loader.epoch(plan)]
+        score = task.validate(scored, precision, opts.batch_size) if rank == 0 else None
+        log.update(scored, {"epoch": epoch, "train_loss": _mean_over_ranks(losses, world), "val_score": score,
+                            "lr": schedule.get_last_lr()[-1], "encoder_frozen": frozen,
                             "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
                    score, "  (encoder frozen)" if frozen else "", state)
     model.requires_grad_(True)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
     log.restore_best(model)
     if nhwc:
         model.to(memory_format=torch.contiguous_format)
     return rundir.read_metrics(run)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _distributed(model: NaktModel, opts: FitOptions) -> nn.Module:
+    """`model` in DistributedDataParallel. Frozen phases (encoder freezing, gradual unfreezing) leave parameters
+    without gradients in some steps, which DDP must be told to expect."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    partial = bool(opts.freeze_encoder_epochs) or opts.recipe == "targeted"
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=partial)
+
+
+def _mean_over_ranks(losses: list[float], world: int) -> float | None:
+    """The epoch's mean training loss, averaged over the processes of a distributed run."""
+    mean = float(np.mean(losses)) if losses else None
+    if world == 1 or mean is None:
+        return mean
+    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([mean], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(total)
+    return float(total.item()) / world

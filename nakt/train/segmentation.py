@@ -4,7 +4,6 @@ the model card and runs the engine."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,10 @@ from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
-from nakt.train.data import Sample, batches, hard_target, label_values_of, make_samples, read_cases, spatial_augmenter
+from nakt.train.augment import Augmentation
+from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
+from nakt.train.online import load_online_teachers
 from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
 
 __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
@@ -31,44 +32,50 @@ OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch
 
 
 class SegmentationTask:
-    """Training samples (`Sample`: image ``[C_in, *grid]``, target class indices or probabilities) drawn as
-    batches ``{"image": [B, C_in, *grid], "target": [B, C, *grid]}`` (probabilities), whole or as `patch` crops
-    (`patches_per_case` per case and epoch), with flips and intensity jitter (`augment`) and random rotations
-    and scalings (`spatial_augment`). The loss is soft Dice + cross-entropy; pixels whose target's top
-    probability is below `min_confidence` are left out of it. The score is the mean foreground Dice of the
-    validation samples on the network's grid."""
+    """Training samples (`TrainingSamples`: prepared cases from `train`, a `cached_cases` dataset) whole or as
+    `patch` crops (`patches_per_case` per case and epoch), with flips and intensity jitter (`augment`) and random
+    rotations and scalings (`spatial_augment`), targets as probabilities ``[C, *grid]``. The loss is soft Dice +
+    cross-entropy against the targets, or with online teachers against ``alpha`` x their fused probabilities +
+    the rest x the targets (the teachers alone without targets); pixels whose target's top probability is below
+    `min_confidence` are left out of it. The score is the mean foreground Dice of the `val` cases on the
+    network's grid, read by `num_workers` processes unless all of them are cached."""
 
     metric = "dice"
 
-    def __init__(self, card: ModelCard, train: list[Sample], val: list[Sample], *, patch: tuple[int, ...] | None = None,
+    def __init__(self, card: ModelCard, train, val, *, patch: tuple[int, ...] | None = None,
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
-                 min_confidence: float = 0.0, seed: int = 0):
-        self.card, self.train, self.val = card, train, val
-        self.patch, self.patches_per_case, self.augment = patch, patches_per_case, augment
+                 min_confidence: float = 0.0, alpha: float = 0.5, num_workers: int = 0):
+        self.card, self.val, self.alpha = card, val, alpha
+        self.patch, self.patches_per_case = patch, patches_per_case
         self.min_confidence = min_confidence
-        self.spatial = spatial_augmenter(card.spatial_dims, seed) if spatial_augment else None
-        self.transforms = {"spatial": self.spatial}
+        augmentation = Augmentation(card.spatial_dims, ("target",), flip=augment, intensity=augment,
+                                    spatial=spatial_augment)
+        self.samples = TrainingSamples(train, card.classes, augmentation, patch)
+        streamed = len(val) > getattr(val, "cache_num", len(val))
+        self.val_loader = torch.utils.data.DataLoader(val, batch_size=None, num_workers=num_workers if streamed else 0,
+                                                      persistent_workers=streamed and num_workers > 0)
         self.loss_fn = SoftDiceCELoss()
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return max(1, math.ceil(len(self.train) * (self.patches_per_case if self.patch else 1) / batch_size))
+    def epoch_size(self) -> int:
+        return len(self.samples) * (self.patches_per_case if self.patch else 1)
 
-    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        for x, y in batches(self.train, batch_size, self.card.classes, rng, self.patch, self.patches_per_case,
-                            self.augment, self.spatial):
-            yield {"image": x, "target": y}
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        return np.concatenate([rng.permutation(len(self.samples)) for _ in range(self.patches_per_case if self.patch
+                                                                                   else 1)])
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        y = batch["target"]
+        y, taught = batch.get("target"), batch.get("teacher_probs")
+        if taught is not None:
+            y = taught if y is None else self.alpha * taught + (1 - self.alpha) * y
         mask = (y.amax(1, keepdim=True) >= self.min_confidence).float() if self.min_confidence > 0 else None
         return self.loss_fn(logits, y, mask)
 
     @torch.no_grad()
     def validate(self, model: NaktModel, precision: str = "fp32", batch_size: int = 8) -> float | None:
-        """Mean foreground Dice over the validation samples, in batches of same-shape images. 2D networks run
+        """Mean foreground Dice over the validation cases, in batches of same-shape images. 2D networks run
         channels-last here, as `nakt.batched` runs them for label, predict and evaluate, so that the score is the
         one ``nakt evaluate`` reports for these weights (reduced precision rounds differently per layout)."""
-        if not self.val:
+        if not len(self.val):
             return None
         model.eval()
         device = next(model.parameters()).device
@@ -76,12 +83,12 @@ class SegmentationTask:
         layout = torch.channels_last if nhwc else torch.contiguous_format
         model.to(memory_format=layout)
         scores = []
-        for chunk in _same_shape_runs(self.val, batch_size):
-            x = torch.stack([s.image for s in chunk]).to(device).contiguous(memory_format=layout)
+        for chunk in _same_shape_runs(self.val_loader, batch_size):
+            x = torch.stack([case["image"] for case in chunk]).to(device).contiguous(memory_format=layout)
             with autocast(precision, device):
                 probs = probs_on_grid(model, x, autocast=False)
-            for s, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
-                scores.append(case_scores(predicted, hard_target(s.target).numpy(), self.card.classes,
+            for case, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
+                scores.append(case_scores(predicted, hard_target(case["target"]).numpy(), self.card.classes,
                                           hd95=False)["dice"])
         if nhwc and device.type != "cuda":  # the engine trains NCHW on the CPU (`engine.uses_channels_last`)
             model.to(memory_format=torch.contiguous_format)
@@ -93,58 +100,76 @@ class SegmentationTask:
         return [] if encoder is None else [f"net.encoder.{n}" for n, _ in encoder.named_parameters()]
 
 
-def _same_shape_runs(samples: list[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Consecutive samples of one image shape, at most `batch_size` at a time (native-size patch models see
-    images of many shapes)."""
-    run: list[Sample] = []
-    for s in samples:
-        if run and (len(run) == batch_size or s.image.shape != run[0].image.shape):
+def _same_shape_runs(cases, batch_size: int) -> Iterator[list[dict]]:
+    """Consecutive prepared cases of one image shape, at most `batch_size` at a time (native-size patch models
+    see images of many shapes)."""
+    run: list[dict] = []
+    for case in cases:
+        if run and (len(run) == batch_size or case["image"].shape != run[0]["image"].shape):
             yield run
             run = []
-        run.append(s)
+        run.append(case)
     if run:
         yield run
 
 
 def train_segmentation(opts) -> Path:
-    """`nakt train --task segmentation`: `opts` is a `TrainOptions` with `masks` (a folder or a label set)."""
-    if opts.masks is None:
-        raise NaktError(None, "missing option 'masks'", "give --masks DIR (or --task classification --labels)")
+    """`nakt train --task segmentation`: `opts` is a `TrainOptions` with `masks` (a folder or a label set),
+    `teacher` (online distillation; the teachers alone teach without `masks`), or both."""
+    if opts.masks is None and not opts.teacher:
+        raise NaktError(None, "missing option 'masks'", "give --masks DIR (or --teacher, or --task classification "
+                        "--labels)")
     started = time.time()
     if parse_spec(opts.model)[0] not in ("run", "torchscript"):
         build_model(ModelCard(opts.model, 1, 2))  # an unknown architecture fails now, not after reading data
-    masks = Path(opts.masks)
+    masks = None if opts.masks is None else Path(opts.masks)
     soft_from = label_set = None
-    if labelset.is_label_set(masks):
+    if masks is not None and labelset.is_label_set(masks):
         label_set = masks
         soft_from = None if opts.hard_labels else masks
         masks = masks / "masks"
     orientation = _orientation(opts, label_set)
-    cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file, require_masks=True)
-    items = read_cases(cases, opts.progress, orientation)
-    if opts.val_images is not None:
+    classes = len(labelset.read_manifest(label_set)["label_values"]) if soft_from is not None else None
+    cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file,
+                           require_masks=masks is not None)
+    infos = survey_cases(cases, orientation, opts.progress, soft_from, classes)
+    if masks is None and (opts.val_images is None or opts.val_masks is None):
+        train_infos, val_infos = infos, []  # nothing to score against: the last epoch is kept
+    elif opts.val_images is not None:
         val_cases = discover_cases(opts.val_images, opts.val_masks or masks, opts.val_cases,
                                    opts.channels, opts.mask_file, require_masks=True)
-        train_items, val_items = items, read_cases(val_cases, opts.progress, orientation)
+        train_infos, val_infos = infos, survey_cases(val_cases, orientation, opts.progress)
     else:
-        train_items, val_items = split(items, opts.val_fraction, opts.seed)
+        train_infos, val_infos = split(infos, opts.val_fraction, opts.seed)
 
-    card, init_run = _card_for(opts, train_items + val_items, label_set)
+    card, init_run = _card_for(opts, train_infos + val_infos, label_set, _teacher_values(opts) if masks is None
+                               else None)
     model = build_student(opts, card, init_run)
-    _check_grid(card, [image.spatial_shape for _, image, _ in train_items])
+    teachers = load_online_teachers(opts.teacher, card, next(model.parameters()).device, opts.teacher_mode,
+                                    opts.fusion, opts.seed) if opts.teacher else None
+    _check_grid(card, [info.spatial_shape for info in train_infos])
     prepare_out(opts)
-    train_samples = make_samples(train_items, card, soft_from)
-    val_samples = make_samples(val_items, card)
+    budget = int(opts.cache_gb * 2**30)  # validation cases first: they are read every epoch
+    read = {"orientation": orientation, "workers": opts.num_workers, "progress": opts.progress}
+    val, held = cached_cases(val_infos, card, budget, **read)
+    train, _ = cached_cases(train_infos, card, budget - held, soft_from=soft_from, **read)
     patch = None
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
     record = record_of(opts)
     record.update(continued_from=init_run, soft_targets=soft_from is not None,
-                  trained_on=[s.name for s in train_samples], validated_on=[s.name for s in val_samples])
-    task = SegmentationTask(card, train_samples, val_samples, patch=patch, patches_per_case=opts.patches_per_case,
+                  trained_on=[i.case.name for i in train_infos], validated_on=[i.case.name for i in val_infos])
+    task = SegmentationTask(card, train, val, patch=patch, patches_per_case=opts.patches_per_case,
                             augment=opts.augment, spatial_augment=opts.spatial_augment,
-                            min_confidence=opts.min_confidence, seed=opts.seed)
-    return run_training(opts, card, model, task, record, started=started)
+                            min_confidence=opts.min_confidence, alpha=opts.alpha, num_workers=opts.num_workers)
+    return run_training(opts, card, model, task, record, teachers, started=started)
+
+
+def _teacher_values(opts) -> list[int]:
+    """The label values of the online teachers (which must share them), for a student without masks."""
+    from nakt.teachers import common_label_values, load_teacher
+
+    return common_label_values([load_teacher(spec) for spec in opts.teacher])
 
 
 def _orientation(opts, label_set: Path | None) -> str:
@@ -161,28 +186,32 @@ def _orientation(opts, label_set: Path | None) -> str:
     return orientation
 
 
-def _card_for(opts, items, label_set: Path | None) -> tuple[ModelCard, str | None]:
+def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
+              teacher_values: list[int] | None = None) -> tuple[ModelCard, str | None]:
     """The model card: from the run being continued, or from the data (channels, classes, dimensions)
     unless `in_channels` / `label_values` are given. A label set's classes are its teachers' (from its
-    manifest), soft or hard targets alike: its masks may never show a rare class."""
+    manifest), soft or hard targets alike: its masks may never show a rare class; so are online teachers'
+    (`teacher_values`) when there are no masks."""
     if parse_spec(opts.model)[0] == "run":
         card, _ = rundir.read_config(Path(opts.model))
         return card, opts.model
     if opts.resume:  # the recorded card: the data could only rebuild the same one
         return rundir.read_config(Path(opts.out), require_complete=False)[0], None
-    first = items[0][1]
-    for case, image, _ in items:
-        if image.array.shape[0] != first.array.shape[0] or image.array.ndim != first.array.ndim:
-            raise NaktError(case.images[0], f"{image.array.shape[0]} channel(s), {image.array.ndim - 1}D; "
-                            f"{items[0][0].name} has {first.array.shape[0]}, {first.array.ndim - 1}D")
-    spatial_dims = first.array.ndim - 1
-    if label_set is not None:
+    first = infos[0]
+    for info in infos:
+        if info.channels != first.channels or len(info.spatial_shape) != len(first.spatial_shape):
+            raise NaktError(info.case.images[0], f"{info.channels} channel(s), {len(info.spatial_shape)}D; "
+                            f"{first.case.name} has {first.channels}, {len(first.spatial_shape)}D")
+    spatial_dims = len(first.spatial_shape)
+    if teacher_values is not None:
+        values = list(teacher_values)
+    elif label_set is not None:
         values = [int(v) for v in labelset.read_manifest(label_set)["label_values"]]
-        extra = sorted(set(label_values_of(items)) - set(values))
+        extra = sorted(set(label_values_of(infos)) - set(values))
         if extra:
             raise NaktError(label_set, f"masks hold label values {extra} missing from the manifest")
     else:
-        values = label_values_of(items)
+        values = label_values_of(infos)
     if opts.label_values is not None:
         extra = sorted(set(values) - set(opts.label_values))
         if extra:
@@ -193,7 +222,7 @@ def _card_for(opts, items, label_set: Path | None) -> tuple[ModelCard, str | Non
     size, patch = opts.size, opts.patch
     if size is None and patch is None:
         size, patch = ([256] if spatial_dims == 2 else None), (None if spatial_dims == 2 else [96])
-    card = ModelCard(spec=opts.model, in_channels=opts.in_channels or first.array.shape[0], classes=len(values),
+    card = ModelCard(spec=opts.model, in_channels=opts.in_channels or first.channels, classes=len(values),
                      spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
                      normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs),
                      orientation=opts.orientation)

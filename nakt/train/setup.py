@@ -5,7 +5,6 @@ the run complete."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,13 +15,15 @@ from nakt.errors import NaktError
 from nakt.inference import pick_device
 from nakt.io import outputs, rundir
 from nakt.models import ModelCard, NaktModel, build_model, load
+from nakt.sharding import current_share, on_first_part
 from nakt.train.engine import FitOptions, Task, fit
+from nakt.train.online import OnlineTeachers
 
 __all__ = ["RUN_ONLY", "build_student", "finish_run", "has_epochs_to_resume", "prepare_out", "record_of",
            "run_training", "split"]
 
 # fields that describe how to run, not what is trained: a resumed run may change them
-RUN_ONLY = {"resume", "progress", "device", "overwrite"}
+RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb"}
 
 
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -39,9 +40,10 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def prepare_out(opts) -> None:
     """Claim the run directory: a new or empty folder, or (with --overwrite) a run of nakt's own. With --resume
-    the folder must hold an unfinished run (checked by `nakt.train.resume_options`)."""
+    the folder must hold an unfinished run (checked by `nakt.train.resume_options`). Under torchrun rank 0
+    claims it, the others waiting (its refusal is raised in every process)."""
     if not opts.resume:
-        outputs.claim_output(opts.out, outputs.RUN, opts.overwrite)
+        on_first_part(current_share(), lambda: outputs.claim_output(opts.out, outputs.RUN, opts.overwrite))
 
 
 def record_of(opts) -> dict:
@@ -58,18 +60,21 @@ def build_student(opts, card: ModelCard, continued: str | None = None) -> NaktMo
         from nakt.models.weights import load_pretrained
 
         load_pretrained(model, Path(opts.init) / rundir.WEIGHTS)
-    return model.to(pick_device(opts.device))
+    return model.to(current_share().device(pick_device(opts.device)))  # under torchrun: cuda:LOCAL_RANK
 
 
 def run_training(opts, card: ModelCard, model: NaktModel, task: Task, record: dict,
-                 teachers: Sequence[NaktModel] = (), started: float | None = None) -> Path:
-    """Write config.json (unfinished), train with the engine, and mark the run complete; returns ``opts.out``."""
+                 teachers: OnlineTeachers | None = None, started: float | None = None) -> Path:
+    """Write config.json (unfinished), train with the engine, and mark the run complete; returns ``opts.out``.
+    Under torchrun every process trains (DDP) and rank 0 alone writes."""
     out = Path(opts.out)
     started = time.time() if started is None else started
-    if not opts.resume:
+    main = current_share().part == 0
+    if not opts.resume and main:
         rundir.write_config(out, card, record, complete=False)
     metrics = fit(model, task, out, FitOptions.of(opts), teachers, resume=has_epochs_to_resume(out, opts.resume))
-    finish_run(out, card, record, metrics, started, opts.resume)
+    if main:
+        finish_run(out, card, record, metrics, started, opts.resume)
     return out
 
 

@@ -1,0 +1,97 @@
+"""Online distillation for segmentation: teachers run on the student's own augmented batch, in their own terms
+(channels, normalisation, grid), fused per sample, alone or mixed with a stored label set."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import nakt
+from nakt.cli import main
+from nakt.io import rundir
+from nakt.models import ModelCard, build_model
+from nakt.preprocess import prepare_image
+from nakt.train.online import OnlineTeachers
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args] + ["--no-progress"])
+
+
+def test_a_teacher_sees_the_students_batch_as_its_own_input():
+    """A grey z-score teacher on an RGB min-max student's batch (intensity-augmented too): the same
+    probabilities as the teacher on its own preparation of the image. (Images of the network's size: after a
+    resize the statistics are taken on the student's grid, a slightly different affine intensity map.)"""
+    torch.manual_seed(0)
+    teacher = build_model(ModelCard("monai:UNet", 1, 3, label_values=[0, 1, 2], size=[32])).eval()
+    student = ModelCard("monai:UNet", 3, 3, label_values=[0, 1, 2], size=[32], normalization="minmax")
+    grey = np.random.default_rng(0).normal(size=(1, 32, 32)).astype(np.float32)
+    x = prepare_image(np.repeat(grey, 3, axis=0), student)[None]
+    online = OnlineTeachers([teacher], student)
+    with torch.no_grad():
+        own = teacher.predict_proba(prepare_image(grey, teacher.card)[None])
+    got = online(x)
+    assert got.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(got, own, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(online(1.1 * x - 0.05), own, atol=1e-5, rtol=1e-4)  # jitter undone by z-score
+    with torch.no_grad():  # a flipped batch is taught what the teacher sees in the flipped image
+        own_flipped = teacher.predict_proba(prepare_image(grey[:, :, ::-1].copy(), teacher.card)[None])
+    torch.testing.assert_close(online(x.flip(-1)), own_flipped, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_teachers_per_sample_by_any_rule():
+    torch.manual_seed(0)
+    card = ModelCard("monai:UNet", 1, 2, label_values=[0, 255], size=[32])
+    models = [build_model(card).eval() for _ in range(3)]
+    x = torch.randn(2, 1, 32, 32)
+    each = torch.stack([OnlineTeachers([m], card)(x) for m in models])
+    torch.testing.assert_close(OnlineTeachers(models, card, "mean")(x), each.mean(0))
+    vote = OnlineTeachers(models, card, "mean", fusion="vote")(x)
+    majority = (each.argmax(2).sum(0) >= 2).long()
+    assert torch.equal(vote.argmax(1), majority) and set(vote.unique().tolist()) <= {0.0, 1.0}
+    drawn = OnlineTeachers(models, card, "random", seed=1)
+    assert any(torch.equal(drawn(x), e) for e in each)  # one teacher per step
+
+
+@pytest.fixture(scope="module")
+def teacher_run(synthetic2d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online") / "teacher"
+    return nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                      cases=f"{synthetic2d / 'splits.json'}:teacher_train", size=[32], epochs=3, lr=1e-2,
+                      out=str(out), val_fraction=0, progress=False, device="cpu")
+
+
+def test_distill_segmentation_without_masks_and_mixed_with_a_label_set(synthetic2d, teacher_run, tmp_path):
+    s = synthetic2d / "splits.json"
+    images = ["--images", synthetic2d / "images", "--cases", f"{s}:transferal", "--size", 48, "--epochs", 2]
+    # the teachers alone teach: no masks of the transferal set are read, validation on the teachers' val split
+    assert run("distill", "--model", "smp:Unet/resnet18", "--teacher", teacher_run, "--teacher", teacher_run,
+               "--teacher-mode", "mean", "--fusion", "vote", *images, "--val-images", synthetic2d / "images",
+               "--val-masks", synthetic2d / "masks", "--val-cases", f"{s}:teacher_val",
+               "--out", tmp_path / "online") == 0
+    config = json.loads((tmp_path / "online" / "config.json").read_text())
+    assert config["training"]["teacher"] == [str(teacher_run)] * 2 and not config["training"]["soft_targets"]
+    assert config["label_values"] == [0, 255]
+    assert len(config["training"]["trained_on"]) == 12
+    metrics = rundir.read_metrics(tmp_path / "online")
+    assert metrics["best_val_metric"] == "dice" and all(h["train_loss"] > 0 for h in metrics["history"])
+
+    labels = nakt.label(teacher=[str(teacher_run)], images=str(synthetic2d / "images"), cases=f"{s}:transferal",
+                        out=str(tmp_path / "labels"), progress=False, device="cpu")
+    for alpha, out in ((0.5, "mixed"), (1.0, "teachers_only")):
+        assert run("distill", "--model", "smp:Unet/resnet18", "--teacher", teacher_run, "--masks", labels,
+                   "--alpha", alpha, *images, "--val-fraction", 0, "--precision", "fp32", "--out", tmp_path / out) == 0
+    mixed, alone = (rundir.read_metrics(tmp_path / o)["history"] for o in ("mixed", "teachers_only"))
+    assert mixed[0]["train_loss"] != pytest.approx(alone[0]["train_loss"], rel=1e-4)  # the label set counts
+
+
+@pytest.mark.parametrize("spec, message", [("masks:{masks}", "not a network nakt runs"),
+                                           ("probs:{masks}", "not a network nakt runs"),
+                                           ("nnunet:{masks}", "not a network nakt runs")])
+def test_teachers_that_cannot_see_a_batch_are_one_line(synthetic2d, tmp_path, capsys, spec, message):
+    code = run("distill", "--model", "monai:UNet", "--teacher", spec.format(masks=synthetic2d / "masks"),
+               "--images", synthetic2d / "images", "--size", 32, "--epochs", 1, "--out", tmp_path / "x")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x" / "model.safetensors").exists()

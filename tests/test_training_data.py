@@ -1,0 +1,115 @@
+"""Training data from disk: cached, streamed or read by DataLoader workers, a run trains alike; augmentation is
+MONAI dictionary transforms seeded per sample."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nakt
+from nakt.io import rundir
+from nakt.io.dataset import discover_cases
+from nakt.models import ModelCard
+from nakt.train.augment import Augmentation
+from nakt.train.data import cached_cases, prepared_bytes, survey_cases
+from nakt.train.loader import plan_epoch
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(h["train_loss"], h["val_score"]) for h in rundir.read_metrics(run)["history"]]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_cached_streamed_and_worker_read_data_train_alike(synthetic2d, tmp_path, task):
+    """The issue's check: the same losses whether prepared images are held in memory, read from disk every
+    epoch (a cache of 0 GiB), or read by two DataLoader processes."""
+    split = synthetic2d / "splits.json"
+    if task == "segmentation":
+        common = dict(model="monai:UNet", masks=str(synthetic2d / "masks"), size=[32], spatial_augment=True)
+    else:
+        labels = tmp_path / "labels.csv"
+        names = json.loads(split.read_text())["teacher_train"]
+        labels.write_text("case,label\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(names)))
+        common = dict(model="timm:resnet10t", labels=str(labels), size=[32])
+    common.update(images=str(synthetic2d / "images"), cases=f"{split}:teacher_train", epochs=2, batch_size=4,
+                  precision="fp32", progress=False, device="cpu")
+    ways = {"cached": dict(num_workers=0, cache_gb=1.0), "streamed": dict(num_workers=0, cache_gb=0.0),
+            "workers": dict(num_workers=2, cache_gb=0.0)}
+    runs = {name: nakt.train(out=str(tmp_path / name), **way, **common) for name, way in ways.items()}
+    reference = losses(runs["cached"])
+    assert len(reference) == 2 and all(loss is not None for loss, _ in reference)
+    for name in ("streamed", "workers"):
+        assert losses(runs[name]) == reference, name
+
+
+def test_cache_holds_the_leading_cases_within_its_budget(synthetic2d):
+    card = ModelCard("monai:UNet", 1, 2, label_values=[0, 255], size=[32])
+    infos = survey_cases(discover_cases(synthetic2d / "images", synthetic2d / "masks")[:6], progress=False)
+    one = prepared_bytes(infos[0], card, soft=False)
+    assert one == 32 * 32 * (4 + 1)  # float32 image, uint8 class indices
+    dataset, held = cached_cases(infos, card, budget=3 * one + 1, progress=False)
+    assert held == 3 * one and dataset.cache_num == 3
+    streamed, _ = cached_cases(infos, card, budget=0, progress=False)
+    for i in (1, 4):  # a cached and a streamed case are the same prepared case
+        for key in ("image", "target"):
+            assert torch.equal(dataset[i][key], streamed[i][key])
+
+
+def test_augmentation_depends_on_the_seed_only_and_moves_targets_with_images():
+    image = torch.arange(2 * 6 * 8, dtype=torch.float32).reshape(2, 6, 8)
+    target = torch.stack([image[0] % 8 >= 3, image[0] % 8 < 3]).float()  # not mirror-symmetric
+    sample = {"image": image, "target": target}
+    augment = Augmentation(2, ("target",), flip=True, intensity=True)
+    first, again = augment(sample, 7), Augmentation(2, ("target",))(sample, 7)
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"], again["target"])
+    assert torch.equal(sample["image"], image)  # the input is not modified
+    flipped = [augment(sample, seed) for seed in range(20)]
+    kinds = {bool(torch.equal(out["target"], target.flip(-1))) for out in flipped}
+    assert kinds == {True, False}  # about half are mirrored, and the target always with its image
+    for out in flipped:
+        same_side = torch.equal(out["target"], target) or torch.equal(out["target"], target.flip(-1))
+        assert same_side and type(out["image"]) is torch.Tensor
+        base = image.flip(-1) if torch.equal(out["target"], target.flip(-1)) else image
+        ratio = (out["image"] - out["image"].mean()) / (base - base.mean())
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)  # scaled and shifted only
+        assert 0.89 < float(ratio.flatten()[0]) < 1.11
+
+
+def test_epoch_plan_drops_only_a_batch_too_small_for_batchnorm():
+    rng = np.random.default_rng(0)
+    plan = plan_epoch(np.arange(9), 4, rng)
+    assert [len(b) for b in plan] == [4, 4]  # the lone ninth sample waits for the next epoch
+    assert [len(b) for b in plan_epoch(np.arange(10), 4, rng)] == [4, 4, 2]
+    assert [len(b) for b in plan_epoch(np.arange(10), 4, rng, world=2)] == [4, 4]  # 1 per rank is too few
+    assert [len(b) for b in plan_epoch(np.arange(1), 4, rng)] == [1]  # a single sample still trains
+    seeds = [s for b in plan_epoch(np.arange(8), 4, rng) for _, s in b]
+    assert len(set(seeds)) == 8
+
+
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(synthetic2d, tmp_path):
+    """DDP under torchrun (gloo, 2 CPU processes, 2 images each) against one process with batches of 4: the
+    same losses and validation scores within float tolerance (MONAI's UNet normalises per instance, so the
+    split batch computes the same function; 12 cases make three whole batches), and rank 0 alone writes the
+    run."""
+    import subprocess
+    import sys
+
+    split = synthetic2d / "splits.json"
+    args = ["--model", "monai:UNet", "--images", str(synthetic2d / "images"), "--masks", str(synthetic2d / "masks"),
+            "--cases", f"{split}:teacher_train", "--val-images", str(synthetic2d / "images"),
+            "--val-cases", f"{split}:teacher_val", "--size", "32", "--epochs", "3", "--batch-size", "4",
+            "--precision", "fp32", "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    for cmd, out in (([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "nakt"], "two"),
+                     ([sys.executable, "-m", "nakt"], "one")):
+        done = subprocess.run([*cmd, "train", *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    np.testing.assert_allclose(np.array(two, dtype=float), np.array(one, dtype=float), rtol=1e-3)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["batch_size"] == 4
