@@ -5,10 +5,14 @@ each seed: train teachers of different families; label the transferal split with
 all of them fused by each fusion rule; train a student of another architecture on every label set; fine-tune
 the multi-teacher student on the finetune split; run the same-budget baselines (the student from scratch on
 the finetune split, a teacher fine-tuned on it, and the student on the transferal split's true masks); score
-everything on the test split. Writes ``<out>/<dataset>.json`` (every number, config, seeds, wall times,
-machine) and ``<out>/<dataset>.md`` (a table).
+everything on the test split. The student is also distilled online (``nakt distill``: the teachers run on
+its own augmented batches, fused per sample by the mean), with the same validation cases as the offline
+students (the mean-fused label set's masks; ``alpha=1``: its probabilities do not enter the loss).
+Writes ``<out>/<dataset>.json`` (every number, config, seeds, wall times, machine) and ``<out>/<dataset>.md``
+(a table). ``--online-only`` runs just the teachers, the offline mean-fused student and the online one, into
+``<dataset>_online.json`` / ``.md``.
 
-    python benchmarks/segmentation_transfer.py --config configs/benchmarks/cxr_lungs.yaml [--quick]
+    python benchmarks/segmentation_transfer.py --config configs/benchmarks/cxr_lungs.yaml [--quick] [--online-only]
 
 Only nakt's public API is used.
 """
@@ -139,7 +143,7 @@ class Bench:
         return summary["mean"]
 
 
-def run_seed(bench: Bench, seed: int) -> dict:
+def run_seed(bench: Bench, seed: int, online_only: bool = False) -> dict:
     """Every row of the table for one seed: ``{row: {"dice", "hd95", "wall_s", ...}}``."""
     cfg, work = bench.cfg, bench.work / f"seed{seed}"
     rows: dict[str, dict] = {}
@@ -160,7 +164,10 @@ def run_seed(bench: Bench, seed: int) -> dict:
     # row -> (teachers, fusion, label options, student training options)
     label_sets = {f"student <- {spec}": ([t], "mean", {}, {}) for spec, t in zip(cfg["teachers"], teachers)}
     label_sets.update({f"student <- fused {f}": (teachers, f, {}, {}) for f in cfg.get("fusions", ["mean"])})
-    for variant in cfg.get("variants", []):  # what the method allows when a claim fails
+    label_sets.setdefault("student <- fused mean", (teachers, "mean", {}, {}))  # the online student's reference
+    if online_only:
+        label_sets = {"student <- fused mean": (teachers, "mean", {}, {})}
+    for variant in [] if online_only else cfg.get("variants", []):  # what the method allows when a claim fails
         label_sets[f"student <- fused {variant['fusion']}, {variant['name']}"] = (
             teachers, variant["fusion"], variant.get("label", {}), variant.get("train", {}))
     student = cfg["student"]
@@ -177,6 +184,15 @@ def run_seed(bench: Bench, seed: int) -> dict:
         rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
                      "label_dice": quality["dice"]}
         log(row)
+
+    online = "student <- online teachers (distill, fused mean per batch)"
+    wall = bench.train(student, str(work / "labels_fused_mean"), "transferal", work / "student_online",
+                       "student_train", seed, teacher=[str(t) for t in teachers], teacher_mode="mean", alpha=1.0)
+    rows[online] = {**bench.evaluate(work / "eval_student_online", model=str(work / "student_online")),
+                    "wall_s": wall}
+    log(online)
+    if online_only:
+        return rows
 
     def score(row: str, name: str, wall: float) -> None:
         rows[row] = {**bench.evaluate(work / f"eval_{name}", model=str(work / name)), "wall_s": wall}
@@ -252,12 +268,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-cases", type=int, help="use at most this many cases per split (smoke tests)")
     parser.add_argument("--work", help="folder for runs and label sets (default: runs/benchmarks[/quick]/<dataset>)")
     parser.add_argument("--out", help="folder for <dataset>.json and .md (default: benchmarks/results[/quick])")
+    parser.add_argument("--online-only", action="store_true",
+                        help="only the teachers and the offline and online mean-fused students")
     parser.add_argument("--reference-only", action="store_true",
                         help="recompute only the human-reference row of existing results (no training)")
     args = parser.parse_args(argv)
 
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
+    stem = name + ("_online" if args.online_only else "")  # a part of the table must not replace the whole
     data = dataset_folder(args.data or cfg["data"], "segmentation_transfer")
     # quick runs get their own folder: sharing one would overwrite a full run's seed 0
     work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / name)
@@ -282,16 +301,17 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     per_seed: dict[int, dict] = {}
     for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
-        per_seed[seed] = run_seed(bench, seed)
+        per_seed[seed] = run_seed(bench, seed, args.online_only)
         rows = aggregate(per_seed)
         if human is not None:
             rows[HUMAN_ROW] = human_row(human)
-        result = {"dataset": name, "data": str(data), "mode": "quick" if args.quick else "full",
+        mode = ("quick" if args.quick else "full") + (", online-only" if args.online_only else "")
+        result = {"dataset": name, "data": str(data), "mode": mode,
                   "seeds": list(per_seed), "seeds_planned": seeds, "config": cfg, "command": command,
                   "machine": machine(cfg.get("train", {}).get("device", "auto")),
                   "total_wall_s": time.time() - started, "rows": rows}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        (out / f"{name}.md").write_text(markdown(name, result), encoding="utf-8")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        (out / f"{stem}.md").write_text(markdown(name, result), encoding="utf-8")
     print(markdown(name, result))
     return result
 

@@ -138,6 +138,8 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    "(default 2; 0: in the main process)")
     p.add_argument("--cache-gb", type=float, help="hold prepared images in memory up to this many GiB (default 4; "
                    "validation first), read the rest from disk every epoch")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="run training steps through torch.compile (Inductor; the first steps take longer)")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")
     p.add_argument("--seed", type=int)
     p.add_argument("--orientation", help="3D: reorient volumes to this anatomical orientation before the network "

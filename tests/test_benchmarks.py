@@ -18,8 +18,8 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
     written = json.loads((tmp_path / "out" / "cxr_lungs.json").read_text())
     assert written["mode"] == "quick" and written["seeds"] == [0]
     rows = written["rows"]
-    # teachers, single-teacher students, fused, fine-tuned, baselines (quick mode skips the variants)
-    assert len(rows) == 3 + 3 + 4 + 1 + 3
+    # teachers, single-teacher students, fused, online, fine-tuned, baselines (quick mode skips the variants)
+    assert len(rows) == 3 + 3 + 4 + 1 + 1 + 3
     for row, entry in rows.items():
         assert 0.0 <= entry["dice_mean"] <= 1.0, row
     assert "labels vs transferal truth" in (tmp_path / "out" / "cxr_lungs.md").read_text()

@@ -72,8 +72,9 @@ class TrainOptions:
     or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
     Training data is read from disk by `num_workers` DataLoader processes; prepared images up to `cache_gb`
     GiB are held in memory (validation cases first), the rest read again every epoch, so a training set larger
-    than memory trains in bounded memory. Under ``torchrun`` the processes train one model with
-    DistributedDataParallel, `batch_size` being the global batch.
+    than memory trains in bounded memory. `compile` runs training steps through ``torch.compile``. Under
+    ``torchrun`` the processes train one model with DistributedDataParallel, `batch_size` being the global
+    batch.
 
     `task` is inferred when not given (`infer_task`). 3D volumes are reoriented to `orientation` (a nibabel
     axcode such as ``RAS``, or ``none`` for storage order) before the network sees them; the model card records
@@ -131,6 +132,7 @@ class TrainOptions:
     precision: str = "auto"
     num_workers: int = 2
     cache_gb: float = 4.0
+    compile: bool = False
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False

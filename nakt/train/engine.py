@@ -46,7 +46,8 @@ class FitOptions:
     average of the weights with this decay (`nakt.classify.roskd.ema_model`). `precision`: ``auto``
     (bf16 on GPUs and on CPUs that compute bfloat16 natively, else fp32; `nakt.batched.resolve_precision`),
     ``fp32``, ``bf16`` or ``fp16`` (with a gradient scaler). `batch_size` is the global batch, split between
-    the processes of a distributed run; `num_workers` DataLoader processes prepare the samples.
+    the processes of a distributed run; `num_workers` DataLoader processes prepare the samples. `compile`:
+    the training forward and backward run through ``torch.compile`` (Inductor; the first steps compile).
     """
 
     epochs: int = 50
@@ -60,6 +61,7 @@ class FitOptions:
     ema: float | None = None
     precision: str = "auto"
     num_workers: int = 0
+    compile: bool = False
     progress: bool = True
 
     @classmethod
@@ -214,6 +216,8 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Onl
                                                   "schedule": schedule, "scaler": scaler}, generators)
     done = state.resume(scored) if resume else 0
     forward = _distributed(model, opts) if world > 1 else model
+    if opts.compile:  # validation and saving keep using `model`, which shares the weights
+        forward = torch.compile(forward)
     step = _Step(model, forward, task, optimizer, schedule, scaler, smoothed, teachers, precision, nhwc)
     encoder = set(task.encoder(model)) if opts.freeze_encoder_epochs else set()
     loader = PlannedLoader(task.samples, opts.num_workers, rank, world)

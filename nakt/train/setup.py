@@ -23,7 +23,7 @@ __all__ = ["RUN_ONLY", "build_student", "finish_run", "has_epochs_to_resume", "p
            "run_training", "split"]
 
 # fields that describe how to run, not what is trained: a resumed run may change them
-RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb"}
+RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb", "compile"}
 
 
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
