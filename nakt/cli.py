@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from nakt.errors import NaktError
+from nakt.fusion import FUSIONS
 
 __all__ = ["build_parser", "main", "summary_line"]
 
@@ -90,7 +91,7 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    "torchscript:, onnx:, bundle:), run on the student's augmented batches (repeat for several)")
     p.add_argument("--teacher-mode", choices=["random", "mean"], help="random: one teacher per step (RoS-KD); "
                    "mean: all, fused by --fusion")
-    p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"],
+    p.add_argument("--fusion", choices=list(FUSIONS),
                    help="how online teachers are fused per sample with --teacher-mode mean (default mean)")
     p.add_argument("--alpha", type=float, help="weight of the teachers against the stored targets (default 0.5)")
     p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights (e.g. 0.999)")
@@ -183,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "bundle:DIR, masks:DIR or probs:DIR (repeat for several)")
     _data_flags(p, masks=False)
     p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
-    p.add_argument("--fusion", choices=["mean", "weighted", "vote", "staple"])
+    p.add_argument("--fusion", choices=list(FUSIONS), help="mean, weighted (validation Dice), vote, staple, "
+                   "staple-weighted (mean weighted by STAPLE's label-free quality estimates), confidence (per-pixel "
+                   "weights from each teacher's entropy)")
+    p.add_argument("--sharpen", type=float, help="temperature of the fused soft labels: p^(1/T) renormalised "
+                   "(T < 1 sharpens; default 1)")
     p.add_argument("--task", choices=["segmentation", "classification"])
     p.add_argument("--weights", type=float, nargs="+", help="teacher weights for --fusion weighted")
     p.add_argument("--weighting", choices=["dice", "inverse-error"],

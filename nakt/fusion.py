@@ -11,11 +11,15 @@ from nakt.errors import NaktError, look_up_option
 __all__ = [
     "FUSIONS",
     "fuse",
+    "fuse_confidence",
     "fuse_mean",
     "fuse_staple",
+    "fuse_staple_weighted",
     "fuse_vote",
     "fuse_weighted",
+    "sharpen",
     "staple_estimates",
+    "staple_weights",
     "teacher_agreement",
 ]
 
@@ -109,7 +113,52 @@ def fuse_staple(probs: np.ndarray, weights=None) -> np.ndarray:
     return staple_estimates(probs)[0]
 
 
-FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple}
+def fuse_staple_weighted(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Mean of the teachers' probabilities weighted by STAPLE's label-free estimate of each one's quality on
+    this case, Youden's index ``sensitivity + specificity - 1`` (clipped at 0.01, so that no teacher is
+    silenced entirely); given `weights` multiply it. Soft, unlike STAPLE's own fused estimate."""
+    prior = np.ones(len(probs)) if weights is None else _weights(weights, len(probs))
+    return fuse_weighted(probs, staple_weights(staple_estimates(probs)[1]) * prior)
+
+
+def staple_weights(quality: dict) -> np.ndarray:
+    """Teacher weights ``[K]`` from `staple_estimates`' quality: Youden's index, clipped at 0.01."""
+    return np.clip(np.add(quality["sensitivity"], quality["specificity"]) - 1, 0.01, None)
+
+
+def fuse_confidence(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Per-pixel weighted mean: each teacher counts by its confidence there, ``1 - H(p) / log C`` (its
+    normalised entropy), so a teacher unsure of a pixel yields to one that is sure; given `weights` multiply it.
+
+    >>> sure, unsure = [[0.99], [0.01]], [[0.4], [0.6]]
+    >>> bool(fuse_confidence(np.array([sure, unsure]))[0, 0] > 0.95)  # the plain mean is 0.695
+    True
+    """
+    k, c = probs.shape[:2]
+    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+    entropy = -(p * np.log(p)).sum(axis=1) / np.log(c)  # [K, *spatial] in [0, 1]
+    confidence = np.clip(1.0 - entropy, 1e-3, None)
+    if weights is not None:
+        confidence = confidence * _weights(weights, k).reshape((k,) + (1,) * (probs.ndim - 2))
+    fused = (confidence[:, None] * probs).sum(axis=0) / confidence.sum(axis=0)[None]
+    return fused.astype(probs.dtype)
+
+
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature sharpening of fused soft labels ``[C, *spatial]``: ``p ** (1 / T)`` renormalised (T < 1
+    sharpens, T = 1 leaves them, T > 1 softens); the argmax never changes.
+
+    >>> sharpen(np.array([[0.75], [0.25]]), 0.5)[:, 0].round(2).tolist()
+    [0.9, 0.1]
+    """
+    if temperature == 1:
+        return probs
+    powered = np.power(np.clip(probs.astype(np.float64), 0, 1), 1.0 / temperature)
+    return (powered / np.maximum(powered.sum(axis=0, keepdims=True), 1e-12)).astype(probs.dtype)
+
+
+FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple,
+           "staple-weighted": fuse_staple_weighted, "confidence": fuse_confidence}
 
 
 def fuse(probs: np.ndarray, method: str = "mean", weights=None) -> np.ndarray:

@@ -30,7 +30,7 @@ from nakt.batched import (
 )
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
-from nakt.fusion import FUSIONS, fuse, staple_estimates, teacher_agreement
+from nakt.fusion import FUSIONS, fuse, sharpen, staple_estimates, staple_weights, teacher_agreement
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
@@ -54,6 +54,7 @@ class LabelOptions(InferenceOptions):
     images: str
     out: str
     fusion: str = "mean"
+    sharpen: float = 1.0
     task: str | None = None
     weights: list[float] | None = None
     weighting: str = "dice"
@@ -71,6 +72,7 @@ class LabelOptions(InferenceOptions):
         check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
                              "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
                              "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True),
+                             "sharpen": at_least(0, exclusive=True),
                              **INFERENCE_CHECKS})
         if self.num_parts > 1 and self.overwrite:
             raise NaktError(None, "--overwrite with --num-parts would let each part remove the others' cases",
@@ -156,18 +158,20 @@ def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean
     return fuse_probs(np.stack([infer_probs(m, image, path) for m in models]), fusion, weights)
 
 
-def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean",
-               weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Fuse K teachers' probabilities ``[K, C, *spatial]``; returns ``(fused [C, *spatial], teacher_probs,
-    info)`` where `info` holds the teachers' agreement and, for STAPLE, each teacher's estimated sensitivity and
-    specificity."""
+def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean", weights: list[float] | None = None,
+               sharpen_temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fuse K teachers' probabilities ``[K, C, *spatial]``, then sharpen the result at `sharpen_temperature`;
+    returns ``(fused [C, *spatial], teacher_probs, info)`` where `info` holds the teachers' agreement and, for
+    the STAPLE rules, each teacher's estimated sensitivity and specificity."""
     info = {"agreement": teacher_agreement(teacher_probs)} if len(teacher_probs) > 1 else {}
-    if fusion == "staple":
+    if fusion in ("staple", "staple-weighted"):
         fused, quality = staple_estimates(teacher_probs)
         info["staple"] = quality
+        if fusion == "staple-weighted":
+            fused = fuse(teacher_probs, "weighted", staple_weights(quality))
     else:
         fused = fuse(teacher_probs, fusion, weights)
-    return fused, teacher_probs, info
+    return sharpen(fused, sharpen_temperature), teacher_probs, info
 
 
 def label(opts: LabelOptions) -> Path:
@@ -181,6 +185,9 @@ def label(opts: LabelOptions) -> Path:
     if opts.task == "classification":
         from nakt.classify.stages import label_classification
 
+        if opts.sharpen != 1:
+            raise NaktError(None, "--sharpen applies to segmentation label sets", "drop it (classification label "
+                            "sets are softened or sharpened by the student's --temperature)")
         if share.parts > 1:
             raise NaktError(None, "classification label sets are written in one go, not in parts",
                             "run nakt label once, without --num-parts or torchrun")
@@ -202,7 +209,7 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
                for i, t in enumerate(opts.teacher)]
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
-              "fusion": opts.fusion, "weights_from": weight_source, "teachers": records,
+              "fusion": opts.fusion, "sharpen": opts.sharpen, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation,
               "precision": resolve_precision(opts.precision, device), "tta": opts.tta,
               "batch_size": opts.batch_size or default_batch_size(teachers)}
@@ -252,7 +259,7 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        for key in ("precision", "tta", "batch_size"):  # label sets older than these keys resume with any
+        for key in ("precision", "tta", "batch_size", "sharpen"):  # older label sets resume with any
             if previous.get(key, header[key]) != header[key]:
                 raise NaktError(out, f"holds a label set made with --{key} {previous[key]}, not {header[key]}",
                                 f"pass --{key} {previous[key]} to resume it, or choose a new --out folder")
@@ -280,7 +287,7 @@ def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: 
                 weights: list[float] | None) -> None:
     """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
     its record: a case counts as done only once its files are complete."""
-    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights)
+    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen)
     mask = decode_labels(fused.argmax(0), values)
     mask_path = write_label(mask, image, out / "masks" / name)
     labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nakt.fusion import FUSIONS, fuse, fuse_vote, staple_estimates, teacher_agreement
+from nakt.fusion import FUSIONS, fuse, fuse_vote, sharpen, staple_estimates, staple_weights, teacher_agreement
 
 
 def _probs(k=3, c=3, shape=(6, 7), seed=0):
@@ -16,7 +16,7 @@ def test_every_rule_shape_sum_and_single_teacher(name):
     assert fused.shape == probs.shape[1:]
     np.testing.assert_allclose(fused.sum(0), 1, atol=1e-6)
     single = FUSIONS[name](probs[:1], None)
-    if name in ("mean", "weighted"):
+    if name in ("mean", "weighted", "staple-weighted", "confidence"):  # soft rules keep a lone teacher's answer
         np.testing.assert_allclose(single, probs[0])
     else:  # hard rules give the teacher's argmax, one-hot
         np.testing.assert_array_equal(single.argmax(0), probs[0].argmax(0))
@@ -72,3 +72,44 @@ def test_teacher_weights_from_validation_scores(tmp_path):
     assert teacher_weights(runs)[0] == pytest.approx([0.95, 0.90])
     assert teacher_weights(runs, weighting="inverse-error")[0] == pytest.approx([20.0, 10.0])
     assert teacher_weights(runs, weights=[1, 3])[0] == [1.0, 3.0]
+
+
+def _raters(seed: int = 0):
+    """A perfect, a good and a poor rater of one square (soft: 0.9 on their label), and the truth."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((40, 40), int)
+    truth[10:30, 12:28] = 1
+    raters = []
+    for flip in (0.0, 0.02, 0.3):
+        noisy = np.where(rng.random(truth.shape) < flip, 1 - truth, truth)
+        raters.append(np.stack([1 - noisy, noisy]) * 0.8 + 0.1)
+    return np.stack(raters), truth
+
+
+def test_staple_weighted_trusts_the_raters_staple_finds_reliable():
+    probs, truth = _raters()
+    weights = staple_weights(staple_estimates(probs)[1])
+    assert weights[0] > weights[2] and weights[1] > weights[2]
+    fused = fuse(probs, "staple-weighted")
+    assert (fused.argmax(0) == truth).mean() >= (fuse(probs, "mean").argmax(0) == truth).mean()
+    assert 0 < fused.min() and fused.max() < 1  # soft, unlike STAPLE's own estimate
+    np.testing.assert_allclose(fused, fuse(probs, "weighted", weights))
+
+
+def test_confidence_lets_a_sure_teacher_outweigh_unsure_ones_pixel_by_pixel():
+    sure, unsure = [[0.02, 0.5], [0.98, 0.5]], [[0.8, 0.02], [0.2, 0.98]]  # [C=2, 2 pixels]
+    probs = np.array([sure, unsure, unsure])
+    mean, confident = fuse(probs, "mean"), fuse(probs, "confidence")
+    assert mean[:, 0].argmax() == 0 and confident[:, 0].argmax() == 1  # pixel 0: the sure teacher wins
+    assert confident[1, 1] > mean[1, 1]  # pixel 1: the other way round, the unsure teacher yields
+    np.testing.assert_allclose(confident.sum(0), 1)
+
+
+def test_sharpen_keeps_the_argmax_and_moves_towards_it():
+    probs = _probs(k=1)[0]
+    for temperature in (0.5, 2.0):
+        out = sharpen(probs, temperature)
+        np.testing.assert_array_equal(out.argmax(0), probs.argmax(0))
+        np.testing.assert_allclose(out.sum(0), 1, atol=1e-6)
+        assert (out.max(0) > probs.max(0)).all() if temperature < 1 else (out.max(0) < probs.max(0)).all()
+    assert sharpen(probs, 1.0) is probs
