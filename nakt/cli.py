@@ -126,6 +126,9 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--min-confidence", type=float,
                    help="with soft labels: leave pixels (classification: images) whose top probability is below "
                    "this out of the loss")
+    p.add_argument("--pixel-weights", choices=["none", "agreement", "confidence"],
+                   help="segmentation: weigh each pixel's loss by the label set's teacher agreement there, or by "
+                   "the target's confidence (default none)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--spatial-augment", action="store_true", default=None,
                    help="segmentation: also rotate (up to 15 degrees) and scale (0.85-1.15) images with targets")

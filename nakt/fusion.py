@@ -17,6 +17,7 @@ __all__ = [
     "fuse_staple_weighted",
     "fuse_vote",
     "fuse_weighted",
+    "agreement_map",
     "sharpen",
     "staple_estimates",
     "staple_weights",
@@ -179,3 +180,13 @@ def teacher_agreement(probs: np.ndarray) -> dict:
             denom = fa.sum() + fb.sum()
             dices.append(1.0 if denom == 0 else float(2 * (fa & fb).sum() / denom))
     return {"pixel_agreement": all_agree, "pairwise_dice": float(np.mean(dices)) if dices else 1.0}
+
+
+def agreement_map(teacher_probs: np.ndarray, fused: np.ndarray) -> np.ndarray:
+    """Per pixel, the fraction of the K teachers whose hard label is the fused one: ``[*spatial]`` in [0, 1].
+
+    >>> teachers = np.array([[[0.1, 0.9], [0.9, 0.1]], [[0.2, 0.3], [0.8, 0.7]]])  # K=2, C=2, 2 pixels
+    >>> agreement_map(teachers, fused=np.array([[0.1, 0.6], [0.9, 0.4]])).tolist()
+    [1.0, 0.5]
+    """
+    return (teacher_probs.argmax(axis=1) == fused.argmax(axis=0)[None]).mean(axis=0)

@@ -30,7 +30,7 @@ from nakt.batched import (
 )
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
-from nakt.fusion import FUSIONS, fuse, sharpen, staple_estimates, staple_weights, teacher_agreement
+from nakt.fusion import FUSIONS, agreement_map, fuse, sharpen, staple_estimates, staple_weights, teacher_agreement
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
@@ -290,7 +290,8 @@ def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: 
     fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen)
     mask = decode_labels(fused.argmax(0), values)
     mask_path = write_label(mask, image, out / "masks" / name)
-    labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None)
+    agreement = agreement_map(teacher_probs, fused) if len(teacher_probs) > 1 else None
+    labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None, agreement)
     labelset.write_record(out, name, {"mask": str(mask_path.relative_to(out)), "probs": f"probs/{name}.npz",
                                       **info})
 

@@ -36,7 +36,7 @@ TRAIN_CHECKS = {
     "min_confidence": between(0, 1), "val_fraction": between(0, 1, high_open=True),
     "freeze_encoder_epochs": at_least(0), "seed": at_least(0), "orientation": check_orientation,
     "precision": one_of(*PRECISIONS), "num_workers": at_least(0), "cache_gb": at_least(0),
-    "fusion": one_of(*FUSIONS),
+    "fusion": one_of(*FUSIONS), "pixel_weights": one_of(*segmentation.PIXEL_WEIGHTS),
 }
 # the options only one task takes (each task adapter lists its own); `check_task_options` refuses the others
 TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classification.OPTIONS}
@@ -55,7 +55,9 @@ class TrainOptions:
     (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels,
     `balance_classes` draws each epoch's images with probability inversely proportional to their class's
     frequency (imbalanced tasks such as referable DR). Segmentation extras: `patch`, `spatial_augment`,
-    `hard_labels`, `orientation` and the mask options. An option of the other task is refused
+    `hard_labels`, `orientation`, the mask options and `pixel_weights` (``agreement``: each pixel's loss weighted
+    by the share of a label set's teachers agreeing with its fused label; ``confidence``: by the target's top
+    probability; ``none``). An option of the other task is refused
     (`check_task_options`).
 
     Both tasks (one engine, `nakt.train.engine`): `teacher` (networks: run directories, ``torchscript:``,
@@ -121,6 +123,7 @@ class TrainOptions:
     label_values: list[int] | None = None
     hard_labels: bool = False
     min_confidence: float = 0.0
+    pixel_weights: str = "none"
     augment: bool = True
     spatial_augment: bool = False
     val_fraction: float = 0.2

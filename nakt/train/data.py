@@ -54,11 +54,13 @@ def read_label_map(path: Path, like=None) -> np.ndarray:
 
 
 def survey_cases(cases: list[Case], orientation: str = "RAS", progress: bool = True,
-                 soft_from: Path | None = None, classes: int | None = None) -> list[CaseInfo]:
+                 soft_from: Path | None = None, classes: int | None = None,
+                 weights_from: Path | None = None) -> list[CaseInfo]:
     """Read every case once (3D volumes reoriented to `orientation`), checking that its mask (where it has one:
     online teachers may be all a case has) fits its image and, with `soft_from` (a label set of `classes`
-    classes), that its probabilities do; keep only shapes and label values, so that the memory used does not
-    grow with the number of cases."""
+    classes), that its probabilities do, and with `weights_from` (a label set) that it has the teachers'
+    agreement map; keep only shapes and label values, so that the memory used does not grow with the number of
+    cases."""
     infos = []
     for case in tqdm(cases, desc="survey", unit="case", disable=not progress, leave=False):
         image = read_image(case.images, orientation=orientation)
@@ -68,6 +70,9 @@ def survey_cases(cases: list[Case], orientation: str = "RAS", progress: bool = T
             raise NaktError(labelset.probs_path(soft_from, case.name),
                             f"probabilities of shape {probs.shape} do not fit the image "
                             f"({classes} classes x {image.spatial_shape})")
+        if weights_from is not None and labelset.read_probs(weights_from, case.name, "agreement") is None:
+            raise NaktError(labelset.probs_path(weights_from, case.name), "holds no teacher agreement map",
+                            "label with two or more teachers, or use --pixel-weights confidence")
         infos.append(CaseInfo(case, tuple(image.spatial_shape), image.array.shape[0],
                               tuple(int(v) for v in np.unique(mask))))
     return infos
@@ -91,8 +96,9 @@ def prepared_bytes(info: CaseInfo, card: ModelCard, soft: bool) -> int:
     return voxels * (4 * card.in_channels + target)
 
 
-def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None):
-    """A deterministic MONAI transform: `CaseInfo` -> prepared case (what `CacheDataset` caches)."""
+def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None, weights_from: Path | None):
+    """A deterministic MONAI transform: `CaseInfo` -> prepared case (what `CacheDataset` caches), with the
+    teachers' agreement ``"weight"`` ``[1, *grid]`` (float16) from `weights_from`."""
     from monai.transforms import Transform
 
     class PrepareCase(Transform):
@@ -102,6 +108,9 @@ def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None
             grid = target_size(card, image.spatial_shape)
             probs = labelset.read_probs(soft_from, case.name) if soft_from is not None else None
             prepared = {"image": prepare_image(image.array, card, case.images[0])}
+            if weights_from is not None:
+                agreement = labelset.read_probs(weights_from, case.name, "agreement")
+                prepared["weight"] = resize(torch.from_numpy(agreement)[None], grid).half()
             if probs is not None:
                 target = resize(torch.from_numpy(probs), grid).half()
             elif case.mask is None:  # taught by online teachers alone
@@ -116,7 +125,8 @@ def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None
 
 
 def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, orientation: str = "RAS",
-                 soft_from: Path | None = None, workers: int = 1, progress: bool = True):
+                 soft_from: Path | None = None, weights_from: Path | None = None, workers: int = 1,
+                 progress: bool = True):
     """A MONAI `CacheDataset` of the prepared cases: the leading cases whose prepared size fits `budget` bytes
     are prepared once and held; the others are read and prepared on every access. Returns (dataset, bytes
     held)."""
@@ -128,7 +138,7 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, orienta
         if held + size > budget:
             break
         held, cached = held + size, cached + 1
-    dataset = CacheDataset(infos, _prepare_transform(card, orientation, soft_from), cache_num=cached,
+    dataset = CacheDataset(infos, _prepare_transform(card, orientation, soft_from, weights_from), cache_num=cached,
                            num_workers=max(1, workers), progress=progress and cached > 0, copy_cache=False)
     return dataset, held
 
@@ -138,39 +148,38 @@ def hard_target(target: torch.Tensor) -> torch.Tensor:
     return target.float().argmax(0) if target.is_floating_point() else target.long()
 
 
-def _crop(image: torch.Tensor, target: torch.Tensor, patch: tuple[int, ...],
-          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A `patch` window of image ``[C_in, *grid]`` and probability target ``[C, *grid]``, padded first where
-    the image is smaller (padding is background with certainty); half the windows centred on foreground, so
-    that small structures are seen."""
-    spatial = image.shape[1:]
+def _crop(sample: dict[str, torch.Tensor], patch: tuple[int, ...], rng: np.random.Generator) -> dict:
+    """A `patch` window of every tensor ``[C, *grid]`` of `sample` (image, probability target, pixel weights),
+    padded first where the image is smaller (padding is background with certainty, weighted fully); half the
+    windows centred on foreground, so that small structures are seen."""
+    spatial = sample["image"].shape[1:]
     pad = [max(0, p - s) for p, s in zip(patch, spatial)]
     if any(pad):
         flat = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
-        image, target = F.pad(image, flat), F.pad(target, flat)
-        target[0][target.sum(0) == 0] = 1
-        spatial = image.shape[1:]
-    fg = torch.nonzero(target.argmax(0) > 0)
+        sample = {k: F.pad(v, flat, value=1.0 if k == "weight" else 0.0) for k, v in sample.items()}
+        sample["target"][0][sample["target"].sum(0) == 0] = 1
+        spatial = sample["image"].shape[1:]
+    fg = torch.nonzero(sample["target"].argmax(0) > 0)
     if len(fg) and rng.random() < 0.5:
         centre = fg[rng.integers(len(fg))].tolist()
         start = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, spatial)]
     else:
         start = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, spatial)]
-    window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-    return image[(slice(None), *window)], target[(slice(None), *window)]
+    window = (slice(None), *(slice(a, a + p) for a, p in zip(start, patch)))
+    return {k: v[window] for k, v in sample.items()}
 
 
 def _crop_image(image: torch.Tensor, patch: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
     """`_crop` of an image without a target: a uniformly placed window."""
-    background = torch.zeros(1, *image.shape[1:])
-    background[0] = 1
-    return _crop(image, background, patch, rng)[0]
+    background = torch.ones(1, *image.shape[1:])
+    return _crop({"image": image, "target": background}, patch, rng)["image"]
 
 
 class TrainingSamples(torch.utils.data.Dataset):
     """Training samples for the engine's DataLoader: ``samples[(index, seed)]`` is the prepared case `index`
     of `cases` (a `cached_cases` dataset), cropped to `patch` if given and augmented, all drawn from `seed`:
-    ``{"image": [C_in, *grid], "target": [C, *grid]}`` (probabilities summing to 1)."""
+    ``{"image": [C_in, *grid], "target": [C, *grid]}`` (probabilities summing to 1), with ``"weight"``
+    ``[1, *grid]`` (per-pixel loss weights) when the cases have it."""
 
     def __init__(self, cases, classes: int, augmentation: Augmentation, patch: tuple[int, ...] | None = None):
         self.cases, self.classes, self.augmentation, self.patch = cases, classes, augmentation, patch
@@ -189,7 +198,9 @@ class TrainingSamples(torch.utils.data.Dataset):
             target = target.float() / target.float().sum(0, keepdim=True).clamp_min(1e-6)
         else:
             target = one_hot(target[None], self.classes)[0]
-        image = prepared["image"]
+        sample = {"image": prepared["image"], "target": target}
+        if "weight" in prepared:
+            sample["weight"] = prepared["weight"].float()
         if self.patch:
-            image, target = _crop(image, target, self.patch, sample_rng(seed))
-        return self.augmentation({"image": image, "target": target}, seed)
+            sample = _crop(sample, self.patch, sample_rng(seed))
+        return self.augmentation(sample, seed)

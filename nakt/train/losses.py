@@ -30,8 +30,8 @@ class SoftDiceCELoss(nn.Module):
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` ``[B, 1, *spatial]`` (optional, 0 or 1) leaves pixels out of both terms, e.g. pixels on which
-        the teachers disagree."""
+        """`mask` ``[B, 1, *spatial]`` (optional, in [0, 1]) weighs each pixel's share of both terms: 0 leaves
+        it out (e.g. pixels on which the teachers disagree), fractions count it partly."""
         logits = logits.float()
         if mask is None:
             return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)

@@ -28,7 +28,8 @@ __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
-           "spatial_augment", "orientation")
+           "spatial_augment", "orientation", "pixel_weights")
+PIXEL_WEIGHTS = ("none", "agreement", "confidence")
 
 
 class SegmentationTask:
@@ -37,18 +38,22 @@ class SegmentationTask:
     rotations and scalings (`spatial_augment`), targets as probabilities ``[C, *grid]``. The loss is soft Dice +
     cross-entropy against the targets, or with online teachers against ``alpha`` x their fused probabilities +
     the rest x the targets (the teachers alone without targets); pixels whose target's top probability is below
-    `min_confidence` are left out of it. The score is the mean foreground Dice of the `val` cases on the
-    network's grid, read by `num_workers` processes unless all of them are cached."""
+    `min_confidence` are left out of it. `pixel_weights` weighs every pixel's share of the loss instead:
+    ``agreement``, by the fraction of teachers agreeing with the fused label there (the samples' ``"weight"``,
+    from the label set), ``confidence``, by the target's top probability rescaled from 1/C..1 to 0..1. The
+    score is the mean foreground Dice of the `val` cases on the network's grid, read by `num_workers` processes
+    unless all of them are cached."""
 
     metric = "dice"
 
     def __init__(self, card: ModelCard, train, val, *, patch: tuple[int, ...] | None = None,
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
-                 min_confidence: float = 0.0, alpha: float = 0.5, num_workers: int = 0):
-        self.card, self.val, self.alpha = card, val, alpha
+                 min_confidence: float = 0.0, alpha: float = 0.5, pixel_weights: str = "none",
+                 num_workers: int = 0):
+        self.card, self.val, self.alpha, self.pixel_weights = card, val, alpha, pixel_weights
         self.patch, self.patches_per_case = patch, patches_per_case
         self.min_confidence = min_confidence
-        augmentation = Augmentation(card.spatial_dims, ("target",), flip=augment, intensity=augment,
+        augmentation = Augmentation(card.spatial_dims, ("target", "weight"), flip=augment, intensity=augment,
                                     spatial=spatial_augment)
         self.samples = TrainingSamples(train, card.classes, augmentation, patch)
         streamed = len(val) > getattr(val, "cache_num", len(val))
@@ -67,8 +72,16 @@ class SegmentationTask:
         y, taught = batch.get("target"), batch.get("teacher_probs")
         if taught is not None:
             y = taught if y is None else self.alpha * taught + (1 - self.alpha) * y
-        mask = (y.amax(1, keepdim=True) >= self.min_confidence).float() if self.min_confidence > 0 else None
-        return self.loss_fn(logits, y, mask)
+        top = y.amax(1, keepdim=True)
+        weight = None
+        if self.pixel_weights == "confidence":
+            weight = ((top - 1 / y.shape[1]) / (1 - 1 / y.shape[1])).clamp(0, 1)
+        elif self.pixel_weights == "agreement":
+            weight = batch["weight"].float()
+        if self.min_confidence > 0:
+            keep = (top >= self.min_confidence).float()
+            weight = keep if weight is None else weight * keep
+        return self.loss_fn(logits, y, weight)
 
     @torch.no_grad()
     def validate(self, model: NaktModel, precision: str = "fp32", batch_size: int = 8) -> float | None:
@@ -130,9 +143,13 @@ def train_segmentation(opts) -> Path:
         masks = masks / "masks"
     orientation = _orientation(opts, label_set)
     classes = len(labelset.read_manifest(label_set)["label_values"]) if soft_from is not None else None
+    if opts.pixel_weights == "agreement" and label_set is None:
+        raise NaktError(opts.masks, "--pixel-weights agreement needs a label set as --masks (its teachers' "
+                        "agreement maps)", "label with nakt label, or use --pixel-weights confidence")
+    weights_from = label_set if opts.pixel_weights == "agreement" else None
     cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=masks is not None)
-    infos = survey_cases(cases, orientation, opts.progress, soft_from, classes)
+    infos = survey_cases(cases, orientation, opts.progress, soft_from, classes, weights_from)
     if masks is None and (opts.val_images is None or opts.val_masks is None):
         train_infos, val_infos = infos, []  # nothing to score against: the last epoch is kept
     elif opts.val_images is not None:
@@ -152,7 +169,7 @@ def train_segmentation(opts) -> Path:
     budget = int(opts.cache_gb * 2**30)  # validation cases first: they are read every epoch
     read = {"orientation": orientation, "workers": opts.num_workers, "progress": opts.progress}
     val, held = cached_cases(val_infos, card, budget, **read)
-    train, _ = cached_cases(train_infos, card, budget - held, soft_from=soft_from, **read)
+    train, _ = cached_cases(train_infos, card, budget - held, soft_from=soft_from, weights_from=weights_from, **read)
     patch = None
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
@@ -161,7 +178,8 @@ def train_segmentation(opts) -> Path:
                   trained_on=[i.case.name for i in train_infos], validated_on=[i.case.name for i in val_infos])
     task = SegmentationTask(card, train, val, patch=patch, patches_per_case=opts.patches_per_case,
                             augment=opts.augment, spatial_augment=opts.spatial_augment,
-                            min_confidence=opts.min_confidence, alpha=opts.alpha, num_workers=opts.num_workers)
+                            min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
+                            num_workers=opts.num_workers)
     return run_training(opts, card, model, task, record, teachers, started=started)
 
 
