@@ -68,3 +68,19 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert set(result["torchrun_images_per_s"]) == {"1_process", "2_process"}
     written = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert written["targets"] == result["targets"] and "images/s" in (tmp_path / "out" / "throughput.md").read_text()
+
+
+def test_training_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/training_throughput.py end to end on a few real X-rays at 64 px: every measure is present."""
+    shared_dataset("cxr_lungs")
+    import training_throughput
+
+    result = training_throughput.main(["--quick", "--epochs", "1", "--train-cases", "6", "--scale-sizes", "4", "8",
+                                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    runs = result["per_seed"]["0"]
+    assert set(runs) == {"nakt defaults", "plain fp32", "nakt fp32", f"plain {result['precision_auto']} (compute only)"}
+    for run in runs.values():
+        assert run["images_per_s"] > 0 and 0.0 <= run["val_dice"] <= 1.0 and run["images"] >= 4
+    assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]
+    assert all(v["rss_mb"] > 100 for r in result["rss"] for v in r["by_cases"].values())
+    assert "data-pipeline overhead" in (tmp_path / "out" / "training_throughput.md").read_text()

@@ -48,7 +48,8 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def history(run: Path) -> list[dict]:
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in rundir.read_metrics(run)["history"]]
+    timing = ("seconds", "val_seconds")
+    return [{k: v for k, v in entry.items() if k not in timing} for entry in rundir.read_metrics(run)["history"]]
 
 
 # --- segmentation ---------------------------------------------------------------------------------------------

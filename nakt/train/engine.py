@@ -226,10 +226,12 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Onl
         frozen, unfrozen = _trainable(model, epoch, opts, encoder)
         plan = plan_epoch(task.order(rng), opts.batch_size, rng, world)
         losses = [step(batch) for batch in loader.epoch(plan)]
+        t_val = time.time()
         score = task.validate(scored, precision, opts.batch_size) if rank == 0 else None
         log.update(scored, {"epoch": epoch, "train_loss": _mean_over_ranks(losses, world), "val_score": score,
                             "lr": schedule.get_last_lr()[-1], "encoder_frozen": frozen,
-                            "unfrozen_groups": unfrozen, "seconds": round(time.time() - t0, 2)},
+                            "unfrozen_groups": unfrozen, "samples": sum(len(b) for b in plan),
+                            "seconds": round(time.time() - t0, 2), "val_seconds": round(time.time() - t_val, 2)},
                    score, "  (encoder frozen)" if frozen else "", state)
     model.requires_grad_(True)
     if world > 1:

@@ -1,0 +1,265 @@
+"""Training throughput: ``nakt train`` against a plain PyTorch loop, on ../shared/data/cxr_lungs.
+
+One script run, the same model (smp U-Net/ResNet-18), batch (8), image size and epochs for everything:
+
+- images/s of ``nakt.train`` with its defaults (``--precision auto``: bf16 on CPUs that compute it natively;
+  DataLoader workers; prepared images cached) and with ``--precision fp32``, against a plain fp32 loop written
+  below on tensors prepared beforehand (the same preprocessing, flips and intensity jitter, AdamW with the same
+  one-cycle schedule, the same soft Dice + cross-entropy loss); the final validation Dice of each, per seed.
+  Training images/s leave validation out (nakt's metrics.json records ``val_seconds`` per epoch);
+- data-pipeline overhead: nakt's training time per epoch against the plain loop at nakt's own precision on the
+  prepared tensors (pure compute);
+- peak RSS of a fresh ``nakt train`` process (and of its DataLoader workers) at 1x and 10x the training cases
+  (symlinked copies), with the default cache and with a cache smaller than the set.
+
+Writes ``benchmarks/results/training_throughput.json`` and ``.md``.
+
+    python benchmarks/training_throughput.py [--quick] [--work runs/training_throughput]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nakt
+from nakt.batched import autocast, resolve_precision
+from nakt.io import rundir
+from nakt.io.images import read_image, read_mask
+from nakt.metrics import case_scores
+from nakt.models import ModelCard, build_model
+from nakt.preprocess import encode_labels, one_hot, prepare_image, resize
+from nakt.train.losses import SoftDiceCELoss
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cxr_lungs"
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smp:Unet/resnet18"
+BATCH = 8
+
+
+def case_list(work: Path, name: str, cases: list[str]) -> str:
+    path = work / f"{name}.txt"
+    path.write_text("\n".join(cases) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def prepared(cases: list[str], card: ModelCard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N, 1, S, S]`` and class indices ``[N, S, S]`` prepared as nakt prepares them."""
+    xs, ys = [], []
+    for name in cases:
+        image = read_image(DATA / "images" / f"{name}.jpg")
+        mask = encode_labels(read_mask(DATA / "masks" / f"{name}.png", like=image), card.label_values)
+        xs.append(prepare_image(image.array, card))
+        ys.append(resize(torch.from_numpy(mask)[None], tuple(xs[-1].shape[1:]), mode="nearest")[0])
+    return torch.stack(xs), torch.stack(ys).long()
+
+
+def plain_loop(card: ModelCard, data: dict, epochs: int, lr: float, seed: int, precision: str) -> dict:
+    """The hand-written loop: returns training seconds, images trained and the last epoch's validation Dice."""
+    x, y = data["train"]
+    torch.manual_seed(seed)
+    model = build_model(card)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = (len(x) + BATCH - 1) // BATCH
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps + 1, pct_start=0.3)
+    loss_fn = SoftDiceCELoss()
+    generator = torch.Generator().manual_seed(seed)
+    seconds, images, dice = 0.0, 0, None
+    for _ in range(epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), BATCH):
+            idx = order[i:i + BATCH]
+            if len(idx) < 2:
+                continue
+            xb, yb = x[idx].clone(), one_hot(y[idx], card.classes)
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
+            xb = xb * (0.9 + 0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator)) \
+                + (0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator) - 0.1)
+            with autocast(precision, torch.device("cpu")):
+                loss = loss_fn(model(xb).float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            images += len(idx)
+        seconds += time.perf_counter() - started
+    dice = validation_dice(model, *data["val"], card.classes, precision)
+    return {"train_seconds": seconds, "images": images, "images_per_s": images / seconds, "val_dice": dice}
+
+
+@torch.no_grad()
+def validation_dice(model, x: torch.Tensor, y: torch.Tensor, classes: int, precision: str) -> float:
+    model.eval()
+    scores = []
+    for i in range(0, len(x), BATCH):
+        with autocast(precision, torch.device("cpu")):
+            predicted = model(x[i:i + BATCH]).float().argmax(1)
+        scores += [case_scores(p.numpy(), t.numpy(), classes, hd95=False)["dice"]
+                   for p, t in zip(predicted, y[i:i + BATCH])]
+    return float(np.mean(scores))
+
+
+def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: int, **options) -> dict:
+    """`nakt.train` (defaults unless `options`): training images/s (validation left out) and final Dice."""
+    out = work / f"nakt_{seed}_{options.get('precision', 'default')}"
+    nakt.train(model=MODEL, images=str(DATA / "images"), masks=str(DATA / "masks"), cases=lists["train"],
+               val_images=str(DATA / "images"), val_masks=str(DATA / "masks"), val_cases=lists["val"], size=[size],
+               epochs=epochs, batch_size=BATCH, lr=lr, seed=seed, out=str(out), overwrite=True, progress=False,
+               device="cpu", **options)
+    metrics = rundir.read_metrics(out)
+    history = metrics["history"]
+    seconds = sum(h["seconds"] - h["val_seconds"] for h in history)
+    images = sum(h["samples"] for h in history)
+    return {"train_seconds": seconds, "images": images, "images_per_s": images / seconds,
+            "val_dice": history[-1]["val_score"], "best_val_dice": metrics["best_val_score"],
+            "precision": metrics["precision"]}
+
+
+def scale_folder(work: Path, cases: list[str], n: int) -> Path:
+    """`n` training cases made of symlinks to the real ones (repeated under new names)."""
+    folder = work / f"scale_{n}"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name = cases[i % len(cases)]
+        for sub, ext in (("images", ".jpg"), ("masks", ".png")):
+            link = folder / sub / f"c{i:05d}{ext}"
+            if not link.exists():
+                link.symlink_to(DATA / sub / f"{name}{ext}")
+    return folder
+
+
+def rss_child(folder: Path, size: int, cache_gb: float, out: Path) -> None:
+    """One epoch of `nakt train` in this (fresh) process; prints peak RSS (MB) of it and of its workers."""
+    started = time.time()
+    nakt.train(model=MODEL, images=str(folder / "images"), masks=str(folder / "masks"), size=[size], epochs=1,
+               batch_size=BATCH, val_fraction=0, cache_gb=cache_gb, out=str(out), overwrite=True, progress=False,
+               device="cpu")
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                      "seconds": time.time() - started}))
+
+
+def peak_rss(work: Path, cases: list[str], sizes: list[int], size: int, cache_gb: float) -> dict:
+    out = {}
+    for n in sizes:
+        folder = scale_folder(work, cases, n)
+        done = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(size), str(cache_gb),
+                               str(work / f"rss_run_{n}")], capture_output=True, text=True, check=True)
+        out[str(n)] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"RSS at {n} cases, cache {cache_gb} GiB: {out[str(n)]}", flush=True)
+    first, last = out[str(sizes[0])]["rss_mb"], out[str(sizes[-1])]["rss_mb"]
+    return {"cache_gb": cache_gb, "by_cases": out, "growth": last / first - 1}
+
+
+def markdown(result: dict) -> str:
+    s, t = result["summary"], result["targets"]
+    rows = [("nakt train (defaults) vs plain fp32 loop, training images/s", f"{s['speedup']:.2f}x", ">= 1.5x",
+             t["speedup"]),
+            ("final validation Dice, nakt defaults - plain fp32 (mean over seeds)", f"{s['dice_gap']:+.4f}",
+             "within 0.005", t["dice_gap"]),
+            ("data-pipeline overhead (nakt vs plain loop at nakt's precision)", f"{100 * s['overhead']:.1f}%",
+             "< 15%", t["overhead"])]
+    for rss in result["rss"]:
+        sizes = list(rss["by_cases"])
+        rows.append((f"peak RSS growth {sizes[0]} -> {sizes[-1]} cases (--cache-gb {rss['cache_gb']})",
+                     f"{100 * rss['growth']:+.1f}%", "< 10%", rss["growth"] < 0.10))
+    lines = [f"# Training throughput ({result['mode']} mode, {result['machine']['device']})", "",
+             f"Command: `{result['command']}`  ", f"Model {MODEL}, batch {BATCH}, size {result['config']['size']}, "
+             f"{result['config']['epochs']} epochs, {result['config']['train_cases']} training cases, seeds "
+             f"{result['config']['seeds']}", "", "| measure | measured | target | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {'yes' if d else 'no'} |" for a, b, c, d in rows]
+    lines += ["", "| seed | run | images/s | final val Dice |", "| --- | --- | --- | --- |"]
+    for seed, runs in result["per_seed"].items():
+        lines += [f"| {seed} | {name} | {r['images_per_s']:.2f} | {r['val_dice']:.4f} |" for name, r in runs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, 64 px, 2 epochs, 8 cases")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-cases", type=int, help="at most this many teacher_train cases")
+    parser.add_argument("--scale-sizes", type=int, nargs=2, help="training cases for the RSS runs (1x, 10x)")
+    parser.add_argument("--small-cache-gb", type=float, default=0.1, help="the cache smaller than the set")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "training_throughput"))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        folder, size, cache_gb, out = args.rss_child
+        rss_child(Path(folder), int(size), float(cache_gb), Path(out))
+        return {}
+    if not DATA.is_dir():
+        sys.exit(f"training_throughput: {DATA}: dataset not found")
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    size, epochs = args.size or (64 if args.quick else 256), args.epochs or (2 if args.quick else 10)
+    scale_sizes = args.scale_sizes or ([20, 200] if args.quick else [200, 2000])
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    splits = json.loads((DATA / "splits.json").read_text(encoding="utf-8"))
+    train_cases = splits["teacher_train"][:args.train_cases or (8 if args.quick else None)]
+    lists = {"train": case_list(work, "train", train_cases), "val": case_list(work, "val", splits["teacher_val"])}
+    card = ModelCard(MODEL, 1, 2, label_values=[0, 255], size=[size])
+    data = {"train": prepared(train_cases, card), "val": prepared(splits["teacher_val"], card)}
+    precision = resolve_precision("auto", torch.device("cpu"))
+    command = " ".join(["python", "benchmarks/training_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.time()
+    per_seed = {}
+    for seed in seeds:  # interleaved per seed, so that the machine's slow moments touch every arm
+        runs = {"nakt defaults": nakt_run(work, lists, size, epochs, args.lr, seed),
+                "plain fp32": plain_loop(card, data, epochs, args.lr, seed, "fp32"),
+                "nakt fp32": nakt_run(work, lists, size, epochs, args.lr, seed, precision="fp32")}
+        if seed == seeds[0]:
+            runs[f"plain {precision} (compute only)"] = plain_loop(card, data, epochs, args.lr, seed, precision)
+        per_seed[str(seed)] = runs
+        print(f"[seed {seed}] " + ", ".join(f"{k}: {v['images_per_s']:.2f} img/s, Dice {v['val_dice']:.4f}"
+                                           for k, v in runs.items()), flush=True)
+    rate = {arm: statistics.median(r[arm]["images_per_s"] for r in per_seed.values())
+            for arm in ("nakt defaults", "plain fp32", "nakt fp32")}
+    first = per_seed[str(seeds[0])]
+    compute = first[f"plain {precision} (compute only)"]
+    nakt_epoch = first["nakt defaults"]["train_seconds"] / first["nakt defaults"]["images"]
+    summary = {"speedup": rate["nakt defaults"] / rate["plain fp32"], "median_images_per_s": rate,
+               "dice_gap": statistics.fmean(r["nakt defaults"]["val_dice"] - r["plain fp32"]["val_dice"]
+                                            for r in per_seed.values()),
+               "bf16_vs_fp32_dice_gap": statistics.fmean(r["nakt defaults"]["val_dice"] - r["nakt fp32"]["val_dice"]
+                                                         for r in per_seed.values()),
+               "overhead": nakt_epoch / (compute["train_seconds"] / compute["images"]) - 1}
+    rss = [peak_rss(work, train_cases, scale_sizes, size, cache) for cache in (4.0, args.small_cache_gb)]
+    targets = {"speedup": summary["speedup"] >= 1.5, "dice_gap": abs(summary["dice_gap"]) <= 0.005,
+               "overhead": summary["overhead"] < 0.15}
+    result = {"mode": "quick" if args.quick else "full", "command": command, "precision_auto": precision,
+              "config": {"size": size, "epochs": epochs, "seeds": seeds, "train_cases": len(train_cases),
+                         "val_cases": len(splits["teacher_val"]), "lr": args.lr, "scale_sizes": scale_sizes},
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                          "device": f"CPU ({os.cpu_count()} cores)"},
+              "per_seed": per_seed, "summary": summary, "targets": targets, "rss": rss,
+              "total_wall_s": time.time() - started}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_throughput.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / "training_throughput.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
