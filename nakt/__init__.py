@@ -2,13 +2,14 @@
 
 Teachers of any architecture annotate a transferal set (`label`); a student of another architecture learns
 from those annotations (`train`), is optionally fine-tuned on a small labelled set (`finetune`), and is
-scored (`evaluate`) or applied (`predict`). Each function takes an options dataclass or keyword arguments.
+scored (`evaluate`) or applied (`predict`); `report` shows which labels of a label set to trust. Each function
+takes an options dataclass or keyword arguments.
 """
 
 __version__ = "0.1.0"
 
-from nakt.api import evaluate, export, export_nnunet, finetune, label, load, predict, train
+from nakt.api import evaluate, export, export_nnunet, finetune, label, load, predict, report, train
 from nakt.errors import NaktError
 
 __all__ = ["NaktError", "__version__", "evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict",
-           "train"]
+           "report", "train"]

@@ -18,11 +18,13 @@ from nakt.label import label as _label
 from nakt.models import load
 from nakt.predict import PredictOptions
 from nakt.predict import predict as _predict
+from nakt.report import ReportOptions
+from nakt.report import report as _report
 from nakt.train import FinetuneOptions, TrainOptions, resume_options
 from nakt.train import finetune as _finetune
 from nakt.train import train as _train
 
-__all__ = ["evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict", "train"]
+__all__ = ["evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict", "report", "train"]
 
 
 def _options(cls, opts, config, kwargs):
@@ -63,6 +65,12 @@ def predict(opts: PredictOptions | None = None, *, config: str | None = None, **
 def evaluate(opts: EvaluateOptions | None = None, *, config: str | None = None, **kwargs) -> dict:
     """Dice / HD95 against masks (from `model` or `pred`); writes and returns summary.json."""
     return _evaluate(_options(EvaluateOptions, opts, config, kwargs))
+
+
+def report(opts: ReportOptions | None = None, *, config: str | None = None, **kwargs) -> Path:
+    """A static page (index.html, PNGs, report.json) showing a label set's teacher agreement, the cases ranked by
+    disagreement (the review queue) and per-teacher label-free quality; returns its folder."""
+    return _report(_options(ReportOptions, opts, config, kwargs))
 
 
 def export(opts: ExportOptions | None = None, *, config: str | None = None, **kwargs) -> Path:

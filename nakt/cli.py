@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nakt.export_nnunet import ExportNnunetOptions
     from nakt.label import LabelOptions
     from nakt.predict import PredictOptions
+    from nakt.report import ReportOptions
     from nakt.train import FinetuneOptions, TrainOptions
 
     parser = _Parser(prog="nakt", description=__doc__.splitlines()[0])
@@ -238,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _inference_flags(p)
     _document(p, EvaluateOptions)
+
+    p = sub.add_parser("report", help="a static page: teacher agreement, the cases ranked by disagreement (review "
+                       "queue), per-teacher label-free quality, training curves")
+    p.add_argument("--labels", help="label set written by nakt label")
+    p.add_argument("--images", help="the label set's images")
+    p.add_argument("--masks", help="true masks, when there are any: the labels' Dice is plotted")
+    p.add_argument("--mask-file", help="glob of the mask file inside case folders")
+    p.add_argument("--cases", help="case list: text file, JSON list, or splits.json:KEY")
+    p.add_argument("--channels", nargs="+", help="file-name globs of the modality files in case folders, in order")
+    p.add_argument("--config", help="YAML file with the same keys as the flags")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--runs", nargs="+", help="run directories whose training curves to plot")
+    p.add_argument("--out", help="report folder (new or empty): index.html, cases/, plots/, report.json")
+    p.add_argument("--queue", type=int, help="cases of the review queue drawn on the page (default 24)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier nakt report")
+    _document(p, ReportOptions)
 
     p = sub.add_parser("export", help="write a run as an ONNX or TorchScript file with its sidecar contract "
                        "(checked against the run before returning)")
@@ -320,6 +337,8 @@ def summary_line(verb: str, result) -> str:
         return f"wrote {result} and its contract {result}.json (checked against the run)"
     if verb == "export-nnunet":
         return f"wrote the nnU-Net raw dataset {result}"
+    if verb == "report":
+        return f"wrote {result}/index.html"
     if verb == "evaluate":
         mean = result.get("mean", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if isinstance(v, (int, float)))

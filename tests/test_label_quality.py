@@ -87,3 +87,66 @@ def test_agreement_weights_without_agreement_maps_are_one_line(synthetic2d, two_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "student").exists()
+
+
+def test_report_ranks_cases_by_disagreement_and_draws_them(synthetic2d, two_teachers, tmp_path):
+    import json
+    import re
+
+    split = synthetic2d / "splits.json"
+    labels = nakt.label(teacher=[str(t) for t in two_teachers], images=str(synthetic2d / "images"),
+                        cases=f"{split}:transferal", out=str(tmp_path / "labels"), save_teacher_probs=True,
+                        progress=False, device="cpu")
+    out = nakt.report(labels=str(labels), images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                      runs=[str(t) for t in two_teachers], out=str(tmp_path / "report"), queue=5, progress=False)
+    result = json.loads((out / "report.json").read_text())
+    queue = result["queue"]
+    assert sorted(queue) == sorted(labelset.read_manifest(labels)["cases"])  # every case, each once
+    keys = [(-result["cases"][n]["disagreement"], result["cases"][n]["pixel_agreement"]) for n in queue]
+    assert keys == sorted(keys) and keys[0] != keys[-1]  # most disputed first, and the cases do differ
+    manifest = labelset.read_manifest(labels)["cases"]
+    first = manifest[queue[0]]["agreement"]["pairwise_dice"]
+    assert result["cases"][queue[0]]["disagreement"] == pytest.approx(1 - first)
+    page = (out / "index.html").read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert len([s for s in sources if s.startswith("cases/")]) == 5  # the drawn part of the queue, in order
+    assert all((out / s).is_file() and (out / s).stat().st_size > 0 for s in sources)
+    drawn = [re.search(r"cases/(.+)\.png", s).group(1) for s in sources if s.startswith("cases/")]
+    assert drawn == queue[:5]
+    assert {"plots/agreement.png", "plots/dice_vs_truth.png"} <= set(sources)
+    assert sum(s.startswith("plots/training_") for s in sources) == 2
+    assert all(0 <= t["sensitivity"] <= 1 for t in result["teachers"])  # STAPLE from the stored teacher probs
+    assert all(0 <= result["cases"][n]["dice_vs_truth"] <= 1 for n in queue)
+
+
+def test_report_of_a_folder_that_is_no_label_set_is_one_line(synthetic2d, tmp_path, capsys):
+    code = main(["report", "--labels", str(synthetic2d / "masks"), "--images", str(synthetic2d / "images"),
+                 "--out", str(tmp_path / "report"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a label set" in err[0] and not (tmp_path / "report").exists()
+
+
+def test_report_shows_3d_cases_as_three_orthogonal_slices(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    for folder in ("img", "msk"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        mask = np.zeros((20, 18, 16), np.uint8)
+        mask[5 + i:14, 4:12, 3 + i:11] = 1
+        image = mask * 2.0 + rng.normal(size=mask.shape)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), str(tmp_path / "img" / f"v{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "msk" / f"v{i}.nii.gz"))
+    common = dict(images=str(tmp_path / "img"), progress=False, device="cpu")
+    teachers = [str(nakt.train(model="monai:UNet", masks=str(tmp_path / "msk"), size=[32], epochs=1, seed=seed,
+                               val_fraction=0, out=str(tmp_path / f"t{seed}"), **common)) for seed in (0, 1)]
+    labels = nakt.label(teacher=teachers, out=str(tmp_path / "labels"), **common)
+    out = nakt.report(labels=str(labels), images=str(tmp_path / "img"), out=str(tmp_path / "report"), progress=False)
+    result = json.loads((out / "report.json").read_text())
+    for name in result["queue"]:
+        pictures = result["cases"][name]["pictures"]
+        assert [p.rsplit("_", 1)[1] for p in pictures] == ["axis0.png", "axis1.png", "axis2.png"]
+        assert all((out / p).is_file() for p in pictures)

@@ -1,0 +1,261 @@
+"""`nakt report`: a static page that shows which labels of a label set to trust, and which cases a person should
+check first.
+
+The page (``out/index.html``, PNGs beside it in ``cases/`` and ``plots/``, every number in ``report.json``):
+
+- the review queue: cases ranked by teacher disagreement (one minus the teachers' mean pairwise foreground Dice,
+  then the share of pixels they do not all agree on), each shown with the fused outline (and every teacher's,
+  when the label set kept ``teacher_probs``) over the image and the teachers' per-pixel agreement map; 3D cases as
+  three orthogonal slices through the fused structure's centre;
+- per teacher, STAPLE's label-free sensitivity and specificity (from the manifest for ``--fusion staple``, else
+  estimated from stored teacher probabilities);
+- plots: the distribution of teacher agreement, of the labels' Dice against `masks` when a truth is given, and the
+  training curves of `runs` (from their metrics.json).
+
+Cases are read one at a time; only per-case numbers are kept, so the report scales with the number of cases.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from tqdm import tqdm
+
+from nakt.config import at_least, check_options
+from nakt.errors import NaktError
+from nakt.fusion import agreement_map, staple_estimates
+from nakt.io import labelset, outputs, rundir
+from nakt.io.dataset import discover_cases
+from nakt.io.images import read_image, read_mask
+from nakt.metrics import case_scores
+from nakt.preprocess import encode_labels
+
+__all__ = ["REPORT", "ReportOptions", "report"]
+
+REPORT = outputs.OutputKind("report", "report.json", "nakt.report/", ("report.json", "index.html", "cases", "plots"))
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+FUSED = (255, 225, 25)
+PANEL = 240  # longest side of a case panel, in pixels
+
+
+@dataclass
+class ReportOptions:
+    """Options of `report` (flag names of ``nakt report``): the label set, its images, optional truth `masks`
+    and training `runs`; `queue` cases of the review queue are drawn."""
+
+    labels: str
+    images: str
+    out: str
+    runs: list[str] | None = None
+    masks: str | None = None
+    cases: str | None = None
+    channels: list[str] | None = None
+    mask_file: str | None = None
+    queue: int = 24
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(self, {"queue": at_least(1)})
+
+
+def report(opts: ReportOptions) -> Path:
+    """Write the report folder `opts.out` for the label set `opts.labels`; returns its path."""
+    label_set = Path(opts.labels)
+    if not labelset.is_label_set(label_set):
+        raise NaktError(label_set, "is not a label set (no manifest.json)", "give a folder nakt label wrote")
+    manifest = labelset.read_manifest(label_set)
+    if manifest.get("task", "segmentation") != "segmentation":
+        raise NaktError(label_set, "is a classification label set", "nakt report shows segmentation label sets")
+    records = manifest.get("cases", {})
+    found = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file)
+    cases = [c for c in found if c.name in records]
+    if not cases:
+        raise NaktError(opts.images, f"holds none of the {len(records)} cases of {label_set}")
+    runs = [Path(r) for r in opts.runs or []]
+    for run in runs:
+        rundir.read_metrics(run)  # a missing or foreign run fails now, before anything is written
+    out = Path(opts.out)
+    outputs.claim_output(out, REPORT, opts.overwrite)
+    teachers = [t["spec"] for t in manifest.get("teachers", [])]
+    values = [int(v) for v in manifest["label_values"]]
+    orientation = manifest.get("orientation", "RAS")
+
+    summaries = {}
+    for case in tqdm(cases, desc="report", unit="case", disable=not opts.progress, leave=False):
+        summaries[case.name] = _case_summary(case, records[case.name], label_set, values, orientation)
+    queue = sorted(summaries, key=lambda n: (-summaries[n]["disagreement"], summaries[n]["pixel_agreement"], n))
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    for name in queue[:opts.queue]:
+        case = next(c for c in cases if c.name == name)
+        summaries[name]["pictures"] = _draw_case(case, label_set, values, orientation, out / "cases", len(teachers))
+    plots = _plots(summaries, runs, out / "plots")
+    quality = _teacher_quality(summaries, teachers)
+    result = {"format": "nakt.report/1", "label_set": str(label_set), "images": str(opts.images),
+              "truth": opts.masks, "teachers": quality, "queue": queue, "plots": plots, "cases": summaries}
+    with outputs.atomic_path(out / "index.html") as tmp:
+        tmp.write_text(_page(result, opts.queue), encoding="utf-8")
+    rundir.write_json(out / "report.json", result)
+    return out
+
+
+def _case_summary(case, record: dict, label_set: Path, values: list[int], orientation: str) -> dict:
+    """The per-case numbers: teacher agreement, STAPLE quality where known, Dice against the truth if given."""
+    agreement = record.get("agreement", {})
+    summary = {"disagreement": 1.0 - agreement.get("pairwise_dice", 1.0),
+               "pixel_agreement": agreement.get("pixel_agreement", 1.0), "staple": record.get("staple")}
+    teacher_probs = labelset.read_probs(label_set, case.name, "teacher_probs")
+    if summary["staple"] is None and teacher_probs is not None and len(teacher_probs) > 1:
+        summary["staple"] = staple_estimates(teacher_probs)[1]
+    if case.mask is not None:
+        image = read_image(case.images, orientation=orientation)
+        fused = read_mask(label_set / record["mask"], like=image)
+        truth = read_mask(case.mask, like=image)
+        summary["dice_vs_truth"] = case_scores(encode_labels(fused, values), encode_labels(truth, values, case.mask),
+                                               len(values), hd95=False)["dice"]
+    return summary
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """``[C, *spatial]`` -> uint8 grey or RGB ``[*spatial, 3]``, intensities stretched between the 1st and 99th
+    percentiles."""
+    shown = image[:3] if image.shape[0] >= 3 else image[:1].repeat(3, axis=0)
+    lo, hi = np.percentile(shown, [1, 99])
+    return (np.clip((shown - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    from skimage.segmentation import find_boundaries
+
+    rgb[find_boundaries(mask, mode="inner")] = colour
+
+
+def _slices(array: np.ndarray, centre: tuple[int, ...]) -> list[tuple[str, tuple]]:
+    """The views of a ``[..., *spatial]`` array: the image itself in 2D, three orthogonal slices in 3D."""
+    if len(centre) == 2:
+        return [("", (Ellipsis,))]
+    return [(axis, (Ellipsis, *[slice(None) if d != k else centre[k] for d in range(3)]))
+            for k, axis in enumerate(("axis 0", "axis 1", "axis 2"))]
+
+
+def _draw_case(case, label_set: Path, values: list[int], orientation: str, folder: Path, k: int) -> list[str]:
+    """PNGs of one case (per view: outlines over the image, and the agreement map); returns their paths
+    relative to the report folder."""
+    from matplotlib import colormaps
+
+    image = read_image(case.images, orientation=orientation)
+    fused = labelset.read_probs(label_set, case.name)
+    teacher_probs = labelset.read_probs(label_set, case.name, "teacher_probs")
+    agreement = labelset.read_probs(label_set, case.name, "agreement")
+    if agreement is None and teacher_probs is not None and fused is not None:
+        agreement = agreement_map(teacher_probs, fused)
+    fused_labels = fused.argmax(0) if fused is not None else np.zeros(image.spatial_shape, int)
+    foreground = np.argwhere(fused_labels > 0)
+    centre = tuple(foreground.mean(0).astype(int)) if len(foreground) else tuple(s // 2 for s in fused_labels.shape)
+    pictures = []
+    for axis, view in _slices(image.array, centre):
+        rgb = _display(image.array[view]).copy()
+        for t in range(k if teacher_probs is not None else 0):
+            _outline(rgb, teacher_probs[t].argmax(0)[view[1:]] > 0, COLOURS[t % len(COLOURS)])
+        _outline(rgb, fused_labels[view[1:]] > 0, FUSED)
+        panels = [rgb]
+        if agreement is not None:
+            panels.append((colormaps["viridis"](agreement[view[1:]])[..., :3] * 255).astype(np.uint8))
+        picture = PILImage.fromarray(np.concatenate(panels, axis=1))
+        scale = PANEL / max(rgb.shape[:2])  # small images are enlarged (pixels kept sharp), large ones reduced
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 PILImage.Resampling.NEAREST if scale > 1 else PILImage.Resampling.LANCZOS)
+        name = f"{case.name}{'_' + axis.replace(' ', '') if axis else ''}.png"
+        picture.save(folder / name)
+        pictures.append(f"cases/{name}")
+    return pictures
+
+
+def _plots(summaries: dict, runs: list[Path], folder: Path) -> list[str]:
+    """Agreement and Dice histograms, and the training curves of `runs`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=80)
+        plt.close(fig)
+        made.append(f"plots/{name}")
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist([1 - s["disagreement"] for s in summaries.values()], bins=20, range=(0, 1), color="#4477aa")
+    ax.set(xlabel="teachers' mean pairwise Dice", ylabel="cases", title="teacher agreement")
+    save(fig, "agreement.png")
+    dices = [s["dice_vs_truth"] for s in summaries.values() if "dice_vs_truth" in s]
+    if dices:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.hist(dices, bins=20, range=(0, 1), color="#228833")
+        ax.set(xlabel="fused labels' Dice against the truth", ylabel="cases", title="label quality")
+        save(fig, "dice_vs_truth.png")
+    for run in runs:
+        history = rundir.read_metrics(run).get("history", [])
+        fig, ax = plt.subplots(figsize=(5, 3))
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h.get("train_loss") for h in history], "o-", label="training loss")
+        scores = [h.get("val_score") for h in history]
+        if any(s is not None for s in scores):
+            ax.plot(epochs, scores, "s-", label="validation score")
+        ax.set(xlabel="epoch", title=run.name)
+        ax.legend()
+        save(fig, f"training_{len(made)}_{run.name}.png")
+    return made
+
+
+def _teacher_quality(summaries: dict, teachers: list[str]) -> list[dict]:
+    """Per teacher, STAPLE's sensitivity and specificity averaged over the cases that have them."""
+    known = [s["staple"] for s in summaries.values() if s.get("staple")]
+    out = []
+    for k, spec in enumerate(teachers):
+        red, green, blue = COLOURS[k % len(COLOURS)]
+        entry = {"spec": spec, "colour": f"#{red:02x}{green:02x}{blue:02x}", "cases": len(known)}
+        if known:
+            entry.update(sensitivity=float(np.mean([q["sensitivity"][k] for q in known])),
+                         specificity=float(np.mean([q["specificity"][k] for q in known])))
+        out.append(entry)
+    return out
+
+
+def _page(result: dict, shown: int) -> str:
+    e = html.escape
+    quality = "".join(
+        f"<tr><td><span style='color:{t['colour']}'>&#9632;</span> {e(t['spec'])}</td>"
+        + (f"<td>{t['sensitivity']:.3f}</td><td>{t['specificity']:.3f}</td>" if "sensitivity" in t
+           else "<td colspan=2>not estimated (label with --fusion staple or --save-teacher-probs)</td>")
+        + "</tr>" for t in result["teachers"])
+    rows = []
+    for rank, name in enumerate(result["queue"][:shown], 1):
+        s = result["cases"][name]
+        truth = f"{s['dice_vs_truth']:.3f}" if "dice_vs_truth" in s else "-"
+        pictures = "".join(f"<img src='{e(p)}' alt='{e(name)}'>" for p in s.get("pictures", []))
+        rows.append(f"<tr id='case-{rank}'><td>{rank}</td><td>{e(name)}</td><td>{1 - s['disagreement']:.3f}</td>"
+                    f"<td>{s['pixel_agreement']:.4f}</td><td>{truth}</td><td>{pictures}</td></tr>")
+    plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in result["plots"])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>nakt report: {e(result['label_set'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} img{{margin:2px}}</style></head>
+<body><h1>Which labels to trust: {e(result['label_set'])}</h1>
+<p>{len(result['cases'])} cases. Outlines: fused labels in yellow{', each teacher in its colour' if quality else ''};
+beside each image, the share of teachers agreeing with the fused label (dark: disagreement).</p>
+<h2>Teachers (label-free quality, STAPLE)</h2>
+<table><tr><th>teacher</th><th>sensitivity</th><th>specificity</th></tr>{quality}</table>
+<h2>Plots</h2>{plots}
+<h2>Review queue: most disputed first</h2>
+<table><tr><th>rank</th><th>case</th><th>teachers' pairwise Dice</th><th>pixel agreement</th>
+<th>Dice vs truth</th><th>views</th></tr>{''.join(rows)}</table>
+</body></html>
+"""
