@@ -150,3 +150,23 @@ def test_report_shows_3d_cases_as_three_orthogonal_slices(tmp_path):
         pictures = result["cases"][name]["pictures"]
         assert [p.rsplit("_", 1)[1] for p in pictures] == ["axis0.png", "axis1.png", "axis2.png"]
         assert all((out / p).is_file() for p in pictures)
+
+
+def test_self_training_rounds_add_the_last_student_to_the_teachers(synthetic2d, two_teachers, tmp_path):
+    from nakt.recipes import self_training
+
+    split = synthetic2d / "splits.json"
+    students = self_training([str(two_teachers[0])], str(synthetic2d / "images"), "monai:UNet", str(tmp_path / "st"),
+                             rounds=2, cases=f"{split}:transferal", label_options={"device": "cpu"},
+                             train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
+    assert students == [tmp_path / "st" / "round_0" / "student", tmp_path / "st" / "round_1" / "student"]
+    specs = [[t["spec"] for t in labelset.read_manifest(tmp_path / "st" / f"round_{r}" / "labels")["teachers"]]
+             for r in (0, 1)]
+    assert specs == [[str(two_teachers[0])], [str(two_teachers[0]), str(students[0])]]
+    training = rundir.read_config(students[1])[1]
+    assert training["spatial_augment"] and training["augment"] and training["soft_targets"]
+    weights = (students[1] / "model.safetensors").stat().st_mtime_ns
+    self_training([str(two_teachers[0])], str(synthetic2d / "images"), "monai:UNet", str(tmp_path / "st"), rounds=2,
+                  cases=f"{split}:transferal", label_options={"device": "cpu"},
+                  train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
+    assert (students[1] / "model.safetensors").stat().st_mtime_ns == weights  # finished rounds are kept
