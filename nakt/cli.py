@@ -139,7 +139,7 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), help="training arithmetic (autocast): auto is bf16 on "
                    "GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
     p.add_argument("--num-workers", type=int, help="DataLoader processes reading and augmenting training images "
-                   "(default 2; 0: in the main process)")
+                   "(default: none when every image fits the cache, else half the CPU cores up to 4)")
     p.add_argument("--cache-gb", type=float, help="hold prepared images in memory up to this many GiB (default 4; "
                    "validation first), read the rest from disk every epoch")
     p.add_argument("--compile", action="store_true", default=None,

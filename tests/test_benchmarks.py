@@ -81,6 +81,21 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     assert set(runs) == {"nakt defaults", "plain fp32", "nakt fp32", f"plain {result['precision_auto']} (compute only)"}
     for run in runs.values():
         assert run["images_per_s"] > 0 and 0.0 <= run["val_dice"] <= 1.0 and run["images"] >= 4
-    assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]
+    assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]  # default cache, small cache
     assert all(v["rss_mb"] > 100 for r in result["rss"] for v in r["by_cases"].values())
     assert "data-pipeline overhead" in (tmp_path / "out" / "training_throughput.md").read_text()
+
+
+def test_pool_benchmark_smoke(tmp_path):
+    """benchmarks/pool_transfer.py end to end: teachers on a few cxr_lungs cases label a pool of Kermany images,
+    students of two sizes train on the pool's labels only, everything scored on cxr_lungs test."""
+    shared_dataset("cxr_lungs")
+    shared_dataset("kermany_cxr")
+    import pool_transfer
+
+    result = pool_transfer.main(["--quick", "--epochs", "1", "--max-cases", "4", "--pool-sizes", "6",
+                                 "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    rows = result["rows"]
+    assert len(rows) == 3 + 2 and result["pool_images"] > 5000
+    assert all(0.0 <= e["mean"] <= 1.0 for e in rows.values())
+    assert (tmp_path / "out" / "pool_transfer_quick.md").is_file()

@@ -72,11 +72,12 @@ class TrainOptions:
     (segmentation) or images (classification) whose target's top probability is below it out of the loss;
     `precision` is ``auto`` (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), ``fp32``, ``bf16``
     or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
-    Training data is read from disk by `num_workers` DataLoader processes; prepared images up to `cache_gb`
-    GiB are held in memory (validation cases first), the rest read again every epoch, so a training set larger
-    than memory trains in bounded memory. `compile` runs training steps through ``torch.compile``. Under
-    ``torchrun`` the processes train one model with DistributedDataParallel, `batch_size` being the global
-    batch.
+    Training data is read from disk by `num_workers` DataLoader processes (None: none when every training
+    image is cached, else half the CPU cores, at most 4; `nakt.train.setup.loader_workers`); prepared images up
+    to `cache_gb` GiB are held in memory (validation cases first), the rest read again every epoch, so a
+    training set larger than memory trains in bounded memory. `compile` runs training steps through
+    ``torch.compile``. Under ``torchrun`` the processes train one model with DistributedDataParallel,
+    `batch_size` being the global batch.
 
     `task` is inferred when not given (`infer_task`). 3D volumes are reoriented to `orientation` (a nibabel
     axcode such as ``RAS``, or ``none`` for storage order) before the network sees them; the model card records
@@ -133,7 +134,7 @@ class TrainOptions:
     seed: int = 0
     orientation: str = "RAS"
     precision: str = "auto"
-    num_workers: int = 2
+    num_workers: int | None = None
     cache_gb: float = 4.0
     compile: bool = False
     device: str = "auto"

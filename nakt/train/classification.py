@@ -9,6 +9,7 @@ on a label set with ``temperature > 1`` is distilled, and one trained on hard la
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, parse_spec
 from nakt.train.augment import Augmentation
 from nakt.train.online import load_online_teachers
-from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
+from nakt.train.setup import build_student, loader_workers, prepare_out, record_of, run_training, split
 
 __all__ = ["ClassificationSamples", "ClassificationTask", "OPTIONS", "train_classifier"]
 
@@ -129,6 +130,8 @@ def train_classifier(opts) -> Path:
     x_val = training_images(val_table, card, opts.progress, cache)  # validation first: read every epoch
     held = x_val.element_size() * x_val.nelement() if isinstance(x_val, torch.Tensor) else 0
     x_train = training_images(train_table, card, opts.progress, cache - held)
+    streamed = not isinstance(x_train, torch.Tensor) or not isinstance(x_val, torch.Tensor)
+    opts = dataclasses.replace(opts, num_workers=loader_workers(opts.num_workers, streamed))
     task = ClassificationTask(card, x_train, _targets_for_training(train_table, opts), x_val, val_table,
                               augment=opts.augment, balance_classes=opts.balance_classes,
                               temperature=opts.temperature, alpha=opts.alpha, min_confidence=opts.min_confidence)

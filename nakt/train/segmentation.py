@@ -4,6 +4,7 @@ the model card and runs the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
 from nakt.train.online import load_online_teachers
-from nakt.train.setup import build_student, prepare_out, record_of, run_training, split
+from nakt.train.setup import build_student, loader_workers, prepare_out, record_of, run_training, split
 
 __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 
@@ -167,9 +168,11 @@ def train_segmentation(opts) -> Path:
     _check_grid(card, [info.spatial_shape for info in train_infos])
     prepare_out(opts)
     budget = int(opts.cache_gb * 2**30)  # validation cases first: they are read every epoch
-    read = {"orientation": orientation, "workers": opts.num_workers, "progress": opts.progress}
+    read = {"orientation": orientation, "workers": opts.num_workers or 1, "progress": opts.progress}
     val, held = cached_cases(val_infos, card, budget, **read)
     train, _ = cached_cases(train_infos, card, budget - held, soft_from=soft_from, weights_from=weights_from, **read)
+    workers = loader_workers(opts.num_workers, len(train) > train.cache_num or len(val) > val.cache_num)
+    opts = dataclasses.replace(opts, num_workers=workers)
     patch = None
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)

@@ -4,6 +4,7 @@ the run complete."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +20,8 @@ from nakt.sharding import current_share, on_first_part
 from nakt.train.engine import FitOptions, Task, fit
 from nakt.train.online import OnlineTeachers
 
-__all__ = ["RUN_ONLY", "build_student", "finish_run", "has_epochs_to_resume", "prepare_out", "record_of",
-           "run_training", "split"]
+__all__ = ["RUN_ONLY", "build_student", "finish_run", "has_epochs_to_resume", "loader_workers", "prepare_out",
+           "record_of", "run_training", "split"]
 
 # fields that describe how to run, not what is trained: a resumed run may change them
 RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb", "compile"}
@@ -36,6 +37,16 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(items))
     n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def loader_workers(given: int | None, streamed: bool) -> int:
+    """DataLoader processes for training: `given`, else none when every training sample is held in memory (the
+    main process then only crops and augments: on 2 cores, 0 workers trained 8% faster than 2, measured by
+    benchmarks/training_throughput.py's setup) and half the CPU cores (at most 4) when samples are read from
+    disk."""
+    if given is not None:
+        return given
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if streamed else 0
 
 
 def prepare_out(opts) -> None:

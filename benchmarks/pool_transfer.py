@@ -1,0 +1,146 @@
+"""Large unlabelled pools: do more cheap, unlabelled images make a student beat its teachers?
+
+Teachers trained on ../shared/data/cxr_lungs (teacher_train, validated on teacher_val) annotate the chest X-rays
+of ../shared/data/kermany_cxr (paediatric, thousands of images, no lung masks) once, fused by `--fusion`; students
+of the teachers' capacity and of a smaller one train on the labels of the first 85 / 500 / 2,000 / all pool
+images only (validated on cxr_lungs teacher_val, as the teachers were); everything is scored on cxr_lungs test
+beside the teachers. Writes ``<out>/pool_transfer.json`` and ``.md``.
+
+    python benchmarks/pool_transfer.py [--quick] [--seeds 0 1 2] [--pool-sizes 85 500 2000 0]  (0: all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import nakt
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+LUNGS, POOL = SHARED / "cxr_lungs", SHARED / "kermany_cxr"
+TEACHERS = ["smp:Unet/resnet18", "smp:DeepLabV3Plus/mobilenet_v2", "monai:UNet"]
+STUDENTS = {"capacity": "smp:Unet/resnet18", "small": "smp:FPN/mobilenet_v2"}
+
+
+def pool_folder(work: Path) -> tuple[Path, list[str]]:
+    """Every Kermany training image as one flat folder of symlinks (class folders are not case folders), in a
+    fixed shuffled order, so that the first N are a random pool of N."""
+    import random
+
+    folder = work / "pool"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in sorted((POOL / "train").glob("*/*.jpeg")):
+        name = f"{path.parent.name}_{path.stem}"
+        link = folder / f"{name}.jpeg"
+        if not link.exists():
+            link.symlink_to(path)
+        names.append(name)
+    random.Random(0).shuffle(names)
+    return folder, names
+
+
+def write_list(path: Path, names: list[str]) -> str:
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_dice(work: Path, run: Path, tests: str) -> float:
+    summary = nakt.evaluate(model=str(run), images=str(LUNGS / "images"), masks=str(LUNGS / "masks"), cases=tests,
+                            out=str(work / f"eval_{run.name}"), hd95=False, overwrite=True, progress=False)
+    return summary["mean"]["dice"]
+
+
+def run_seed(work: Path, seed: int, sizes: list[int], train: dict, fusion: str, lists: dict, pool: tuple) -> dict:
+    """The teachers, the pool's label set, and every student, for one seed: ``{row: test Dice}``."""
+    work.mkdir(parents=True, exist_ok=True)
+    lungs = {"images": str(LUNGS / "images"), "masks": str(LUNGS / "masks"), "progress": False}
+    val = {"val_images": str(LUNGS / "images"), "val_masks": str(LUNGS / "masks"), "val_cases": lists["val"]}
+    rows, teachers = {}, []
+    for k, spec in enumerate(TEACHERS):
+        run = work / f"teacher{k}"
+        nakt.train(model=spec, cases=lists["train"], out=str(run), overwrite=True, seed=seed, **lungs, **val,
+                   **train)
+        teachers.append(str(run))
+        rows[f"teacher {spec}"] = test_dice(work, run, lists["test"])
+        print(f"[seed {seed}] teacher {spec}: {rows[f'teacher {spec}']:.4f}", flush=True)
+    folder, names = pool
+    largest = max(len(names) if n == 0 else n for n in sizes)
+    labels = nakt.label(teacher=teachers, images=str(folder), cases=write_list(work / "pool.txt", names[:largest]),
+                        out=str(work / "labels"), fusion=fusion, overwrite=True, progress=False)
+    for n in sizes:
+        chosen = names if n == 0 else names[:n]
+        cases = write_list(work / f"pool_{len(chosen)}.txt", chosen)
+        for role, spec in STUDENTS.items():
+            run = work / f"student_{role}_{len(chosen)}"
+            nakt.train(model=spec, images=str(folder), masks=str(labels), cases=cases, out=str(run), overwrite=True,
+                       seed=seed, progress=False, **val, **train)
+            row = f"student ({role}: {spec}) on {len(chosen)} pool images"
+            rows[row] = test_dice(work, run, lists["test"])
+            print(f"[seed {seed}] {row}: {rows[row]:.4f}", flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Large unlabelled pool: cxr_lungs teachers label Kermany chest X-rays ({result['mode']} mode, "
+             f"{len(result['seeds'])} seed(s), {result['machine']['device']})", "",
+             f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
+             "| row | cxr_lungs test Dice (mean ± std) |", "| --- | --- |"]
+    lines += [f"| {row} | {e['mean']:.4f} ± {e['std']:.4f} |" for row, e in result["rows"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, 64 px, 2 epochs, pools of 16 and 32")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--pool-sizes", type=int, nargs="+", help="pool images per student (0: all)")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--fusion", default="mean")
+    parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if not (LUNGS.is_dir() and POOL.is_dir()):
+        sys.exit(f"pool_transfer: needs {LUNGS} and {POOL}")
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    sizes = args.pool_sizes or ([16, 32] if args.quick else [85, 500, 2000, 0])
+    train = {"size": [args.size or (64 if args.quick else 256)], "epochs": args.epochs or (2 if args.quick else 20),
+             "batch_size": 8, "lr": 1e-3}
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    splits = json.loads((LUNGS / "splits.json").read_text(encoding="utf-8"))
+    lists = {key: write_list(work / f"{key}.txt", splits[split][:args.max_cases])
+             for key, split in (("train", "teacher_train"), ("val", "teacher_val"), ("test", "test"))}
+    pool = pool_folder(work)
+    command = " ".join(["python", "benchmarks/pool_transfer.py", *(sys.argv[1:] if argv is None else argv)])
+    started, per_seed = time.time(), {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:  # results are rewritten after every seed
+        per_seed[seed] = run_seed(work / f"seed{seed}", seed, sizes, train, args.fusion, lists, pool)
+        rows = {row: {"mean": statistics.fmean(s[row] for s in per_seed.values()),
+                      "std": statistics.stdev([s[row] for s in per_seed.values()]) if len(per_seed) > 1 else 0.0,
+                      "per_seed": {str(k): s[row] for k, s in per_seed.items()}} for row in per_seed[seeds[0]]}
+        result = {"mode": "quick" if args.quick else "full", "seeds": list(per_seed), "pool_sizes": sizes,
+                  "pool_images": len(pool[1]), "train": train, "fusion": args.fusion, "command": command,
+                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                              "device": f"CPU ({os.cpu_count()} cores)"},
+                  "total_wall_s": time.time() - started, "rows": rows}
+        stem = "pool_transfer" + ("_quick" if args.quick else "")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
