@@ -174,13 +174,15 @@ def profile_summary(runs: list[Path], cases: Path, out: Path, device: str = "cpu
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
 
 
+# the process's own peak RSS (VmHWM): ru_maxrss would start from the parent's RSS after fork + exec
 SCALE_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import nakt
 started = time.perf_counter()
 nakt.label(teacher=[sys.argv[1]], images=sys.argv[2], out=sys.argv[3], device="cpu", progress=False)
-print(json.dumps({"seconds": time.perf_counter() - started,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+with open("/proc/self/status", encoding="ascii") as status:
+    peak = next(float(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": peak / 1024}))
 """
 
 

@@ -82,7 +82,8 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     for run in runs.values():
         assert run["images_per_s"] > 0 and 0.0 <= run["val_dice"] <= 1.0 and run["images"] >= 4
     assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]  # default cache, small cache
-    assert all(v["rss_mb"] > 100 for r in result["rss"] for v in r["by_cases"].values())
+    assert all(v["rss_mb"] > 100 and v["tree_pss_mb"] > 100 for r in result["rss"] for v in r["by_cases"].values())
+    assert set(result["targets"]) >= {"speedup", "dice_gap", "overhead", "memory_growth_cache_4.0"}
     assert "data-pipeline overhead" in (tmp_path / "out" / "training_throughput.md").read_text()
 
 

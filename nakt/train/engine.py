@@ -66,8 +66,10 @@ class FitOptions:
 
     @classmethod
     def of(cls, opts) -> FitOptions:
-        """The fields of `opts` (a `TrainOptions`) that the engine uses."""
-        return cls(**{f.name: getattr(opts, f.name) for f in fields(cls)})
+        """The fields of `opts` (a `TrainOptions`) that the engine uses; loader workers left to the default
+        (None) are none here (the task adapters choose them before: `nakt.train.setup.loader_workers`)."""
+        values = {f.name: getattr(opts, f.name) for f in fields(cls)}
+        return cls(**{**values, "num_workers": values["num_workers"] or 0})
 
 
 class Task(Protocol):
