@@ -90,9 +90,10 @@ def report(opts: ReportOptions) -> Path:
         summaries[case.name] = _case_summary(case, records[case.name], label_set, values, orientation)
     queue = sorted(summaries, key=lambda n: (-summaries[n]["disagreement"], summaries[n]["pixel_agreement"], n))
     (out / "cases").mkdir(parents=True, exist_ok=True)
+    by_name = {case.name: case for case in cases}
     for name in queue[:opts.queue]:
-        case = next(c for c in cases if c.name == name)
-        summaries[name]["pictures"] = _draw_case(case, label_set, values, orientation, out / "cases", len(teachers))
+        summaries[name]["pictures"] = _draw_case(by_name[name], label_set, values, orientation, out / "cases",
+                                                 len(teachers))
     plots = _plots(summaries, runs, out / "plots")
     quality = _teacher_quality(summaries, teachers)
     result = {"format": "nakt.report/1", "label_set": str(label_set), "images": str(opts.images),
@@ -108,9 +109,10 @@ def _case_summary(case, record: dict, label_set: Path, values: list[int], orient
     agreement = record.get("agreement", {})
     summary = {"disagreement": 1.0 - agreement.get("pairwise_dice", 1.0),
                "pixel_agreement": agreement.get("pixel_agreement", 1.0), "staple": record.get("staple")}
-    teacher_probs = labelset.read_probs(label_set, case.name, "teacher_probs")
-    if summary["staple"] is None and teacher_probs is not None and len(teacher_probs) > 1:
-        summary["staple"] = staple_estimates(teacher_probs)[1]
+    if summary["staple"] is None:  # not from the manifest: estimate it from stored teacher probabilities
+        teacher_probs = labelset.read_probs(label_set, case.name, "teacher_probs")
+        if teacher_probs is not None and len(teacher_probs) > 1:
+            summary["staple"] = staple_estimates(teacher_probs)[1]
     if case.mask is not None:
         image = read_image(case.images, orientation=orientation)
         fused = read_mask(label_set / record["mask"], like=image)
