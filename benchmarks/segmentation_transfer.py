@@ -259,6 +259,20 @@ def machine(device: str) -> dict:
             "device": torch.cuda.get_device_name() if used == "cuda" else f"CPU ({os.cpu_count()} cores)"}
 
 
+def finished_seeds(path: Path, mode: str, cfg: dict, online_only: bool) -> tuple[dict[int, dict], float]:
+    """``({seed: rows}, wall seconds)`` of an earlier results file of the same mode and config (online-only runs:
+    the same teachers, student and training options, the only ones their rows depend on), else ``({}, 0)``."""
+    if not path.is_file():
+        return {}, 0.0
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    keys = ("teachers", "student", "train", "student_train") if online_only else tuple(cfg)
+    if earlier.get("mode") != mode or any(earlier["config"].get(k) != cfg.get(k) for k in keys):
+        print(f"--resume: {path} was made with another mode or config; every seed runs again", flush=True)
+        return {}, 0.0
+    return ({int(s): {row: entry["per_seed"][s] for row, entry in earlier["rows"].items() if s in entry["per_seed"]}
+             for s in map(str, earlier["seeds"])}, earlier["total_wall_s"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/benchmarks/<dataset>.yaml")
@@ -270,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="folder for <dataset>.json and .md (default: benchmarks/results[/quick])")
     parser.add_argument("--online-only", action="store_true",
                         help="only the teachers and the offline and online mean-fused students")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds already in this run's results file (same mode and config); run the rest")
     parser.add_argument("--reference-only", action="store_true",
                         help="recompute only the human-reference row of existing results (no training)")
     args = parser.parse_args(argv)
@@ -299,17 +315,21 @@ def main(argv: list[str] | None = None) -> dict:
         (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         (out / f"{name}.md").write_text(markdown(name, result), encoding="utf-8")
         return result
-    per_seed: dict[int, dict] = {}
+    mode = ("quick" if args.quick else "full") + (", online-only" if args.online_only else "")
+    per_seed, earlier_wall = finished_seeds(out / f"{stem}.json", mode, cfg, args.online_only) if args.resume \
+        else ({}, 0.0)
     for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
+        if seed in per_seed:
+            print(f"[seed {seed}] kept from {out / f'{stem}.json'}", flush=True)
+            continue
         per_seed[seed] = run_seed(bench, seed, args.online_only)
         rows = aggregate(per_seed)
         if human is not None:
             rows[HUMAN_ROW] = human_row(human)
-        mode = ("quick" if args.quick else "full") + (", online-only" if args.online_only else "")
         result = {"dataset": name, "data": str(data), "mode": mode,
                   "seeds": list(per_seed), "seeds_planned": seeds, "config": cfg, "command": command,
                   "machine": machine(cfg.get("train", {}).get("device", "auto")),
-                  "total_wall_s": time.time() - started, "rows": rows}
+                  "total_wall_s": earlier_wall + time.time() - started, "rows": rows}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         (out / f"{stem}.md").write_text(markdown(name, result), encoding="utf-8")
     print(markdown(name, result))
