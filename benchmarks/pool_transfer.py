@@ -4,7 +4,9 @@ Teachers trained on ../shared/data/cxr_lungs (teacher_train, validated on teache
 of ../shared/data/kermany_cxr (paediatric, thousands of images, no lung masks) once, fused by `--fusion`; students
 of the teachers' capacity and of a smaller one train on the labels of the first 85 / 500 / 2,000 / all pool
 images only (validated on cxr_lungs teacher_val, as the teachers were); everything is scored on cxr_lungs test
-beside the teachers. Writes ``<out>/pool_transfer.json`` and ``.md``.
+beside the teachers. Every student gets the same training budget (`--samples` images seen, i.e. epochs =
+samples / pool size, at least 1), so what varies along the sweep is how many distinct images it learns from, not
+how long it trains. Writes ``<out>/pool_transfer.json`` and ``.md``.
 
     python benchmarks/pool_transfer.py [--quick] [--seeds 0 1 2] [--pool-sizes 85 500 2000 0]  (0: all)
 """
@@ -58,7 +60,13 @@ def test_dice(work: Path, run: Path, tests: str) -> float:
     return summary["mean"]["dice"]
 
 
-def run_seed(work: Path, seed: int, sizes: list[int], train: dict, fusion: str, lists: dict, pool: tuple) -> dict:
+def student_epochs(samples: int, pool_size: int) -> int:
+    """Epochs that show a student `samples` images (rounded up) from a pool of `pool_size`."""
+    return max(1, -(-samples // pool_size))
+
+
+def run_seed(work: Path, seed: int, sizes: list[int], train: dict, samples: int, fusion: str, lists: dict,
+             pool: tuple) -> dict:
     """The teachers, the pool's label set, and every student, for one seed: ``{row: test Dice}``."""
     work.mkdir(parents=True, exist_ok=True)
     lungs = {"images": str(LUNGS / "images"), "masks": str(LUNGS / "masks"), "progress": False}
@@ -81,7 +89,7 @@ def run_seed(work: Path, seed: int, sizes: list[int], train: dict, fusion: str, 
         for role, spec in STUDENTS.items():
             run = work / f"student_{role}_{len(chosen)}"
             nakt.train(model=spec, images=str(folder), masks=str(labels), cases=cases, out=str(run), overwrite=True,
-                       seed=seed, progress=False, **val, **train)
+                       seed=seed, progress=False, **val, **{**train, "epochs": student_epochs(samples, len(chosen))})
             row = f"student ({role}: {spec}) on {len(chosen)} pool images"
             rows[row] = test_dice(work, run, lists["test"])
             print(f"[seed {seed}] {row}: {rows[row]:.4f}", flush=True)
@@ -91,6 +99,8 @@ def run_seed(work: Path, seed: int, sizes: list[int], train: dict, fusion: str, 
 def markdown(result: dict) -> str:
     lines = [f"# Large unlabelled pool: cxr_lungs teachers label Kermany chest X-rays ({result['mode']} mode, "
              f"{len(result['seeds'])} seed(s), {result['machine']['device']})", "",
+             f"Teachers: {result['train']}; every student sees {result['student_samples']} pool images in training "
+             f"(epochs = that / pool size); fusion `{result['fusion']}`.  ",
              f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
              "| row | cxr_lungs test Dice (mean ± std) |", "| --- | --- |"]
     lines += [f"| {row} | {e['mean']:.4f} ± {e['std']:.4f} |" for row, e in result["rows"].items()]
@@ -103,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--pool-sizes", type=int, nargs="+", help="pool images per student (0: all)")
     parser.add_argument("--size", type=int)
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="teacher epochs")
+    parser.add_argument("--samples", type=int,
+                        help="images each student sees in training (default: 20 epochs of the smallest pool)")
     parser.add_argument("--fusion", default="mean")
     parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
@@ -113,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"pool_transfer: needs {LUNGS} and {POOL}")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     sizes = args.pool_sizes or ([16, 32] if args.quick else [85, 500, 2000, 0])
-    train = {"size": [args.size or (64 if args.quick else 256)], "epochs": args.epochs or (2 if args.quick else 20),
+    train = {"size": [args.size or (64 if args.quick else 128)], "epochs": args.epochs or (2 if args.quick else 20),
              "batch_size": 8, "lr": 1e-3}
+    samples = args.samples or train["epochs"] * min(n for n in sizes if n > 0)
     work = Path(args.work) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     splits = json.loads((LUNGS / "splits.json").read_text(encoding="utf-8"))
@@ -126,12 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # results are rewritten after every seed
-        per_seed[seed] = run_seed(work / f"seed{seed}", seed, sizes, train, args.fusion, lists, pool)
+        per_seed[seed] = run_seed(work / f"seed{seed}", seed, sizes, train, samples, args.fusion, lists, pool)
         rows = {row: {"mean": statistics.fmean(s[row] for s in per_seed.values()),
                       "std": statistics.stdev([s[row] for s in per_seed.values()]) if len(per_seed) > 1 else 0.0,
                       "per_seed": {str(k): s[row] for k, s in per_seed.items()}} for row in per_seed[seeds[0]]}
         result = {"mode": "quick" if args.quick else "full", "seeds": list(per_seed), "pool_sizes": sizes,
-                  "pool_images": len(pool[1]), "train": train, "fusion": args.fusion, "command": command,
+                  "pool_images": len(pool[1]), "train": train, "student_samples": samples, "fusion": args.fusion,
+                  "command": command,
                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                               "device": f"CPU ({os.cpu_count()} cores)"},
                   "total_wall_s": time.time() - started, "rows": rows}

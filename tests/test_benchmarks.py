@@ -94,9 +94,12 @@ def test_pool_benchmark_smoke(tmp_path):
     shared_dataset("kermany_cxr")
     import pool_transfer
 
-    result = pool_transfer.main(["--quick", "--epochs", "1", "--max-cases", "4", "--pool-sizes", "6",
-                                 "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    result = pool_transfer.main(["--quick", "--epochs", "1", "--max-cases", "4", "--pool-sizes", "6", "--samples",
+                                 "12", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     rows = result["rows"]
     assert len(rows) == 3 + 2 and result["pool_images"] > 5000
+    # the same sample budget for every student: 12 images from a pool of 6 are two epochs
+    metrics = json.loads((tmp_path / "work" / "quick" / "seed0" / "student_small_6" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and pool_transfer.student_epochs(12, 5) == 3
     assert all(0.0 <= e["mean"] <= 1.0 for e in rows.values())
     assert (tmp_path / "out" / "pool_transfer_quick.md").is_file()
