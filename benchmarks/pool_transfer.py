@@ -4,9 +4,9 @@ Teachers trained on ../shared/data/cxr_lungs (teacher_train, validated on teache
 of ../shared/data/kermany_cxr (paediatric, thousands of images, no lung masks) once, fused by `--fusion`; students
 of the teachers' capacity and of a smaller one train on the labels of the first 85 / 500 / 2,000 / all pool
 images only (validated on cxr_lungs teacher_val, as the teachers were); everything is scored on cxr_lungs test
-beside the teachers. Every student gets the same training budget (`--samples` images seen, i.e. epochs =
-samples / pool size, at least 1), so what varies along the sweep is how many distinct images it learns from, not
-how long it trains. Writes ``<out>/pool_transfer.json`` and ``.md``.
+beside the teachers. Every student gets about the same training budget (`--samples` images seen, by default
+one pass over the largest pool; epochs = samples / pool size, rounded up), so what varies along the sweep is
+how many distinct images a student learns from, not how long it trains. Writes ``<out>/pool_transfer.json`` and ``.md``.
 
     python benchmarks/pool_transfer.py [--quick] [--seeds 0 1 2] [--pool-sizes 85 500 2000 0]  (0: all)
 """
@@ -99,8 +99,8 @@ def run_seed(work: Path, seed: int, sizes: list[int], train: dict, samples: int,
 def markdown(result: dict) -> str:
     lines = [f"# Large unlabelled pool: cxr_lungs teachers label Kermany chest X-rays ({result['mode']} mode, "
              f"{len(result['seeds'])} seed(s), {result['machine']['device']})", "",
-             f"Teachers: {result['train']}; every student sees {result['student_samples']} pool images in training "
-             f"(epochs = that / pool size); fusion `{result['fusion']}`.  ",
+             f"Teachers: {result['train']}; every student sees at least {result['student_samples']} pool images "
+             f"in training (epochs = that / pool size, rounded up); fusion `{result['fusion']}`.  ",
              f"Command: `{result['command']}`  ", f"Total wall time: {result['total_wall_s'] / 60:.1f} min", "",
              "| row | cxr_lungs test Dice (mean ± std) |", "| --- | --- |"]
     lines += [f"| {row} | {e['mean']:.4f} ± {e['std']:.4f} |" for row, e in result["rows"].items()]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int)
     parser.add_argument("--epochs", type=int, help="teacher epochs")
     parser.add_argument("--samples", type=int,
-                        help="images each student sees in training (default: 20 epochs of the smallest pool)")
+                        help="images each student sees in training (default: one pass over the largest pool)")
     parser.add_argument("--fusion", default="mean")
     parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.pool_sizes or ([16, 32] if args.quick else [85, 500, 2000, 0])
     train = {"size": [args.size or (64 if args.quick else 128)], "epochs": args.epochs or (2 if args.quick else 20),
              "batch_size": 8, "lr": 1e-3}
-    samples = args.samples or train["epochs"] * min(n for n in sizes if n > 0)
     work = Path(args.work) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     splits = json.loads((LUNGS / "splits.json").read_text(encoding="utf-8"))
     lists = {key: write_list(work / f"{key}.txt", splits[split][:args.max_cases])
              for key, split in (("train", "teacher_train"), ("val", "teacher_val"), ("test", "test"))}
     pool = pool_folder(work)
+    samples = args.samples or max(len(pool[1]) if n == 0 else n for n in sizes)
     command = " ".join(["python", "benchmarks/pool_transfer.py", *(sys.argv[1:] if argv is None else argv)])
     started, per_seed = time.time(), {}
     out = Path(args.out)
