@@ -169,9 +169,14 @@ def tree_pss_mb(pid: int) -> float:
     return total
 
 
-def rss_child(folder: Path, size: int, cache_gb: float, out: Path) -> None:
-    """One epoch of `nakt train` in this (fresh) process; prints its peak RSS (VmHWM, MB) and the sampled peak
-    PSS of it and its DataLoader workers together."""
+# the memory runs: nakt's defaults (segmentation keeps prepared cases on disk, none in memory) and every prepared
+# case held in memory (a cache larger than the set)
+RSS_ARMS = {"defaults": None, "cache 4 GiB": 4.0}
+
+
+def rss_child(folder: Path, size: int, cache_gb: float | None, out: Path) -> None:
+    """One epoch of `nakt train` in this (fresh) process (`cache_gb` None: the default); prints its peak RSS
+    (VmHWM, MB) and the sampled peak PSS of it and its DataLoader workers together."""
     peak, done = [0.0], threading.Event()
 
     def sample() -> None:
@@ -182,8 +187,8 @@ def rss_child(folder: Path, size: int, cache_gb: float, out: Path) -> None:
     sampler.start()
     started = time.time()
     nakt.train(model=MODEL, images=str(folder / "images"), masks=str(folder / "masks"), size=[size], epochs=1,
-               batch_size=BATCH, val_fraction=0, cache_gb=cache_gb, out=str(out), overwrite=True, progress=False,
-               device="cpu")
+               batch_size=BATCH, val_fraction=0, out=str(out), overwrite=True, progress=False, device="cpu",
+               **({} if cache_gb is None else {"cache_gb": cache_gb}))
     seconds = time.time() - started
     done.set()
     sampler.join()
@@ -194,17 +199,41 @@ def rss_child(folder: Path, size: int, cache_gb: float, out: Path) -> None:
     print(json.dumps({"rss_mb": rss, "tree_pss_mb": max(peak[0], tree_pss_mb(os.getpid())), "seconds": seconds}))
 
 
-def peak_rss(work: Path, cases: list[str], sizes: list[int], size: int, cache_gb: float) -> dict:
+def peak_rss(work: Path, cases: list[str], sizes: list[int], size: int, arm: str) -> dict:
     out = {}
     for n in sizes:
         folder = scale_folder(work, cases, n)
-        done = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(size), str(cache_gb),
+        done = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(size), str(RSS_ARMS[arm]),
                                str(work / f"rss_run_{n}")], capture_output=True, text=True, check=True)
         out[str(n)] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"RSS at {n} cases, cache {cache_gb} GiB: {out[str(n)]}", flush=True)
+        print(f"RSS at {n} cases, {arm}: {out[str(n)]}", flush=True)
     first, last = out[str(sizes[0])], out[str(sizes[-1])]
-    return {"cache_gb": cache_gb, "by_cases": out, "growth": last["rss_mb"] / first["rss_mb"] - 1,
+    return {"arm": arm, "cache_gb": RSS_ARMS[arm], "by_cases": out, "growth": last["rss_mb"] / first["rss_mb"] - 1,
             "growth_tree_pss": last["tree_pss_mb"] / first["tree_pss_mb"] - 1}
+
+
+def memory_rows(result: dict) -> list[tuple]:
+    rows = []
+    for rss in result["rss"]:
+        sizes = list(rss["by_cases"])
+        a, b = rss["by_cases"][sizes[0]], rss["by_cases"][sizes[-1]]
+        rows.append((f"peak memory growth {sizes[0]} -> {sizes[-1]} cases ({rss['arm']}): process RSS "
+                     f"{a['rss_mb']:.0f} -> {b['rss_mb']:.0f} MB; PSS with workers {a['tree_pss_mb']:.0f} -> "
+                     f"{b['tree_pss_mb']:.0f} MB", f"{100 * rss['growth']:+.1f}% / "
+                     f"{100 * rss['growth_tree_pss']:+.1f}%", "< 10%", result["targets"][f"memory_{rss['arm']}"]))
+    return rows
+
+
+def table(rows: list[tuple]) -> list[str]:
+    return ["| measure | measured | target | met |", "| --- | --- | --- | --- |"] + [
+        f"| {a} | {b} | {c} | {'' if d is None else 'yes' if d else '**no**'} |" for a, b, c, d in rows]
+
+
+def memory_markdown(result: dict) -> str:
+    """The table of a ``--rss-only`` run."""
+    return "\n".join([f"# Training memory ({result['machine']['device']})", "", f"Command: `{result['command']}`  ",
+                      f"Model {MODEL}, batch {BATCH}, size {result['config']['size']}, one epoch per run in a fresh "
+                      "process", "", *table(memory_rows(result))]) + "\n"
 
 
 def markdown(result: dict) -> str:
@@ -216,26 +245,30 @@ def markdown(result: dict) -> str:
             (f"final validation Dice, nakt {result['precision_auto']} - nakt fp32 (mean over seeds)",
              f"{s['bf16_vs_fp32_dice_gap']:+.4f}", "", None),
             ("data-pipeline overhead (nakt vs plain loop at nakt's precision)", f"{100 * s['overhead']:.1f}%",
-             "< 15%", t["overhead"])]
-    for rss in result["rss"]:
-        sizes = list(rss["by_cases"])
-        a, b = rss["by_cases"][sizes[0]], rss["by_cases"][sizes[-1]]
-        rows.append((f"peak memory growth {sizes[0]} -> {sizes[-1]} cases (--cache-gb {rss['cache_gb']}): process RSS "
-                     f"{a['rss_mb']:.0f} -> {b['rss_mb']:.0f} MB; PSS with workers {a['tree_pss_mb']:.0f} -> "
-                     f"{b['tree_pss_mb']:.0f} MB", f"{100 * rss['growth']:+.1f}% / "
-                     f"{100 * rss['growth_tree_pss']:+.1f}%", "< 10%", t[f"memory_growth_cache_{rss['cache_gb']}"]))
+             "< 15%", t["overhead"])] + memory_rows(result)
     lines = [f"# Training throughput ({result['mode']} mode, {result['machine']['device']})", "",
              f"Command: `{result['command']}`  ", f"Model {MODEL}, batch {BATCH}, size {result['config']['size']}, "
              f"{result['config']['epochs']} epochs, {result['config']['train_cases']} training cases, seeds "
              f"{result['config']['seeds']}; 1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at "
              f"the end" + (" (above the core count: other work competed for the CPU, so the timings are unreliable)"
                            if max(load.values()) > result["machine"]["cpu_count"] else ""), "",
-             "| measure | measured | target | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {'' if d is None else 'yes' if d else '**no**'} |" for a, b, c, d in rows]
+             *table(rows)]
     lines += ["", "| seed | run | images/s | final val Dice |", "| --- | --- | --- | --- |"]
     for seed, runs in result["per_seed"].items():
         lines += [f"| {seed} | {name} | {r['images_per_s']:.2f} | {r['val_dice']:.4f} |" for name, r in runs.items()]
     return "\n".join(lines) + "\n"
+
+
+def memory_targets(rss: list[dict]) -> dict:
+    return {f"memory_{r['arm']}": max(r["growth"], r["growth_tree_pss"]) < 0.10 for r in rss}
+
+
+def machine(load_before: tuple) -> dict:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__,
+            "device": f"CPU ({os.cpu_count()} cores)",
+            "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -247,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-cases", type=int, help="at most this many teacher_train cases")
     parser.add_argument("--scale-sizes", type=int, nargs=2, help="training cases for the RSS runs (1x, 10x)")
-    parser.add_argument("--small-cache-gb", type=float, default=0.1, help="the cache smaller than the set")
+    parser.add_argument("--rss-only", action="store_true",
+                        help="only the peak-RSS runs, into training_throughput_memory.{json,md}")
     parser.add_argument("--work", default=str(ROOT / "runs" / "training_throughput"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS runs")
@@ -255,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rss_child:
         folder, size, cache_gb, out = args.rss_child
-        rss_child(Path(folder), int(size), float(cache_gb), Path(out))
+        rss_child(Path(folder), int(size), None if cache_gb == "None" else float(cache_gb), Path(out))
         return {}
     if not DATA.is_dir():
         sys.exit(f"training_throughput: {DATA}: dataset not found")
@@ -268,10 +302,21 @@ def main(argv: list[str] | None = None) -> dict:
     train_cases = splits["teacher_train"][:args.train_cases or (8 if args.quick else None)]
     lists = {"train": case_list(work, "train", train_cases), "val": case_list(work, "val", splits["teacher_val"])}
     card = ModelCard(MODEL, 1, 2, label_values=[0, 255], size=[size])
-    data = {"train": prepared(train_cases, card), "val": prepared(splits["teacher_val"], card)}
     precision = resolve_precision("auto", torch.device("cpu"))
     command = " ".join(["python", "benchmarks/training_throughput.py", *(sys.argv[1:] if argv is None else argv)])
     started, load_before = time.time(), os.getloadavg()
+    config = {"size": size, "epochs": epochs, "seeds": seeds, "train_cases": len(train_cases),
+              "val_cases": len(splits["teacher_val"]), "lr": args.lr, "scale_sizes": scale_sizes}
+    if args.rss_only:
+        rss = [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in RSS_ARMS]
+        result = {"command": command, "config": config, "rss": rss, "targets": memory_targets(rss),
+                  "machine": machine(load_before), "total_wall_s": time.time() - started}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training_throughput_memory.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        (out / "training_throughput_memory.md").write_text(memory_markdown(result), encoding="utf-8")
+        print(memory_markdown(result))
+        return result
+    data = {"train": prepared(train_cases, card), "val": prepared(splits["teacher_val"], card)}
     per_seed = {}
     for seed in seeds:  # interleaved per seed, so that the machine's slow moments touch every arm
         runs = {"nakt defaults": nakt_run(work, lists, size, epochs, args.lr, seed),
@@ -293,20 +338,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for r in per_seed.values()),
                "overhead": statistics.median(r[compute]["images_per_s"] / r["nakt defaults"]["images_per_s"] - 1
                                              for r in per_seed.values())}
-    rss = [] if args.no_rss else [peak_rss(work, train_cases, scale_sizes, size, cache)
-                                  for cache in (4.0, args.small_cache_gb)]
+    rss = [] if args.no_rss else [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in RSS_ARMS]
     targets = {"speedup": summary["speedup"] >= 1.5, "dice_gap": summary["dice_gap_abs"] <= 0.005,
-               "overhead": summary["overhead"] < 0.15}
-    targets.update({f"memory_growth_cache_{r['cache_gb']}": max(r["growth"], r["growth_tree_pss"]) < 0.10 for r in rss})
+               "overhead": summary["overhead"] < 0.15, **memory_targets(rss)}
     result = {"mode": "quick" if args.quick else "full", "command": command, "precision_auto": precision,
-              "config": {"size": size, "epochs": epochs, "seeds": seeds, "train_cases": len(train_cases),
-                         "val_cases": len(splits["teacher_val"]), "lr": args.lr, "scale_sizes": scale_sizes},
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": cpu_has_bf16(),
-                          "python": platform.python_version(), "nakt": nakt.__version__,
-                          "device": f"CPU ({os.cpu_count()} cores)",
-                          "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}},
+              "config": config, "machine": machine(load_before),
               "per_seed": per_seed, "summary": summary, "targets": targets, "rss": rss,
               "total_wall_s": time.time() - started}
     out.mkdir(parents=True, exist_ok=True)

@@ -140,8 +140,11 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    "GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
     p.add_argument("--num-workers", type=int, help="DataLoader processes reading and augmenting training images "
                    "(default: none when every image fits the cache, else half the CPU cores up to 4)")
-    p.add_argument("--cache-gb", type=float, help="hold prepared images in memory up to this many GiB (default 4; "
-                   "validation first), read the rest from disk every epoch")
+    p.add_argument("--cache-gb", type=float, help="hold prepared images in memory up to this many GiB (validation "
+                   "first; default: 0 for segmentation, which keeps them in RUN/prepared/, else 4)")
+    p.add_argument("--no-disk-cache", dest="disk_cache", action="store_false", default=None,
+                   help="segmentation: decode and prepare images beyond --cache-gb every epoch instead of writing "
+                   "them once to RUN/prepared/ (removed when training ends)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="run training steps through torch.compile (Inductor; the first steps take longer)")
     p.add_argument("--pretrained", help="local weights file for the encoder (never downloaded)")

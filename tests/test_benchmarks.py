@@ -81,10 +81,14 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     assert set(runs) == {"nakt defaults", "plain fp32", "nakt fp32", f"plain {result['precision_auto']} (compute only)"}
     for run in runs.values():
         assert run["images_per_s"] > 0 and 0.0 <= run["val_dice"] <= 1.0 and run["images"] >= 4
-    assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]  # default cache, small cache
+    assert [len(r["by_cases"]) for r in result["rss"]] == [2, 2]  # defaults (disk cache), all in memory
     assert all(v["rss_mb"] > 100 and v["tree_pss_mb"] > 100 for r in result["rss"] for v in r["by_cases"].values())
-    assert set(result["targets"]) >= {"speedup", "dice_gap", "overhead", "memory_growth_cache_4.0"}
+    assert set(result["targets"]) >= {"speedup", "dice_gap", "overhead", "memory_defaults", "memory_cache 4 GiB"}
     assert "data-pipeline overhead" in (tmp_path / "out" / "training_throughput.md").read_text()
+    memory = training_throughput.main(["--quick", "--rss-only", "--train-cases", "6", "--scale-sizes", "4", "8",
+                                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert set(memory["targets"]) == {"memory_defaults", "memory_cache 4 GiB"}
+    assert "(defaults)" in (tmp_path / "out" / "training_throughput_memory.md").read_text()
 
 
 def test_pool_benchmark_smoke(tmp_path):

@@ -177,6 +177,7 @@ REFUSED = [
     (CLS + " --masks {d}/masks", "--masks applies to segmentation only"),
     (CLS + " --orientation LPS", "--orientation applies to segmentation only"),
     (CLS + " --label-values 0 1", "--label-values applies to segmentation only"),
+    (CLS + " --no-disk-cache", "--disk-cache applies to segmentation only"),
     (SEG + " --recipe targeted --freeze-encoder-epochs 2", "--freeze-encoder-epochs does not combine"),
 ]
 

@@ -23,8 +23,9 @@ def losses(run: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("task", ["segmentation", "classification"])
 def test_cached_streamed_and_worker_read_data_train_alike(synthetic2d, tmp_path, task):
-    """The issue's check: the same losses whether prepared images are held in memory, read from disk every
-    epoch (a cache of 0 GiB), or read by two DataLoader processes."""
+    """The issue's check: the same losses whether prepared images are held in memory, decoded from their files
+    every epoch (a cache of 0 GiB), read by two DataLoader processes, or (segmentation) prepared once into the
+    run's prepared/ folder and read back from it, which is gone when training ends."""
     split = synthetic2d / "splits.json"
     if task == "segmentation":
         common = dict(model="monai:UNet", masks=str(synthetic2d / "masks"), size=[32], spatial_augment=True)
@@ -35,26 +36,34 @@ def test_cached_streamed_and_worker_read_data_train_alike(synthetic2d, tmp_path,
         common = dict(model="timm:resnet10t", labels=str(labels), size=[32])
     common.update(images=str(synthetic2d / "images"), cases=f"{split}:teacher_train", epochs=2, batch_size=4,
                   precision="fp32", progress=False, device="cpu")
-    ways = {"cached": dict(num_workers=0, cache_gb=1.0), "streamed": dict(num_workers=0, cache_gb=0.0),
-            "workers": dict(num_workers=2, cache_gb=0.0)}
+    no_disk = {"disk_cache": False} if task == "segmentation" else {}
+    ways = {"cached": dict(num_workers=0, cache_gb=1.0), "streamed": dict(num_workers=0, cache_gb=0.0, **no_disk),
+            "workers": dict(num_workers=2, cache_gb=0.0, **no_disk)}
+    if task == "segmentation":
+        ways.update({"disk": dict(num_workers=0), "disk+workers": dict(num_workers=2)})
     runs = {name: nakt.train(out=str(tmp_path / name), **way, **common) for name, way in ways.items()}
     reference = losses(runs["cached"])
     assert len(reference) == 2 and all(loss is not None for loss, _ in reference)
-    for name in ("streamed", "workers"):
+    for name in ways:
         assert losses(runs[name]) == reference, name
+        assert not (runs[name] / "prepared").exists()
 
 
-def test_cache_holds_the_leading_cases_within_its_budget(synthetic2d):
+def test_cache_holds_the_leading_cases_within_its_budget(synthetic2d, tmp_path):
     card = ModelCard("monai:UNet", 1, 2, label_values=[0, 255], size=[32])
     infos = survey_cases(discover_cases(synthetic2d / "images", synthetic2d / "masks")[:6], progress=False)
     one = prepared_bytes(infos[0], card, soft=False)
     assert one == 32 * 32 * (4 + 1)  # float32 image, uint8 class indices
     dataset, held = cached_cases(infos, card, budget=3 * one + 1, progress=False)
-    assert held == 3 * one and dataset.cache_num == 3
+    assert held == 3 * one and dataset.in_memory == 3 and dataset.streamed
     streamed, _ = cached_cases(infos, card, budget=0, progress=False)
-    for i in (1, 4):  # a cached and a streamed case are the same prepared case
+    on_disk, _ = cached_cases(infos, card, budget=3 * one + 1, disk=tmp_path / "prepared", progress=False)
+    assert streamed.streamed and not on_disk.streamed
+    for i in (1, 4, 4):  # a cached, a streamed, a written and a read-back case are the same prepared case
         for key in ("image", "target"):
             assert torch.equal(dataset[i][key], streamed[i][key])
+            assert torch.equal(dataset[i][key], on_disk[i][key])
+    assert len(list((tmp_path / "prepared").iterdir())) == 1  # case 4 only: the first three are in memory
 
 
 def test_augmentation_depends_on_the_seed_only_and_moves_targets_with_images():

@@ -51,7 +51,7 @@ class OutputKind:
 
 
 RUN = OutputKind("run directory", "config.json", "nakt.run/",
-                 ("config.json", "model.safetensors", "metrics.json", "training_state.pt"))
+                 ("config.json", "model.safetensors", "metrics.json", "training_state.pt", "prepared"))
 SUBSET_RUNS = OutputKind("set of subset runs", "subsets.json", "nakt.subsets/",
                          ("subsets.json", "subset_*.txt", "subset_*"))
 LABEL_SET = OutputKind("label set", "manifest.json", "nakt.labelset/",

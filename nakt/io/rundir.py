@@ -22,10 +22,12 @@ __all__ = [
     "is_complete",
     "is_run_dir",
     "read_config",
+    "prepared_cases",
     "read_json",
     "read_metrics",
     "best_score",
     "read_weights",
+    "remove_prepared_cases",
     "write_config",
     "write_json",
     "write_metrics",
@@ -34,6 +36,7 @@ __all__ = [
 
 RUN_FORMAT = "nakt.run/1"
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
+PREPARED = "prepared"  # training cases prepared for the network, kept while training runs (and across --resume)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -102,6 +105,18 @@ def read_weights(run: Path) -> dict[str, torch.Tensor]:
     from nakt.models.weights import read_state_dict
 
     return read_state_dict(Path(run) / WEIGHTS)
+
+
+def prepared_cases(run: Path, part: str) -> Path:
+    """The folder of a run's prepared `part` (``train``/``val``) cases: written during training, removed when it
+    ends (`remove_prepared_cases`)."""
+    return Path(run) / PREPARED / part
+
+
+def remove_prepared_cases(run: Path) -> None:
+    import shutil
+
+    shutil.rmtree(Path(run) / PREPARED, ignore_errors=True)
 
 
 def write_metrics(run: Path, metrics: dict) -> None:

@@ -72,10 +72,13 @@ class TrainOptions:
     (segmentation) or images (classification) whose target's top probability is below it out of the loss;
     `precision` is ``auto`` (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), ``fp32``, ``bf16``
     or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
-    Training data is read from disk by `num_workers` DataLoader processes (None: none when every training
-    image is cached, else half the CPU cores, at most 4; `nakt.train.setup.loader_workers`); prepared images up
-    to `cache_gb` GiB are held in memory (validation cases first), the rest read again every epoch, so a
-    training set larger than memory trains in bounded memory. `compile` runs training steps through
+    Training data is read from disk by `num_workers` DataLoader processes (None: none when no training image
+    is decoded again every epoch, else half the CPU cores, at most 4; `nakt.train.setup.loader_workers`);
+    prepared images up to `cache_gb` GiB are held in memory (validation cases first; None: 0 for segmentation
+    with `disk_cache`, else 4). Segmentation writes the other prepared cases once to the run's ``prepared/``
+    folder (`disk_cache`, removed when training ends) and reads them back every epoch; without it, and for
+    classification, they are decoded and prepared again every epoch. Either way a training set larger than
+    memory trains in bounded memory. `compile` runs training steps through
     ``torch.compile``. Under ``torchrun`` the processes train one model with DistributedDataParallel,
     `batch_size` being the global batch.
 
@@ -135,7 +138,8 @@ class TrainOptions:
     orientation: str = "RAS"
     precision: str = "auto"
     num_workers: int | None = None
-    cache_gb: float = 4.0
+    cache_gb: float | None = None
+    disk_cache: bool = True
     compile: bool = False
     device: str = "auto"
     overwrite: bool = False

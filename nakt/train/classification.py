@@ -27,7 +27,7 @@ from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, parse_spec
 from nakt.train.augment import Augmentation
 from nakt.train.online import load_online_teachers
-from nakt.train.setup import build_student, loader_workers, prepare_out, record_of, run_training, split
+from nakt.train.setup import build_student, loader_workers, memory_cache_gb, prepare_out, record_of, run_training, split
 
 __all__ = ["ClassificationSamples", "ClassificationTask", "OPTIONS", "train_classifier"]
 
@@ -126,7 +126,7 @@ def train_classifier(opts) -> Path:
     model = build_student(opts, card, opts.model if parse_spec(opts.model)[0] == "run" else None)
     teachers = load_online_teachers(opts.teacher, card, next(model.parameters()).device, opts.teacher_mode,
                                     opts.fusion, opts.seed) if opts.teacher else None
-    cache = int(opts.cache_gb * 2**30)
+    cache = int(memory_cache_gb(opts) * 2**30)
     x_val = training_images(val_table, card, opts.progress, cache)  # validation first: read every epoch
     held = x_val.element_size() * x_val.nelement() if isinstance(x_val, torch.Tensor) else 0
     x_train = training_images(train_table, card, opts.progress, cache - held)

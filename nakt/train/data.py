@@ -1,6 +1,8 @@
 """Segmentation training data read from disk: a survey of the cases (one pass, one case in memory at a time),
-their prepared images and targets cached up to a memory budget (MONAI `CacheDataset`) and read per access beyond
-it, and `TrainingSamples`, the Dataset the engine's DataLoader draws crops and augmented samples from.
+their prepared images and targets cached up to a memory budget (MONAI `CacheDataset`) and beyond it written once
+to a folder and read back on every access (MONAI `PersistentDataset`, as nnU-Net keeps its preprocessed cases on
+disk) or prepared again on every access, and `TrainingSamples`, the Dataset the engine's DataLoader draws crops
+and augmented samples from.
 
 A prepared case is ``{"image": [C_in, *grid] float32, "target": ...}`` on the network's grid, the target being
 class indices ``[*grid]`` (uint8, or int16 beyond 255 classes) from a mask, or probabilities ``[C, *grid]``
@@ -25,8 +27,8 @@ from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 from nakt.train.augment import Augmentation, sample_rng
 
-__all__ = ["CaseInfo", "MAX_LABELS", "TrainingSamples", "cached_cases", "hard_target", "label_values_of",
-           "prepared_bytes", "read_label_map", "survey_cases"]
+__all__ = ["CaseInfo", "MAX_LABELS", "PreparedCases", "TrainingSamples", "cached_cases", "hard_target",
+           "label_values_of", "prepared_bytes", "read_label_map", "survey_cases"]
 
 MAX_LABELS = 64
 
@@ -124,13 +126,38 @@ def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None
     return PrepareCase()
 
 
-def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, orientation: str = "RAS",
-                 soft_from: Path | None = None, weights_from: Path | None = None, workers: int = 1,
-                 progress: bool = True):
-    """A MONAI `CacheDataset` of the prepared cases: the leading cases whose prepared size fits `budget` bytes
-    are prepared once and held; the others are read and prepared on every access. Returns (dataset, bytes
-    held)."""
-    from monai.data import CacheDataset
+class PreparedCases(torch.utils.data.Dataset):
+    """Prepared cases in order: the leading ones from `memory`, the others from `rest` (read back from disk when
+    `on_disk`, else prepared from their source files on every access)."""
+
+    def __init__(self, memory, rest, on_disk: bool):
+        self.memory, self.rest, self.on_disk = memory, rest, on_disk
+
+    def __len__(self) -> int:
+        return len(self.memory) + len(self.rest)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.memory[index] if index < len(self.memory) else self.rest[index - len(self.memory)]
+
+    @property
+    def in_memory(self) -> int:
+        return len(self.memory)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether some cases are decoded and prepared from their source files on every access."""
+        return len(self.rest) > 0 and not self.on_disk
+
+
+def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: Path | None = None,
+                 orientation: str = "RAS", soft_from: Path | None = None, weights_from: Path | None = None,
+                 workers: int = 1, progress: bool = True) -> tuple[PreparedCases, int]:
+    """The prepared cases: the leading ones whose prepared size fits `budget` bytes are prepared once and held
+    in memory (MONAI `CacheDataset`); the others are prepared on first access and written to `disk` (MONAI
+    `PersistentDataset`: one file per case, read back on later accesses, so memory stays flat however many
+    cases there are), or without `disk` prepared on every access. `disk` must belong to these cases and this
+    preparation alone (its files are named after the case, not the transform). Returns (dataset, bytes held)."""
+    from monai.data import CacheDataset, PersistentDataset
 
     held = cached = 0
     for info in infos:
@@ -138,9 +165,11 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, orienta
         if held + size > budget:
             break
         held, cached = held + size, cached + 1
-    dataset = CacheDataset(infos, _prepare_transform(card, orientation, soft_from, weights_from), cache_num=cached,
-                           num_workers=max(1, workers), progress=progress and cached > 0, copy_cache=False)
-    return dataset, held
+    prepare = _prepare_transform(card, orientation, soft_from, weights_from)
+    memory = CacheDataset(infos[:cached], prepare, num_workers=max(1, workers), progress=progress and cached > 0,
+                          copy_cache=False)
+    rest = PersistentDataset(infos[cached:], prepare, cache_dir=disk)  # cache_dir None: prepared per access
+    return PreparedCases(memory, rest, on_disk=disk is not None), held
 
 
 def hard_target(target: torch.Tensor) -> torch.Tensor:

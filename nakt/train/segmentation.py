@@ -23,13 +23,13 @@ from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
 from nakt.train.online import load_online_teachers
-from nakt.train.setup import build_student, loader_workers, prepare_out, record_of, run_training, split
+from nakt.train.setup import build_student, loader_workers, memory_cache_gb, prepare_out, record_of, run_training, split
 
 __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
-           "spatial_augment", "orientation", "pixel_weights")
+           "spatial_augment", "orientation", "pixel_weights", "disk_cache")
 PIXEL_WEIGHTS = ("none", "agreement", "confidence")
 
 
@@ -57,7 +57,7 @@ class SegmentationTask:
         augmentation = Augmentation(card.spatial_dims, ("target", "weight"), flip=augment, intensity=augment,
                                     spatial=spatial_augment)
         self.samples = TrainingSamples(train, card.classes, augmentation, patch)
-        streamed = len(val) > getattr(val, "cache_num", len(val))
+        streamed = getattr(val, "streamed", False)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=None, num_workers=num_workers if streamed else 0,
                                                       persistent_workers=streamed and num_workers > 0)
         self.loss_fn = SoftDiceCELoss()
@@ -167,11 +167,15 @@ def train_segmentation(opts) -> Path:
                                     opts.fusion, opts.seed) if opts.teacher else None
     _check_grid(card, [info.spatial_shape for info in train_infos])
     prepare_out(opts)
-    budget = int(opts.cache_gb * 2**30)  # validation cases first: they are read every epoch
+    budget = int(memory_cache_gb(opts) * 2**30)  # validation cases first: they are read every epoch
     read = {"orientation": orientation, "workers": opts.num_workers or 1, "progress": opts.progress}
-    val, held = cached_cases(val_infos, card, budget, **read)
-    train, _ = cached_cases(train_infos, card, budget - held, soft_from=soft_from, weights_from=weights_from, **read)
-    workers = loader_workers(opts.num_workers, len(train) > train.cache_num or len(val) > val.cache_num)
+    def disk(part: str) -> Path | None:
+        return rundir.prepared_cases(opts.out, part) if opts.disk_cache else None
+
+    val, held = cached_cases(val_infos, card, budget, disk=disk("val"), **read)
+    train, _ = cached_cases(train_infos, card, budget - held, disk=disk("train"), soft_from=soft_from,
+                            weights_from=weights_from, **read)
+    workers = loader_workers(opts.num_workers, train.streamed or val.streamed)
     opts = dataclasses.replace(opts, num_workers=workers)
     patch = None
     if card.patch:

@@ -24,7 +24,7 @@ __all__ = ["RUN_ONLY", "build_student", "finish_run", "has_epochs_to_resume", "l
            "record_of", "run_training", "split"]
 
 # fields that describe how to run, not what is trained: a resumed run may change them
-RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb", "compile"}
+RUN_ONLY = {"resume", "progress", "device", "overwrite", "num_workers", "cache_gb", "disk_cache", "compile"}
 
 
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -37,6 +37,15 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(items))
     n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def memory_cache_gb(opts) -> float:
+    """GiB of prepared training cases held in memory: `opts.cache_gb`, else none when segmentation keeps them
+    on disk in the run folder (read back through the OS page cache: the process's memory stays flat however
+    many cases there are), else 4."""
+    if opts.cache_gb is not None:
+        return opts.cache_gb
+    return 0.0 if opts.task == "segmentation" and opts.disk_cache else 4.0
 
 
 def loader_workers(given: int | None, streamed: bool) -> int:
@@ -104,3 +113,4 @@ def finish_run(out: Path, card: ModelCard, record: dict, metrics: dict, started:
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1), "resumed": resumed})
     rundir.write_config(out, card, record, complete=True)
     clear_training_state(out)
+    rundir.remove_prepared_cases(out)
