@@ -1,7 +1,7 @@
 """Segmentation training data read from disk: a survey of the cases (one pass, one case in memory at a time),
 their prepared images and targets cached up to a memory budget (MONAI `CacheDataset`) and beyond it written once
-to a folder and read back on every access (MONAI `PersistentDataset`, as nnU-Net keeps its preprocessed cases on
-disk) or prepared again on every access, and `TrainingSamples`, the Dataset the engine's DataLoader draws crops
+to a folder and read back on every access (`DiskCases`, as nnU-Net keeps its preprocessed cases on disk) or
+prepared again on every access, and `TrainingSamples`, the Dataset the engine's DataLoader draws crops
 and augmented samples from.
 
 A prepared case is ``{"image": [C_in, *grid] float32, "target": ...}`` on the network's grid, the target being
@@ -11,6 +11,7 @@ class indices ``[*grid]`` (uint8, or int16 beyond 255 classes) from a mask, or p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 from nakt.train.augment import Augmentation, sample_rng
 
-__all__ = ["CaseInfo", "MAX_LABELS", "PreparedCases", "TrainingSamples", "cached_cases", "hard_target",
+__all__ = ["CaseInfo", "DiskCases", "MAX_LABELS", "PreparedCases", "TrainingSamples", "cached_cases", "hard_target",
            "label_values_of", "prepared_bytes", "read_label_map", "survey_cases"]
 
 MAX_LABELS = 64
@@ -126,6 +127,34 @@ def _prepare_transform(card: ModelCard, orientation: str, soft_from: Path | None
     return PrepareCase()
 
 
+class DiskCases(torch.utils.data.Dataset):
+    """Cases prepared on first access and written to `folder` (``<case>.pt``), read back on later accesses.
+
+    Not MONAI's `PersistentDataset`: it writes in the system's temporary folder and moves the file into place,
+    which across file systems is a copy that DataLoader workers or other DDP ranks can read half-written. Here
+    each writer writes its own temporary file beside the target and renames it (atomic), and identical
+    writers race harmlessly."""
+
+    def __init__(self, infos: list[CaseInfo], prepare, folder: Path):
+        self.infos, self.prepare, self.folder = infos, prepare, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        info = self.infos[index]
+        path = self.folder / f"{info.case.name}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        prepared = self.prepare(info)
+        path.parent.mkdir(parents=True, exist_ok=True)  # case names may hold folders
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        torch.save(prepared, partial)
+        os.replace(partial, path)
+        return prepared
+
+
 class PreparedCases(torch.utils.data.Dataset):
     """Prepared cases in order: the leading ones from `memory`, the others from `rest` (read back from disk when
     `on_disk`, else prepared from their source files on every access)."""
@@ -153,11 +182,11 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: P
                  orientation: str = "RAS", soft_from: Path | None = None, weights_from: Path | None = None,
                  workers: int = 1, progress: bool = True) -> tuple[PreparedCases, int]:
     """The prepared cases: the leading ones whose prepared size fits `budget` bytes are prepared once and held
-    in memory (MONAI `CacheDataset`); the others are prepared on first access and written to `disk` (MONAI
-    `PersistentDataset`: one file per case, read back on later accesses, so memory stays flat however many
-    cases there are), or without `disk` prepared on every access. `disk` must belong to these cases and this
+    in memory (MONAI `CacheDataset`); the others are prepared on first access and written to `disk`
+    (`DiskCases`: one file per case, read back on later accesses, so memory stays flat however many cases there
+    are), or without `disk` prepared on every access. `disk` must belong to these cases and this
     preparation alone (its files are named after the case, not the transform). Returns (dataset, bytes held)."""
-    from monai.data import CacheDataset, PersistentDataset
+    from monai.data import CacheDataset, Dataset
 
     held = cached = 0
     for info in infos:
@@ -168,7 +197,7 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: P
     prepare = _prepare_transform(card, orientation, soft_from, weights_from)
     memory = CacheDataset(infos[:cached], prepare, num_workers=max(1, workers), progress=progress and cached > 0,
                           copy_cache=False)
-    rest = PersistentDataset(infos[cached:], prepare, cache_dir=disk)  # cache_dir None: prepared per access
+    rest = DiskCases(infos[cached:], prepare, disk) if disk is not None else Dataset(infos[cached:], prepare)
     return PreparedCases(memory, rest, on_disk=disk is not None), held
 
 
