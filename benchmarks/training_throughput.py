@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale-sizes", type=int, nargs=2, help="training cases for the RSS runs (1x, 10x)")
     parser.add_argument("--rss-only", action="store_true",
                         help="only the peak-RSS runs, into training_throughput_memory.{json,md}")
+    parser.add_argument("--rss-arms", nargs="+", choices=list(RSS_ARMS), default=list(RSS_ARMS),
+                        help="which memory runs (default: all)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "training_throughput"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS runs")
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"size": size, "epochs": epochs, "seeds": seeds, "train_cases": len(train_cases),
               "val_cases": len(splits["teacher_val"]), "lr": args.lr, "scale_sizes": scale_sizes}
     if args.rss_only:
-        rss = [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in RSS_ARMS]
+        rss = [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in args.rss_arms]
         result = {"command": command, "config": config, "rss": rss, "targets": memory_targets(rss),
                   "machine": machine(load_before), "total_wall_s": time.time() - started}
         out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for r in per_seed.values()),
                "overhead": statistics.median(r[compute]["images_per_s"] / r["nakt defaults"]["images_per_s"] - 1
                                              for r in per_seed.values())}
-    rss = [] if args.no_rss else [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in RSS_ARMS]
+    rss = [] if args.no_rss else [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in args.rss_arms]
     targets = {"speedup": summary["speedup"] >= 1.5, "dice_gap": summary["dice_gap_abs"] <= 0.005,
                "overhead": summary["overhead"] < 0.15, **memory_targets(rss)}
     result = {"mode": "quick" if args.quick else "full", "command": command, "precision_auto": precision,
