@@ -12,6 +12,7 @@ class indices ``[*grid]`` (uint8, or int16 beyond 255 classes) from a mask, or p
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,14 +143,31 @@ class DiskCases(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.infos)
 
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{self.infos[index].case.name}.pt"
+
+    def fill(self, workers: int = 1, progress: bool = True) -> None:
+        """Prepare and write every case not yet on disk now, in `workers` threads, so that training epochs only
+        read (what `CacheDataset` does for memory)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        missing = [i for i in range(len(self)) if not self._path(i).is_file()]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in tqdm(pool.map(self._write, missing), total=len(missing), desc="prepare", unit="case",
+                          disable=not progress or not missing, leave=False):
+                pass
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        info = self.infos[index]
-        path = self.folder / f"{info.case.name}.pt"
+        path = self._path(index)
         if path.is_file():
             return torch.load(path, weights_only=True)
-        prepared = self.prepare(info)
+        return self._write(index)
+
+    def _write(self, index: int) -> dict[str, torch.Tensor]:
+        path = self._path(index)
+        prepared = self.prepare(self.infos[index])
         path.parent.mkdir(parents=True, exist_ok=True)  # case names may hold folders
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         torch.save(prepared, partial)
         os.replace(partial, path)
         return prepared
@@ -182,9 +200,9 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: P
                  orientation: str = "RAS", soft_from: Path | None = None, weights_from: Path | None = None,
                  workers: int = 1, progress: bool = True) -> tuple[PreparedCases, int]:
     """The prepared cases: the leading ones whose prepared size fits `budget` bytes are prepared once and held
-    in memory (MONAI `CacheDataset`); the others are prepared on first access and written to `disk`
-    (`DiskCases`: one file per case, read back on later accesses, so memory stays flat however many cases there
-    are), or without `disk` prepared on every access. `disk` must belong to these cases and this
+    in memory (MONAI `CacheDataset`); the others are prepared now and written to `disk` (`DiskCases`: one file
+    per case, read back on every access, so memory stays flat however many cases there are), or without `disk`
+    prepared on every access. Both are prepared in `workers` threads. `disk` must belong to these cases and this
     preparation alone (its files are named after the case, not the transform). Returns (dataset, bytes held)."""
     from monai.data import CacheDataset, Dataset
 
@@ -197,7 +215,11 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: P
     prepare = _prepare_transform(card, orientation, soft_from, weights_from)
     memory = CacheDataset(infos[:cached], prepare, num_workers=max(1, workers), progress=progress and cached > 0,
                           copy_cache=False)
-    rest = DiskCases(infos[cached:], prepare, disk) if disk is not None else Dataset(infos[cached:], prepare)
+    if disk is not None:
+        rest = DiskCases(infos[cached:], prepare, disk)
+        rest.fill(workers, progress)
+    else:
+        rest = Dataset(infos[cached:], prepare)
     return PreparedCases(memory, rest, on_disk=disk is not None), held
 
 
