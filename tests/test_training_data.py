@@ -138,3 +138,20 @@ def test_compiled_training_follows_the_eager_one(synthetic2d, tmp_path):
                                                                 for r in (eager, compiled))
     np.testing.assert_allclose(compiled_loss, eager_loss, rtol=1e-4)
     np.testing.assert_allclose(compiled_dice, eager_dice, atol=0.01)  # argmax flips at near-ties
+
+
+def test_only_a_prepared_folder_nakt_marked_is_removed(tmp_path):
+    """A run's prepared/ goes when training ends only if nakt wrote it; a user's folder of that name stays."""
+    from nakt.io import rundir
+
+    user = tmp_path / "user_run"
+    (user / "prepared").mkdir(parents=True)
+    (user / "prepared" / "mine.txt").write_text("keep")
+    rundir.remove_prepared_cases(user)
+    assert (user / "prepared" / "mine.txt").read_text() == "keep"
+    ours = tmp_path / "run"
+    folder = rundir.prepared_cases(ours, "train")
+    folder.mkdir(parents=True)
+    (folder / "case.pt").write_bytes(b"x")
+    rundir.remove_prepared_cases(ours)
+    assert not (ours / "prepared").exists()

@@ -37,6 +37,7 @@ __all__ = [
 RUN_FORMAT = "nakt.run/1"
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
 PREPARED = "prepared"  # training cases prepared for the network, kept while training runs (and across --resume)
+PREPARED_MARKER, PREPARED_FORMAT = "prepared.json", "nakt.prepared/1"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -109,14 +110,24 @@ def read_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def prepared_cases(run: Path, part: str) -> Path:
     """The folder of a run's prepared `part` (``train``/``val``) cases: written during training, removed when it
-    ends (`remove_prepared_cases`)."""
-    return Path(run) / PREPARED / part
+    ends (`remove_prepared_cases`). Marks ``prepared/`` as nakt's, so that the removal never takes a user's."""
+    folder = Path(run) / PREPARED
+    if not (folder / PREPARED_MARKER).is_file():
+        write_json(folder / PREPARED_MARKER, {"format": PREPARED_FORMAT})
+    return folder / part
 
 
 def remove_prepared_cases(run: Path) -> None:
+    """Remove a run's ``prepared/`` folder if nakt marked it (`prepared_cases`); anything else stays."""
     import shutil
 
-    shutil.rmtree(Path(run) / PREPARED, ignore_errors=True)
+    folder = Path(run) / PREPARED
+    try:
+        marked = json.loads((folder / PREPARED_MARKER).read_text(encoding="utf-8")).get("format") == PREPARED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return
+    if marked and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_metrics(run: Path, metrics: dict) -> None:

@@ -11,8 +11,6 @@ class indices ``[*grid]`` (uint8, or int16 beyond 255 classes) from a mask, or p
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from nakt.errors import NaktError
 from nakt.io import labelset
 from nakt.io.dataset import Case
 from nakt.io.images import read_image, read_mask
+from nakt.io.outputs import atomic_path
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 from nakt.train.augment import Augmentation, sample_rng
@@ -164,12 +163,9 @@ class DiskCases(torch.utils.data.Dataset):
         return self._write(index)
 
     def _write(self, index: int) -> dict[str, torch.Tensor]:
-        path = self._path(index)
         prepared = self.prepare(self.infos[index])
-        path.parent.mkdir(parents=True, exist_ok=True)  # case names may hold folders
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        torch.save(prepared, partial)
-        os.replace(partial, path)
+        with atomic_path(self._path(index)) as tmp:  # a temporary file per writer, renamed into place
+            torch.save(prepared, tmp)
         return prepared
 
 
