@@ -2,6 +2,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from conftest import shared_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -18,8 +19,9 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
     written = json.loads((tmp_path / "out" / "cxr_lungs.json").read_text())
     assert written["mode"] == "quick" and written["seeds"] == [0]
     rows = written["rows"]
-    # teachers, single-teacher students, fused, online, fine-tuned, baselines (quick mode skips the variants)
-    assert len(rows) == 3 + 3 + 4 + 1 + 1 + 3
+    fusions = yaml.safe_load((root / "configs/benchmarks/cxr_lungs.yaml").read_text())["fusions"]
+    # teachers, single-teacher students, one per fusion, online, fine-tuned, baselines (quick mode skips variants)
+    assert len(rows) == 3 + 3 + len(fusions) + 1 + 1 + 3
     for row, entry in rows.items():
         assert 0.0 <= entry["dice_mean"] <= 1.0, row
     assert "labels vs transferal truth" in (tmp_path / "out" / "cxr_lungs.md").read_text()
