@@ -13,7 +13,7 @@ from nakt.io import rundir
 from nakt.io.dataset import discover_cases
 from nakt.models import ModelCard
 from nakt.train.augment import Augmentation
-from nakt.train.data import cached_cases, prepared_bytes, survey_cases
+from nakt.train.data import DiskCases, cached_cases, prepared_bytes, survey_cases
 from nakt.train.loader import plan_epoch
 
 
@@ -65,6 +65,25 @@ def test_cache_holds_the_leading_cases_within_its_budget(synthetic2d, tmp_path):
             assert torch.equal(dataset[i][key], on_disk[i][key])
     written = sorted(f.name for f in (tmp_path / "prepared").iterdir())  # prepared up front, beyond the memory
     assert written == sorted(f"{info.case.name}.pt" for info in infos[3:])
+
+
+def test_each_training_process_prepares_its_share_of_the_disk_cache(synthetic2d, tmp_path):
+    """Under torchrun rank r of W writes cases r, r+W, ... (`DiskCases.fill`), so no case is prepared twice;
+    after both shares every case reads back."""
+    infos = survey_cases(discover_cases(synthetic2d / "images", synthetic2d / "masks")[:5], progress=False)
+    prepared = []
+
+    def prepare(info):
+        prepared.append(info.case.name)
+        return {"image": torch.full((1, 2), float(len(prepared)))}
+
+    cases = DiskCases(infos, prepare, tmp_path / "prepared")
+    cases.fill(progress=False, rank=1, world=2)
+    assert prepared == [infos[1].case.name, infos[3].case.name]
+    cases.fill(progress=False, rank=0, world=2)
+    assert sorted(prepared) == sorted(info.case.name for info in infos)
+    cases.fill_shared(progress=False)  # no process group: one process, everything already on disk
+    assert len(prepared) == 5 and [cases[i]["image"][0, 0].item() for i in (1, 0)] == [1.0, 3.0]
 
 
 def test_augmentation_depends_on_the_seed_only_and_moves_targets_with_images():

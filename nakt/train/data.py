@@ -145,16 +145,36 @@ class DiskCases(torch.utils.data.Dataset):
     def _path(self, index: int) -> Path:
         return self.folder / f"{self.infos[index].case.name}.pt"
 
-    def fill(self, workers: int = 1, progress: bool = True) -> None:
-        """Prepare and write every case not yet on disk now, in `workers` threads, so that training epochs only
-        read (what `CacheDataset` does for memory)."""
+    def fill(self, workers: int = 1, progress: bool = True, rank: int = 0, world: int = 1) -> None:
+        """Prepare and write the cases not yet on disk now, in `workers` threads, so that training epochs only
+        read (what `CacheDataset` does for memory). Of `world` processes sharing the folder (DDP ranks), this
+        one (`rank`) writes every `world`-th case only; `fill_shared` waits for the others."""
         from concurrent.futures import ThreadPoolExecutor
 
-        missing = [i for i in range(len(self)) if not self._path(i).is_file()]
+        missing = [i for i in range(rank, len(self), world) if not self._path(i).is_file()]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for _ in tqdm(pool.map(self._write, missing), total=len(missing), desc="prepare", unit="case",
                           disable=not progress or not missing, leave=False):
                 pass
+
+    def fill_shared(self, workers: int = 1, progress: bool = True) -> None:
+        """`fill` in a process group (torchrun): each rank prepares its share of the cases, then all wait until
+        every share is written; a rank's error is raised in every rank rather than leaving the others waiting."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            self.fill(workers, progress)
+            return
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        failed = torch.zeros(1)
+        try:
+            self.fill(workers, progress and rank == 0, rank, world)
+        except Exception:
+            failed += 1
+            raise
+        finally:
+            torch.distributed.all_reduce(failed)  # also the barrier: every share is on disk after it
+        if failed.item():
+            raise NaktError(self.folder, "another training process failed while preparing its cases",
+                            "see that process's error above")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self._path(index)
@@ -213,7 +233,7 @@ def cached_cases(infos: list[CaseInfo], card: ModelCard, budget: int, *, disk: P
                           copy_cache=False)
     if disk is not None:
         rest = DiskCases(infos[cached:], prepare, disk)
-        rest.fill(workers, progress)
+        rest.fill_shared(workers, progress)  # under torchrun each rank prepares a share
     else:
         rest = Dataset(infos[cached:], prepare)
     return PreparedCases(memory, rest, on_disk=disk is not None), held
