@@ -11,6 +11,7 @@ in the student's label order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,7 +22,10 @@ from nakt.inference import probs_on_grid
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import target_size
 
-__all__ = ["OnlineTeachers", "check_online_specs", "load_online_teachers"]
+if TYPE_CHECKING:
+    from nakt.teachers import NetTeacher
+
+__all__ = ["OnlineTeachers", "check_online_specs", "load_net_teachers", "load_online_teachers", "online_teachers"]
 
 
 def check_online_specs(specs: Sequence[str]) -> None:
@@ -42,16 +46,26 @@ def load_online_teachers(specs: Sequence[str], student: ModelCard, device: torch
     """Teachers from specs `nakt label` accepts that are networks nakt runs itself (run directories,
     ``torchscript:``, ``onnx:``, ``bundle:``); predictions on disk and nnU-Net folders cannot see an augmented
     batch, and are refused with one line."""
-    from nakt.teachers import NetTeacher, load_teacher
+    return online_teachers(load_net_teachers(specs, trust=trust), student, device, mode, fusion, seed)
+
+
+def load_net_teachers(specs: Sequence[str], device: torch.device | str = "cpu",
+                      trust: bool = False) -> list[NetTeacher]:
+    """The networks of `specs` (loaded once: a student without masks reads their label values first), refusing
+    teachers that cannot run online (`check_online_specs`)."""
+    from nakt.teachers import load_teacher
 
     check_online_specs(specs)
-    models = []
-    for spec in specs:
-        teacher = load_teacher(spec, device, trust)
-        assert isinstance(teacher, NetTeacher)
-        _check_fits(spec, teacher.card, student)
-        models.append(teacher.model.eval())
-    return OnlineTeachers(models, student, mode, fusion, seed)
+    return [load_teacher(spec, device, trust) for spec in specs]
+
+
+def online_teachers(teachers: Sequence[NetTeacher], student: ModelCard, device: torch.device, mode: str = "random",
+                    fusion: str = "mean", seed: int = 0) -> OnlineTeachers:
+    """Loaded networks (`load_net_teachers`) as the student's online teachers on `device`, each checked to fit
+    the student's task, label values, channels and normalisation."""
+    for teacher in teachers:
+        _check_fits(teacher.spec, teacher.card, student)
+    return OnlineTeachers([t.model.to(device).eval() for t in teachers], student, mode, fusion, seed)
 
 
 def _check_fits(spec: str, card: ModelCard, student: ModelCard) -> None:

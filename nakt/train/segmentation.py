@@ -19,10 +19,11 @@ from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
+from nakt.teachers import common_label_values
 from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
-from nakt.train.online import load_online_teachers
+from nakt.train.online import load_net_teachers, online_teachers
 from nakt.train.setup import build_student, loader_workers, memory_cache_gb, prepare_out, record_of, run_training, split
 
 __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
@@ -160,11 +161,12 @@ def train_segmentation(opts) -> Path:
     else:
         train_infos, val_infos = split(infos, opts.val_fraction, opts.seed)
 
-    card, init_run = _card_for(opts, train_infos + val_infos, label_set, _teacher_values(opts) if masks is None
-                               else None)
+    net_teachers = load_net_teachers(opts.teacher or [])  # once: without masks their label values are the student's
+    card, init_run = _card_for(opts, train_infos + val_infos, label_set,
+                               common_label_values(net_teachers) if masks is None else None)
     model = build_student(opts, card, init_run)
-    teachers = load_online_teachers(opts.teacher, card, next(model.parameters()).device, opts.teacher_mode,
-                                    opts.fusion, opts.seed) if opts.teacher else None
+    teachers = online_teachers(net_teachers, card, next(model.parameters()).device, opts.teacher_mode,
+                               opts.fusion, opts.seed) if net_teachers else None
     _check_grid(card, [info.spatial_shape for info in train_infos])
     prepare_out(opts)
     budget = int(memory_cache_gb(opts) * 2**30)  # validation cases first: they are read every epoch
@@ -188,13 +190,6 @@ def train_segmentation(opts) -> Path:
                             min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
                             num_workers=opts.num_workers)
     return run_training(opts, card, model, task, record, teachers, started=started)
-
-
-def _teacher_values(opts) -> list[int]:
-    """The label values of the online teachers (which must share them), for a student without masks."""
-    from nakt.teachers import common_label_values, load_teacher
-
-    return common_label_values([load_teacher(spec) for spec in opts.teacher])
 
 
 def _orientation(opts, label_set: Path | None) -> str:
