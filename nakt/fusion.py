@@ -161,6 +161,11 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple,
            "staple-weighted": fuse_staple_weighted, "confidence": fuse_confidence}
 
+# `nakt label`'s rule when none is given. Segmentation: the majority vote, the best or second-best student on all
+# four segmentation benchmarks (benchmarks/README.md), where the mean was the worst or second worst. A
+# classifier learns from the teachers' soft class probabilities (Hinton KD), which a vote would discard.
+DEFAULT_FUSION = {"segmentation": "vote", "classification": "mean"}
+
 
 def fuse(probs: np.ndarray, method: str = "mean", weights=None) -> np.ndarray:
     """Fuse ``[K, C, *spatial]`` teacher probabilities with the named rule -> ``[C, *spatial]``."""

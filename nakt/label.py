@@ -30,7 +30,16 @@ from nakt.batched import (
 )
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
-from nakt.fusion import FUSIONS, agreement_map, fuse, sharpen, staple_estimates, staple_weights, teacher_agreement
+from nakt.fusion import (
+    DEFAULT_FUSION,
+    FUSIONS,
+    agreement_map,
+    fuse,
+    sharpen,
+    staple_estimates,
+    staple_weights,
+    teacher_agreement,
+)
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
@@ -53,7 +62,7 @@ class LabelOptions(InferenceOptions):
     teacher: list[str]
     images: str
     out: str
-    fusion: str = "mean"
+    fusion: str | None = None  # DEFAULT_FUSION of the task
     sharpen: float = 1.0
     task: str | None = None
     weights: list[float] | None = None
@@ -179,8 +188,8 @@ def label(opts: LabelOptions) -> Path:
 
     With ``num_parts`` > 1, or under torchrun, this process labels only its share of the cases (`nakt.sharding`);
     whichever part finds every case done consolidates the manifest."""
-    look_up_option(opts.fusion, FUSIONS, "fusion")
     opts.task = check_task(opts)
+    opts.fusion = look_up_option(opts.fusion or DEFAULT_FUSION[opts.task], FUSIONS, "fusion")
     share = current_share(opts.num_parts, opts.part_id)
     if opts.task == "classification":
         from nakt.classify.stages import label_classification

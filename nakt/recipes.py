@@ -2,7 +2,8 @@
 
 `self_training` is the noisy-student loop (Xie et al. 2020) for segmentation: the teachers label the transferal
 images; a student trains on those labels with strong augmentation; then, for each further round, the teachers and
-the newest student label the images again (fused as `fusion` says) and a fresh student trains on the new labels.
+the newest student label the images again (fused as `fusion` says, by default `nakt label`'s rule) and a fresh
+student trains on the new labels.
 Every round is a label set and a run directory under `out`, so each can be evaluated, reported and resumed like
 any other.
 """
@@ -20,7 +21,7 @@ STRONG = {"augment": True, "spatial_augment": True}  # the "noise" of the noisy 
 
 
 def self_training(teachers: Sequence[str], images: str, student: str, out: str, rounds: int = 2, *,
-                  fusion: str = "mean", cases: str | None = None, label_options: dict | None = None,
+                  fusion: str | None = None, cases: str | None = None, label_options: dict | None = None,
                   train_options: dict | None = None, progress: bool = True) -> list[Path]:
     """Run `rounds` rounds of noisy-student self-training; returns the students' run directories in order.
 

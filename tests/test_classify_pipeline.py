@@ -55,6 +55,7 @@ def test_classification_teacher_label_student_evaluate(pneumonia, tmp_path):
     assert len(rows) == 80 and all(abs(float(x["0"]) + float(x["1"]) - 1) < 1e-4 for x in rows)
     manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
     assert manifest["task"] == "classification" and manifest["class_names"] == ["0", "1"]
+    assert manifest["fusion"] == "mean"  # the default for classification keeps soft class probabilities
 
     assert run("train", "--model", "timm:mobilenetv2_100", "--images", r / "val", "--labels", tmp_path / "labels",
                "--temperature", 2, "--epochs", 2, "--out", tmp_path / "student", *common) == 0

@@ -56,7 +56,7 @@ def two_teachers(synthetic2d, tmp_path_factory):
 def test_label_sets_keep_the_teachers_agreement_and_students_train_on_it(synthetic2d, two_teachers, tmp_path):
     split = synthetic2d / "splits.json"
     images = dict(images=str(synthetic2d / "images"), cases=f"{split}:transferal", progress=False, device="cpu")
-    labels = nakt.label(teacher=[str(t) for t in two_teachers], out=str(tmp_path / "labels"),
+    labels = nakt.label(teacher=[str(t) for t in two_teachers], out=str(tmp_path / "labels"), fusion="mean",
                         save_teacher_probs=True, **images)
     name = labelset.read_manifest(labels)["cases"].popitem()[0]
     agreement = labelset.read_probs(labels, name, "agreement")
@@ -71,6 +71,18 @@ def test_label_sets_keep_the_teachers_agreement_and_students_train_on_it(synthet
     assert main([str(a) for a in argv]) == 0
     history = rundir.read_metrics(tmp_path / "student")["history"]
     assert history[0]["train_loss"] > 0
+
+
+def test_segmentation_label_sets_are_fused_by_vote_unless_told(synthetic2d, two_teachers, tmp_path):
+    split = synthetic2d / "splits.json"
+    labels = nakt.label(teacher=[str(t) for t in two_teachers], out=str(tmp_path / "labels"), save_teacher_probs=True,
+                        images=str(synthetic2d / "images"), cases=f"{split}:transferal", progress=False, device="cpu")
+    manifest = labelset.read_manifest(labels)
+    assert manifest["fusion"] == "vote"
+    for name in manifest["cases"]:
+        fused, teacher_probs = (labelset.read_probs(labels, name, key) for key in ("probs", "teacher_probs"))
+        assert set(np.unique(fused)) <= {0.0, 1.0}  # one-hot: every pixel is its majority's class
+        assert (fused.argmax(0) == fuse(teacher_probs, "vote").argmax(0)).mean() > 0.99  # ties at 1/256 steps
 
 
 @pytest.mark.parametrize("source, message", [("masks", "needs a label set"), ("one_teacher", "no teacher agreement")])
