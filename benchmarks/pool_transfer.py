@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import nakt
-from nakt.fusion import DEFAULT_FUSION
+from nakt.fusion import default_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, help="teacher epochs")
     parser.add_argument("--samples", type=int,
                         help="images each student sees in training (default: one pass over the largest pool)")
-    parser.add_argument("--fusion", default=DEFAULT_FUSION["segmentation"], help="default: nakt label's")
+    parser.add_argument("--fusion", default=default_fusion("segmentation", len(TEACHERS)), help="default: nakt label's")
     parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -10,6 +10,7 @@ from nakt.errors import NaktError, look_up_option
 
 __all__ = [
     "FUSIONS",
+    "default_fusion",
     "fuse",
     "fuse_confidence",
     "fuse_mean",
@@ -161,10 +162,13 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple,
            "staple-weighted": fuse_staple_weighted, "confidence": fuse_confidence}
 
-# `nakt label`'s rule when none is given. Segmentation: the majority vote, the best or second-best student on all
-# four segmentation benchmarks (benchmarks/README.md), where the mean was the worst or second worst. A
-# classifier learns from the teachers' soft class probabilities (Hinton KD), which a vote would discard.
-DEFAULT_FUSION = {"segmentation": "vote", "classification": "mean"}
+
+def default_fusion(task: str, teachers: int) -> str:
+    """`nakt label`'s rule when none is given. Two or more segmentation teachers: the majority vote, the best or
+    second-best student on all four segmentation benchmarks (benchmarks/README.md), where the mean was the worst or
+    second worst. One teacher: the mean, which keeps its own soft probabilities; classification: the mean, since a
+    classifier learns from the teachers' soft class probabilities (Hinton KD), which a vote would discard."""
+    return "vote" if task == "segmentation" and teachers > 1 else "mean"
 
 
 def fuse(probs: np.ndarray, method: str = "mean", weights=None) -> np.ndarray:

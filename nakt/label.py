@@ -31,9 +31,9 @@ from nakt.batched import (
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import (
-    DEFAULT_FUSION,
-    FUSIONS,
+        FUSIONS,
     agreement_map,
+    default_fusion,
     fuse,
     sharpen,
     staple_estimates,
@@ -62,7 +62,7 @@ class LabelOptions(InferenceOptions):
     teacher: list[str]
     images: str
     out: str
-    fusion: str | None = None  # DEFAULT_FUSION of the task
+    fusion: str | None = None  # default_fusion(task, number of teachers)
     sharpen: float = 1.0
     task: str | None = None
     weights: list[float] | None = None
@@ -189,7 +189,7 @@ def label(opts: LabelOptions) -> Path:
     With ``num_parts`` > 1, or under torchrun, this process labels only its share of the cases (`nakt.sharding`);
     whichever part finds every case done consolidates the manifest."""
     opts.task = check_task(opts)
-    opts.fusion = look_up_option(opts.fusion or DEFAULT_FUSION[opts.task], FUSIONS, "fusion")
+    opts.fusion = look_up_option(opts.fusion or default_fusion(opts.task, len(opts.teacher)), FUSIONS, "fusion")
     share = current_share(opts.num_parts, opts.part_id)
     if opts.task == "classification":
         from nakt.classify.stages import label_classification
