@@ -31,7 +31,7 @@ from nakt.batched import (
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import (
-        FUSIONS,
+    FUSIONS,
     agreement_map,
     default_fusion,
     fuse,

@@ -161,8 +161,6 @@ def test_compiled_training_follows_the_eager_one(synthetic2d, tmp_path):
 
 def test_only_a_prepared_folder_nakt_marked_is_removed(tmp_path):
     """A run's prepared/ goes when training ends only if nakt wrote it; a user's folder of that name stays."""
-    from nakt.io import rundir
-
     user = tmp_path / "user_run"
     (user / "prepared").mkdir(parents=True)
     (user / "prepared" / "mine.txt").write_text("keep")

@@ -49,14 +49,13 @@ def load_online_teachers(specs: Sequence[str], student: ModelCard, device: torch
     return online_teachers(load_net_teachers(specs, trust=trust), student, device, mode, fusion, seed)
 
 
-def load_net_teachers(specs: Sequence[str], device: torch.device | str = "cpu",
-                      trust: bool = False) -> list[NetTeacher]:
-    """The networks of `specs` (loaded once: a student without masks reads their label values first), refusing
-    teachers that cannot run online (`check_online_specs`)."""
+def load_net_teachers(specs: Sequence[str], trust: bool = False) -> list[NetTeacher]:
+    """The networks of `specs`, on the CPU until `online_teachers` moves them (loaded once: a student without
+    masks reads their label values first), refusing teachers that cannot run online (`check_online_specs`)."""
     from nakt.teachers import load_teacher
 
     check_online_specs(specs)
-    return [load_teacher(spec, device, trust) for spec in specs]
+    return [load_teacher(spec, "cpu", trust) for spec in specs]
 
 
 def online_teachers(teachers: Sequence[NetTeacher], student: ModelCard, device: torch.device, mode: str = "random",
