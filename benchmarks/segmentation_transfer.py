@@ -10,9 +10,10 @@ its own augmented batches, fused per sample by the mean), with the same validati
 students (the mean-fused label set's masks; ``alpha=1``: its probabilities do not enter the loss).
 Writes ``<out>/<dataset>.json`` (every number, config, seeds, wall times, machine) and ``<out>/<dataset>.md``
 (a table). ``--online-only`` runs just the teachers, the offline mean-fused student and the online one, into
-``<dataset>_online.json`` / ``.md``.
+``<dataset>_online.json`` / ``.md``; ``--recipe-only`` just the teachers, the single-teacher students and the
+students of the default fusion and the config's ``recipe:`` variants (claim 2), into ``<dataset>_recipe.*``.
 
-    python benchmarks/segmentation_transfer.py --config configs/benchmarks/cxr_lungs.yaml [--quick] [--online-only]
+    python benchmarks/segmentation_transfer.py --config configs/benchmarks/cxr_lungs.yaml [--quick] [--recipe-only]
 
 Only nakt's public API is used.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 
 import nakt
+from nakt.fusion import default_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,8 +145,10 @@ class Bench:
         return summary["mean"]
 
 
-def run_seed(bench: Bench, seed: int, online_only: bool = False) -> dict:
-    """Every row of the table for one seed: ``{row: {"dice", "hd95", "wall_s", ...}}``."""
+def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bool = False) -> dict:
+    """Every row of the table for one seed: ``{row: {"dice", "hd95", "wall_s", ...}}``. ``recipe_only``: the
+    teachers, the single-teacher students, the student of ``nakt label``'s default fusion and the config's
+    ``recipe:`` variants (claim 2 alone)."""
     cfg, work = bench.cfg, bench.work / f"seed{seed}"
     rows: dict[str, dict] = {}
 
@@ -167,9 +171,16 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False) -> dict:
     label_sets.setdefault("student <- fused mean", (teachers, "mean", {}, {}))  # the online student's reference
     if online_only:
         label_sets = {"student <- fused mean": (teachers, "mean", {}, {})}
-    for variant in [] if online_only else cfg.get("variants", []):  # what the method allows when a claim fails
-        label_sets[f"student <- fused {variant['fusion']}, {variant['name']}"] = (
-            teachers, variant["fusion"], variant.get("label", {}), variant.get("train", {}))
+    variants = cfg.get("variants", [])  # what the method allows when a claim fails
+    if recipe_only:  # fusion None: nakt label's own default rule
+        default = default_fusion("segmentation", len(teachers))
+        label_sets = {row: v for row, v in label_sets.items() if len(v[0]) == 1}
+        label_sets[f"student <- fused {default} (the default)"] = (teachers, None, {}, {})
+        variants = cfg.get("recipe", [])
+    for variant in [] if online_only else variants:
+        fusion = variant.get("fusion")
+        label_sets[f"student <- fused {fusion or default_fusion('segmentation', len(teachers))}, {variant['name']}"] \
+            = (teachers, fusion, variant.get("label", {}), variant.get("train", {}))
     student = cfg["student"]
     for row, (members, fusion, label_options, train_options) in label_sets.items():
         name = row.replace("student <- ", "")
@@ -184,6 +195,8 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False) -> dict:
         rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
                      "label_dice": quality["dice"]}
         log(row)
+    if recipe_only:
+        return rows
 
     online = "student <- online teachers (distill, fused mean per batch)"
     wall = bench.train(student, str(work / "labels_fused_mean"), "transferal", work / "student_online",
@@ -259,13 +272,15 @@ def machine(device: str) -> dict:
             "device": torch.cuda.get_device_name() if used == "cuda" else f"CPU ({os.cpu_count()} cores)"}
 
 
-def finished_seeds(path: Path, mode: str, cfg: dict, online_only: bool) -> tuple[dict[int, dict], float]:
-    """``({seed: rows}, wall seconds)`` of an earlier results file of the same mode and config (online-only runs:
-    the same teachers, student and training options, the only ones their rows depend on), else ``({}, 0)``."""
+def finished_seeds(path: Path, mode: str, cfg: dict, online_only: bool, recipe_only: bool = False
+                   ) -> tuple[dict[int, dict], float]:
+    """``({seed: rows}, wall seconds)`` of an earlier results file of the same mode and config (online- and
+    recipe-only runs: the same options their rows depend on), else ``({}, 0)``."""
     if not path.is_file():
         return {}, 0.0
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("teachers", "student", "train", "student_train") if online_only else tuple(cfg)
+    keys = ("teachers", "student", "train", "student_train") if online_only \
+        else ("teachers", "student", "train", "student_train", "recipe") if recipe_only else tuple(cfg)
     if earlier.get("mode") != mode or any(earlier["config"].get(k) != cfg.get(k) for k in keys):
         print(f"--resume: {path} was made with another mode or config; every seed runs again", flush=True)
         return {}, 0.0
@@ -284,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="folder for <dataset>.json and .md (default: benchmarks/results[/quick])")
     parser.add_argument("--online-only", action="store_true",
                         help="only the teachers and the offline and online mean-fused students")
+    parser.add_argument("--recipe-only", action="store_true",
+                        help="only the teachers, the single-teacher students, the student of the default fusion and "
+                             "the config's recipe: variants (claim 2)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the seeds already in this run's results file (same mode and config); run the rest")
     parser.add_argument("--reference-only", action="store_true",
@@ -292,10 +310,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
-    stem = name + ("_online" if args.online_only else "")  # a part of the table must not replace the whole
+    if args.online_only and args.recipe_only:
+        sys.exit("segmentation_transfer: --online-only and --recipe-only each run a part of the table; give one")
+    # a part of the table must not replace the whole
+    stem = name + ("_online" if args.online_only else "_recipe" if args.recipe_only else "")
     data = dataset_folder(args.data or cfg["data"], "segmentation_transfer")
     # quick runs get their own folder: sharing one would overwrite a full run's seed 0
-    work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / name)
+    work = Path(args.work or ROOT / "runs" / "benchmarks" / ("quick" if args.quick else "") / stem)
     if cfg.get("prepare") == "brats_slices":
         data = prepare_brats_slices(data, work / "prepared")
     seeds = args.seeds or (cfg.get("seeds", [0])[:1] if args.quick else cfg.get("seeds", [0, 1, 2]))
@@ -315,14 +336,15 @@ def main(argv: list[str] | None = None) -> dict:
         (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         (out / f"{name}.md").write_text(markdown(name, result), encoding="utf-8")
         return result
-    mode = ("quick" if args.quick else "full") + (", online-only" if args.online_only else "")
-    per_seed, earlier_wall = finished_seeds(out / f"{stem}.json", mode, cfg, args.online_only) if args.resume \
-        else ({}, 0.0)
+    mode = ("quick" if args.quick else "full") + (", online-only" if args.online_only else "") \
+        + (", recipe-only" if args.recipe_only else "")
+    per_seed, earlier_wall = finished_seeds(out / f"{stem}.json", mode, cfg, args.online_only, args.recipe_only) \
+        if args.resume else ({}, 0.0)
     for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
         if seed in per_seed:
             print(f"[seed {seed}] kept from {out / f'{stem}.json'}", flush=True)
             continue
-        per_seed[seed] = run_seed(bench, seed, args.online_only)
+        per_seed[seed] = run_seed(bench, seed, args.online_only, args.recipe_only)
         rows = aggregate(per_seed)
         if human is not None:
             rows[HUMAN_ROW] = human_row(human)
