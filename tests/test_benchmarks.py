@@ -9,23 +9,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_segmentation_benchmark_quick_smoke(tmp_path):
+    """The whole table, then the recipe-only part, on a few real X-rays: the shipped config cut to two teachers,
+    one fusion rule and one epoch, since every stage runs but none needs to learn here."""
     shared_dataset("cxr_lungs")
     import segmentation_transfer
 
     root = Path(__file__).resolve().parents[1]
-    result = segmentation_transfer.main(["--config", str(root / "configs/benchmarks/cxr_lungs.yaml"), "--quick",
-                                         "--max-cases", "4", "--work", str(tmp_path / "work"),
-                                         "--out", str(tmp_path / "out")])
+    cfg = yaml.safe_load((root / "configs/benchmarks/cxr_lungs.yaml").read_text())
+    cfg["data"] = str(root / cfg["data"])
+    cfg["teachers"], cfg["fusions"] = cfg["teachers"][1:], [cfg["finetune_from"]]
+    cfg["quick"] = {"variants": [], "train": {"size": [64], "epochs": 1}, "scratch_train": {"epochs": 1},
+                    "finetune": {"epochs": 2, "freeze_encoder_epochs": 1}}
+    config = tmp_path / "cxr_lungs.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    argv = ["--config", str(config), "--quick", "--max-cases", "4", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out")]
+    result = segmentation_transfer.main(argv)
     written = json.loads((tmp_path / "out" / "cxr_lungs.json").read_text())
     assert written["mode"] == "quick" and written["seeds"] == [0]
     rows = written["rows"]
-    fusions = yaml.safe_load((root / "configs/benchmarks/cxr_lungs.yaml").read_text())["fusions"]
-    # teachers, single-teacher students, one per fusion, online, fine-tuned, baselines (quick mode skips variants)
-    assert len(rows) == 3 + 3 + len(fusions) + 1 + 1 + 3
+    # 2 teachers, 2 single-teacher students, weighted and mean fused, online, fine-tuned, 3 baselines
+    assert len(rows) == 2 + 2 + 2 + 1 + 1 + 3
     for row, entry in rows.items():
         assert 0.0 <= entry["dice_mean"] <= 1.0, row
     assert "labels vs transferal truth" in (tmp_path / "out" / "cxr_lungs.md").read_text()
     assert result["rows"].keys() == rows.keys()
+
+    recipe = segmentation_transfer.main([*argv, "--recipe-only"])["rows"]
+    assert list(recipe)[4:] == ["student <- fused vote (the default)", "student <- fused vote, teacher TTA (flip)"]
+    assert len(recipe) == 6 and (tmp_path / "out" / "cxr_lungs_recipe.json").is_file()
+    tta = json.loads((tmp_path / "work" / "seed0" / "labels_fused_vote__teacher_TTA_(flip)" / "manifest.json")
+                     .read_text())
+    assert tta["fusion"] == "vote" and tta["tta"] == "flip"
+    assert json.loads((tmp_path / "out" / "cxr_lungs.json").read_text()) == written  # the whole table is kept
 
 
 def test_classification_benchmark_quick_smoke_and_resume(tmp_path):
