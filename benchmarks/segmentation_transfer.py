@@ -165,22 +165,23 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         rows[f"teacher {spec}"] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
         log(f"teacher {spec}")
 
-    # row -> (teachers, fusion, label options, student training options)
-    label_sets = {f"student <- {spec}": ([t], "mean", {}, {}) for spec, t in zip(cfg["teachers"], teachers)}
-    label_sets.update({f"student <- fused {f}": (teachers, f, {}, {}) for f in cfg.get("fusions", ["mean"])})
-    label_sets.setdefault("student <- fused mean", (teachers, "mean", {}, {}))  # the online student's reference
+    # row -> (teachers, fusion, label options, student training options); fusion None: nakt label's default rule
+    singles = {f"student <- {spec}": ([t], "mean", {}, {}) for spec, t in zip(cfg["teachers"], teachers)}
+    default = default_fusion("segmentation", len(teachers))
     if online_only:
-        label_sets = {"student <- fused mean": (teachers, "mean", {}, {})}
-    variants = cfg.get("variants", [])  # what the method allows when a claim fails
-    if recipe_only:  # fusion None: nakt label's own default rule
-        default = default_fusion("segmentation", len(teachers))
-        label_sets = {row: v for row, v in label_sets.items() if len(v[0]) == 1}
-        label_sets[f"student <- fused {default} (the default)"] = (teachers, None, {}, {})
+        label_sets, variants = {"student <- fused mean": (teachers, "mean", {}, {})}, []
+    elif recipe_only:
+        label_sets = {**singles, f"student <- fused {default} (the default)": (teachers, None, {}, {})}
         variants = cfg.get("recipe", [])
-    for variant in [] if online_only else variants:
+    else:
+        fused = {f"student <- fused {f}": (teachers, f, {}, {}) for f in cfg.get("fusions", ["mean"])}
+        label_sets = {**singles, **fused}
+        label_sets.setdefault("student <- fused mean", (teachers, "mean", {}, {}))  # the online student's reference
+        variants = cfg.get("variants", [])  # what the method allows when a claim fails
+    for variant in variants:
         fusion = variant.get("fusion")
-        label_sets[f"student <- fused {fusion or default_fusion('segmentation', len(teachers))}, {variant['name']}"] \
-            = (teachers, fusion, variant.get("label", {}), variant.get("train", {}))
+        label_sets[f"student <- fused {fusion or default}, {variant['name']}"] = (
+            teachers, fusion, variant.get("label", {}), variant.get("train", {}))
     student = cfg["student"]
     for row, (members, fusion, label_options, train_options) in label_sets.items():
         name = row.replace("student <- ", "")
