@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -98,6 +99,14 @@ def dataset_folder(path: str, script: str) -> Path:
     return data
 
 
+def folder_name(row: str) -> str:
+    """A row's name as a folder name: ``student <- fused vote, x`` -> ``fused_vote__x``."""
+    name = row.replace("student <- ", "")
+    for char in " :/,=<>.":
+        name = name.replace(char, "_")
+    return name
+
+
 class Bench:
     """One dataset's benchmark: shared paths and options, and one method per pipeline stage."""
 
@@ -138,6 +147,29 @@ class Bench:
                    overwrite=True, **self.io, **options)
         return time.time() - started
 
+    def label_dice(self, labels: Path, out: Path) -> float:
+        """Dice of a label set's masks against the transferal split's truth."""
+        return self.evaluate(out, split="transferal", hd95=False, pred=str(labels / "masks"))["dice"]
+
+    def self_training(self, teachers: list[Path], variant: dict, out: Path, seed: int) -> list[float]:
+        """A recipe variant's noisy-student rounds (``nakt.recipes.self_training``) into `out`, started afresh;
+        returns each round's wall seconds (labeling + training)."""
+        from nakt.recipes import self_training
+
+        if out.is_dir():  # this benchmark's own folder: a stale round would be kept as finished
+            shutil.rmtree(out)
+        options = {"channels": self.io["channels"]}
+        walls, started = [], time.time()
+        for rounds in range(1, variant["self_training"]["rounds"] + 1):  # one round more per call: the
+            # finished ones are kept, so each call times one round
+            self_training([str(t) for t in teachers], self.io["images"], self.cfg["student"], str(out), rounds,
+                          fusion=variant.get("fusion"), cases=self.lists["transferal"], progress=False,
+                          label_options={**options, **variant.get("label", {})},
+                          train_options={**options, **self._train_options("student_train", seed),
+                                         **variant.get("train", {})})
+            walls.append(time.time() - started - sum(walls))
+        return walls
+
     def evaluate(self, out: Path, split: str = "test", hd95: bool = True, **source) -> dict:
         roi = str(self.data / self.cfg["roi"]) if self.cfg.get("roi") else None
         summary = nakt.evaluate(masks=self.masks, cases=self.lists[split], out=str(out), roi=roi, hd95=hd95,
@@ -145,59 +177,92 @@ class Bench:
         return summary["mean"]
 
 
-def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bool = False) -> dict:
+def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bool = False,
+             done: dict | None = None) -> dict:
     """Every row of the table for one seed: ``{row: {"dice", "hd95", "wall_s", ...}}``. ``recipe_only``: the
     teachers, the single-teacher students, the student of ``nakt label``'s default fusion and the config's
-    ``recipe:`` variants (claim 2 alone)."""
+    ``recipe:`` variants (claim 2 alone). ``done``: rows of this seed measured before (recipe-only resume), kept
+    as they are; the teachers are trained again only when some other row needs them."""
     cfg, work = bench.cfg, bench.work / f"seed{seed}"
     rows: dict[str, dict] = {}
+    done = done or {}
 
     def log(row: str) -> None:
         r = rows[row]
         label = f"  labels vs truth {r['label_dice']:.3f}" if "label_dice" in r else ""
         print(f"[seed {seed}] {row}: Dice {r['dice']:.4f}{label}  ({r['wall_s']:.0f} s)", flush=True)
 
-    teachers = []
-    for i, spec in enumerate(cfg["teachers"]):
-        run = work / f"teacher{i}"
-        wall = bench.train(spec, bench.masks, "teacher_train", run, "teacher_train", seed, val=True)
-        teachers.append(run)
-        rows[f"teacher {spec}"] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
-        log(f"teacher {spec}")
-
-    # row -> (teachers, fusion, label options, student training options); fusion None: nakt label's default rule
-    singles = {f"student <- {spec}": ([t], "mean", {}, {}) for spec, t in zip(cfg["teachers"], teachers)}
-    default = default_fusion("segmentation", len(teachers))
+    # row -> (teacher indices, fusion, label options, student training options); fusion None: nakt label's default
+    everyone = list(range(len(cfg["teachers"])))
+    singles = {f"student <- {spec}": ([i], "mean", {}, {}) for i, spec in enumerate(cfg["teachers"])}
+    default = default_fusion("segmentation", len(everyone))
+    noisy: dict[str, tuple] = {}  # noisy-student variants: row of the last round -> (variant, its round rows)
     if online_only:
-        label_sets, variants = {"student <- fused mean": (teachers, "mean", {}, {})}, []
+        label_sets, variants = {"student <- fused mean": (everyone, "mean", {}, {})}, []
     elif recipe_only:
-        label_sets = {**singles, f"student <- fused {default} (the default)": (teachers, None, {}, {})}
+        label_sets = {**singles, f"student <- fused {default} (the default)": (everyone, None, {}, {})}
         variants = cfg.get("recipe", [])
     else:
-        fused = {f"student <- fused {f}": (teachers, f, {}, {}) for f in cfg.get("fusions", ["mean"])}
+        fused = {f"student <- fused {f}": (everyone, f, {}, {}) for f in cfg.get("fusions", ["mean"])}
         label_sets = {**singles, **fused}
-        label_sets.setdefault("student <- fused mean", (teachers, "mean", {}, {}))  # the online student's reference
+        label_sets.setdefault("student <- fused mean", (everyone, "mean", {}, {}))  # the online student's reference
         variants = cfg.get("variants", [])  # what the method allows when a claim fails
     for variant in variants:
-        fusion = variant.get("fusion")
-        label_sets[f"student <- fused {fusion or default}, {variant['name']}"] = (
-            teachers, fusion, variant.get("label", {}), variant.get("train", {}))
+        fusion, label_options, train_options = variant.get("fusion"), variant.get("label", {}), variant.get("train", {})
+        if "teacher" in variant:  # one teacher's labels, trained as the variant says (a control for the others)
+            row = f"student <- {cfg['teachers'][variant['teacher']]}, {variant['name']}"
+            label_sets[row] = ([variant["teacher"]], "mean", label_options, train_options)
+        elif "self_training" in variant:
+            rounds = [f"student <- fused {fusion or default}, {variant['name']}, round {r}"
+                      for r in range(variant["self_training"]["rounds"])]
+            noisy[rounds[-1]] = (variant, rounds)
+        else:
+            label_sets[f"student <- fused {fusion or default}, {variant['name']}"] = (
+                everyone, fusion, label_options, train_options)
+    wanted = [*(f"teacher {spec}" for spec in cfg["teachers"]), *label_sets,
+              *(row for _, rounds in noisy.values() for row in rounds)]
+    if all(row in done for row in wanted):
+        return {row: done[row] for row in wanted}
+
+    teachers = []
+    for i, spec in enumerate(cfg["teachers"]):
+        run, row = work / f"teacher{i}", f"teacher {spec}"
+        wall = bench.train(spec, bench.masks, "teacher_train", run, "teacher_train", seed, val=True)
+        teachers.append(run)
+        rows[row] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
+        log(row)
+        if row in done and abs(done[row]["dice"] - rows[row]["dice"]) > 1e-4:  # kept rows came from other teachers
+            print(f"[seed {seed}] warning: {row} scored {done[row]['dice']:.4f} in the kept results, "
+                  f"{rows[row]['dice']:.4f} now: training is not reproducible here", flush=True)
+        rows[row] = done.get(row, rows[row])
+
     student = cfg["student"]
     for row, (members, fusion, label_options, train_options) in label_sets.items():
-        name = row.replace("student <- ", "")
-        for char in " :/,=<>.":
-            name = name.replace(char, "_")
+        if row in done:
+            rows[row] = done[row]
+            continue
+        name = folder_name(row)
         labels = work / f"labels_{name}"
-        label_wall = bench.label(members, fusion, labels, **label_options)
-        quality = bench.evaluate(work / f"eval_labels_{name}", split="transferal", hd95=False,
-                                 pred=str(labels / "masks"))
+        label_wall = bench.label([teachers[i] for i in members], fusion, labels, **label_options)
         run = work / f"student_{name}"
         wall = bench.train(student, str(labels), "transferal", run, "student_train", seed, **train_options)
         rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
-                     "label_dice": quality["dice"]}
+                     "label_dice": bench.label_dice(labels, work / f"eval_labels_{name}")}
         log(row)
+    for variant, rounds in noisy.values():
+        if all(row in done for row in rounds):
+            rows.update({row: done[row] for row in rounds})
+            continue
+        out = work / f"selftrain_{folder_name(rounds[-1])}"
+        walls = bench.self_training(teachers, variant, out, seed)
+        for r, (row, wall) in enumerate(zip(rounds, walls)):
+            folder = out / f"round_{r}"
+            rows[row] = {**bench.evaluate(work / f"eval_{out.name}_round_{r}", model=str(folder / "student")),
+                         "wall_s": wall, "label_dice": bench.label_dice(folder / "labels", work / f"eval_labels_"
+                                                                          f"{out.name}_round_{r}")}
+            log(row)
     if recipe_only:
-        return rows
+        return {row: rows[row] for row in wanted}
 
     online = "student <- online teachers (distill, fused mean per batch)"
     wall = bench.train(student, str(work / "labels_fused_mean"), "transferal", work / "student_online",
@@ -225,12 +290,15 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
-    """Mean and standard deviation over seeds of each row's numbers."""
+    """Mean and standard deviation over seeds of each row's numbers (a row added by a later ``--resume`` may
+    not have every seed yet: ``seeds`` says how many it has)."""
     table = {}
-    for row in next(iter(per_seed.values())):
-        entry = {"per_seed": {str(s): per_seed[s][row] for s in per_seed}}
+    order = max(per_seed.values(), key=len)
+    for row in order:
+        entry = {"per_seed": {str(s): per_seed[s][row] for s in per_seed if row in per_seed[s]}}
+        entry["seeds"] = len(entry["per_seed"])
         for key in ("dice", "hd95", "wall_s", "label_dice"):
-            values = [per_seed[s][row][key] for s in per_seed if per_seed[s][row].get(key) is not None]
+            values = [r[key] for r in entry["per_seed"].values() if r.get(key) is not None]
             if values:
                 entry[f"{key}_mean"] = statistics.fmean(values)
                 entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -253,7 +321,8 @@ def markdown(name: str, result: dict) -> str:
         hd = f"{e['hd95_mean']:.2f}" if e.get("hd95_mean") is not None else "-"
         lab = f"{e['label_dice_mean']:.4f}" if "label_dice_mean" in e else "-"
         wall = f"{e['wall_s_mean']:.0f}" if "wall_s_mean" in e else "-"
-        lines.append(f"| {row} | {e['dice_mean']:.4f} ± {e['dice_std']:.4f} | {hd} | {lab} | {wall} |")
+        partial = f" ({e['seeds']} of {seeds} seeds)" if e.get("seeds", seeds) < seeds else ""
+        lines.append(f"| {row}{partial} | {e['dice_mean']:.4f} ± {e['dice_std']:.4f} | {hd} | {lab} | {wall} |")
     return "\n".join(lines) + "\n"
 
 
@@ -276,16 +345,23 @@ def machine(device: str) -> dict:
 def finished_seeds(path: Path, mode: str, cfg: dict, online_only: bool, recipe_only: bool = False
                    ) -> tuple[dict[int, dict], float]:
     """``({seed: rows}, wall seconds)`` of an earlier results file of the same mode and config (online- and
-    recipe-only runs: the same options their rows depend on), else ``({}, 0)``."""
+    recipe-only runs: the same options their rows depend on), else ``({}, 0)``. Recipe-only runs keep the rows
+    of the recipe variants that did not change, so that adding a variant runs just its rows."""
     if not path.is_file():
         return {}, 0.0
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("teachers", "student", "train", "student_train") if online_only \
-        else ("teachers", "student", "train", "student_train", "recipe") if recipe_only else tuple(cfg)
+    keys = ("teachers", "student", "train", "student_train") if online_only or recipe_only else tuple(cfg)
     if earlier.get("mode") != mode or any(earlier["config"].get(k) != cfg.get(k) for k in keys):
         print(f"--resume: {path} was made with another mode or config; every seed runs again", flush=True)
         return {}, 0.0
-    return ({int(s): {row: entry["per_seed"][s] for row, entry in earlier["rows"].items() if s in entry["per_seed"]}
+    before, now = earlier["config"].get("recipe", []), cfg.get("recipe", [])
+    changed = [v["name"] for v in before + now if not (v in before and v in now)] if recipe_only else []
+
+    def kept(row: str) -> bool:
+        return not any(f", {name}" in row for name in changed)
+
+    return ({int(s): {row: entry["per_seed"][s] for row, entry in earlier["rows"].items()
+                      if s in entry["per_seed"] and kept(row)}
              for s in map(str, earlier["seeds"])}, earlier["total_wall_s"])
 
 
@@ -341,11 +417,16 @@ def main(argv: list[str] | None = None) -> dict:
         + (", recipe-only" if args.recipe_only else "")
     per_seed, earlier_wall = finished_seeds(out / f"{stem}.json", mode, cfg, args.online_only, args.recipe_only) \
         if args.resume else ({}, 0.0)
+    result = None
     for seed in seeds:  # results are rewritten after every seed, so an interrupted run keeps what it finished
-        if seed in per_seed:
+        kept = per_seed.get(seed)
+        if kept is not None and not args.recipe_only:
             print(f"[seed {seed}] kept from {out / f'{stem}.json'}", flush=True)
             continue
-        per_seed[seed] = run_seed(bench, seed, args.online_only, args.recipe_only)
+        per_seed[seed] = run_seed(bench, seed, args.online_only, args.recipe_only, done=kept)
+        if per_seed[seed] == kept:
+            print(f"[seed {seed}] kept from {out / f'{stem}.json'}", flush=True)
+            continue
         rows = aggregate(per_seed)
         if human is not None:
             rows[HUMAN_ROW] = human_row(human)
@@ -355,6 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "total_wall_s": earlier_wall + time.time() - started, "rows": rows}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         (out / f"{stem}.md").write_text(markdown(name, result), encoding="utf-8")
+    if result is None:
+        print(f"every seed was kept; {out / f'{stem}.json'} is unchanged", flush=True)
+        return json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
     print(markdown(name, result))
     return result
 

@@ -36,12 +36,27 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
     assert result["rows"].keys() == rows.keys()
 
     recipe = segmentation_transfer.main([*argv, "--recipe-only"])["rows"]
-    assert list(recipe)[4:] == ["student <- fused vote (the default)", "student <- fused vote, teacher TTA (flip)"]
-    assert len(recipe) == 6 and (tmp_path / "out" / "cxr_lungs_recipe.json").is_file()
-    tta = json.loads((tmp_path / "work" / "seed0" / "labels_fused_vote__teacher_TTA_(flip)" / "manifest.json")
-                     .read_text())
+    assert list(recipe)[4:] == ["student <- fused vote (the default)", "student <- fused vote, teacher TTA (flip)",
+                                f"student <- {cfg['teachers'][0]}, strong augmentation",
+                                "student <- fused vote, noisy student, round 0",
+                                "student <- fused vote, noisy student, round 1"]
+    assert (tmp_path / "out" / "cxr_lungs_recipe.json").is_file()
+    seed0 = tmp_path / "work" / "seed0"
+    tta = json.loads((seed0 / "labels_fused_vote__teacher_TTA_(flip)" / "manifest.json").read_text())
     assert tta["fusion"] == "vote" and tta["tta"] == "flip"
+    noisy = seed0 / "selftrain_fused_vote__noisy_student__round_1"
+    relabel = json.loads((noisy / "round_1" / "labels" / "manifest.json").read_text())
+    assert len(relabel["teachers"]) == 3 and relabel["tta"] == "flip"  # two teachers and the round-0 student
     assert json.loads((tmp_path / "out" / "cxr_lungs.json").read_text()) == written  # the whole table is kept
+
+    # --resume with one recipe variant renamed: the other rows are kept as measured, the renamed one runs
+    cfg["recipe"] = [{**v, "name": "spatial augmentation"} if "teacher" in v else v for v in cfg["recipe"]]
+    config.write_text(yaml.safe_dump(cfg))
+    resumed = segmentation_transfer.main([*argv, "--recipe-only", "--resume"])["rows"]
+    renamed = f"student <- {cfg['teachers'][0]}, spatial augmentation"
+    assert list(resumed) == [*(row.replace("strong", "spatial") for row in recipe)]
+    assert all(resumed[row]["per_seed"] == recipe[row]["per_seed"] for row in recipe if "strong" not in row)
+    assert resumed[renamed]["seeds"] == 1
 
 
 def test_classification_benchmark_quick_smoke_and_resume(tmp_path):
