@@ -361,7 +361,7 @@ def finished_seeds(path: Path, mode: str, cfg: dict, online_only: bool, recipe_o
         return not any(f", {name}" in row for name in changed)
 
     return ({int(s): {row: entry["per_seed"][s] for row, entry in earlier["rows"].items()
-                      if s in entry["per_seed"] and kept(row)}
+                      if s in entry.get("per_seed", {}) and kept(row)}  # the human row has no seeds
              for s in map(str, earlier["seeds"])}, earlier["total_wall_s"])
 
 
