@@ -141,3 +141,20 @@ def test_pool_benchmark_smoke(tmp_path):
     assert len(metrics["history"]) == 2 and pool_transfer.student_epochs(12, 5) == 3
     assert all(0.0 <= e["mean"] <= 1.0 for e in rows.values())
     assert (tmp_path / "out" / "pool_transfer_quick.md").is_file()
+
+
+def test_recipe_resume_keeps_unchanged_variants_and_skips_the_human_row(tmp_path):
+    import segmentation_transfer
+
+    cfg = {"teachers": ["a", "b"], "student": "s", "train": {"epochs": 1}, "recipe": [{"name": "tta"}, {"name": "x"}]}
+    score = {"dice": 0.5}
+    rows = {"teacher a": {"per_seed": {"0": score}}, "student <- fused vote, tta": {"per_seed": {"0": score}},
+            "student <- fused vote, x": {"per_seed": {"0": score}}, "human: second observer vs first": {"dice_mean": 1}}
+    path = tmp_path / "d_recipe.json"
+    path.write_text(json.dumps({"mode": "full, recipe-only", "config": cfg, "seeds": [0], "total_wall_s": 9,
+                                "rows": rows}))
+    changed = {**cfg, "recipe": [{"name": "tta"}, {"name": "x", "train": {"hard_labels": True}}]}
+    kept, wall = segmentation_transfer.finished_seeds(path, "full, recipe-only", changed, False, recipe_only=True)
+    assert kept == {0: {"teacher a": score, "student <- fused vote, tta": score}} and wall == 9
+    other = {**cfg, "student": "t"}  # another student: nothing measured before applies
+    assert segmentation_transfer.finished_seeds(path, "full, recipe-only", other, False, recipe_only=True) == ({}, 0)
