@@ -182,3 +182,26 @@ def test_self_training_rounds_add_the_last_student_to_the_teachers(synthetic2d, 
                   cases=f"{split}:transferal", label_options={"device": "cpu"},
                   train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
     assert (students[1] / "model.safetensors").stat().st_mtime_ns == weights  # finished rounds are kept
+
+
+def test_fusion_ceiling_scores_every_weighting_as_evaluate_does(synthetic2d, two_teachers, tmp_path):
+    """benchmarks/fusion_ceiling.py: the grid's corners are the single teachers, scored as `nakt evaluate` scores
+    their label sets, and the best weighting is at least as good as either teacher alone."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fusion_ceiling import fusion_ceiling
+
+    split = synthetic2d / "splits.json"
+    common = dict(images=str(synthetic2d / "images"), cases=f"{split}:transferal", progress=False)
+    sets = [nakt.label(teacher=[str(t)], out=str(tmp_path / f"labels{i}"), device="cpu", **common)
+            for i, t in enumerate(two_teachers)]
+    result = fusion_ceiling(sets, str(synthetic2d / "masks"), common["cases"], step=0.25)
+    assert [g["weights"] for g in result["grid"]] == [(0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (1.0, 0.0)]
+    scored = [nakt.evaluate(masks=str(synthetic2d / "masks"), pred=str(s / "masks"), out=str(tmp_path / f"ev{i}"),
+                            hd95=False, **common)["mean"]["dice"] for i, s in enumerate(sets)]
+    # probabilities are stored in steps of 1/256: a pixel at exactly 0.5 may fall on the other side
+    assert result["single"] == pytest.approx(scored, abs=1e-3)
+    assert [result["grid"][-1]["dice"], result["grid"][0]["dice"]] == result["single"]
+    assert result["best"]["dice"] >= max(result["single"]) and result["cases"] == 12
