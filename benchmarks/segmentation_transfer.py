@@ -231,10 +231,11 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         teachers.append(run)
         rows[row] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
         log(row)
-        if row in done and abs(done[row]["dice"] - rows[row]["dice"]) > 1e-4:  # kept rows came from other teachers
-            print(f"[seed {seed}] warning: {row} scored {done[row]['dice']:.4f} in the kept results, "
-                  f"{rows[row]['dice']:.4f} now: training is not reproducible here", flush=True)
-        rows[row] = done.get(row, rows[row])
+        if row in done:  # the kept row stays; the new rows' teacher is recorded beside it
+            if abs(done[row]["dice"] - rows[row]["dice"]) > 1e-4:
+                print(f"[seed {seed}] warning: {row} scored {done[row]['dice']:.4f} in the kept results, "
+                      f"{rows[row]['dice']:.4f} now: training is not reproducible here", flush=True)
+            rows[row] = {**done[row], "retrained_dice": rows[row]["dice"]}
 
     student = cfg["student"]
     for row, (members, fusion, label_options, train_options) in label_sets.items():
