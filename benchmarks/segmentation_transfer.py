@@ -237,6 +237,12 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
                       f"{rows[row]['dice']:.4f} now: training is not reproducible here", flush=True)
             rows[row] = {**done[row], "retrained_dice": rows[row]["dice"]}
 
+    def score_student(row: str, name: str, run: Path, labels: Path, wall: float) -> None:
+        """A student's row: its test scores and its label set's Dice against the transferal truth."""
+        rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall,
+                     "label_dice": bench.label_dice(labels, work / f"eval_labels_{name}")}
+        log(row)
+
     student = cfg["student"]
     for row, (members, fusion, label_options, train_options) in label_sets.items():
         if row in done:
@@ -247,21 +253,15 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         label_wall = bench.label([teachers[i] for i in members], fusion, labels, **label_options)
         run = work / f"student_{name}"
         wall = bench.train(student, str(labels), "transferal", run, "student_train", seed, **train_options)
-        rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(run)), "wall_s": wall + label_wall,
-                     "label_dice": bench.label_dice(labels, work / f"eval_labels_{name}")}
-        log(row)
+        score_student(row, name, run, labels, wall + label_wall)
     for variant, rounds in noisy.values():
         if all(row in done for row in rounds):
             rows.update({row: done[row] for row in rounds})
             continue
         out = work / f"selftrain_{folder_name(rounds[-1])}"
-        walls = bench.self_training(teachers, variant, out, seed)
-        for r, (row, wall) in enumerate(zip(rounds, walls)):
+        for r, (row, wall) in enumerate(zip(rounds, bench.self_training(teachers, variant, out, seed))):
             folder = out / f"round_{r}"
-            rows[row] = {**bench.evaluate(work / f"eval_{out.name}_round_{r}", model=str(folder / "student")),
-                         "wall_s": wall, "label_dice": bench.label_dice(folder / "labels", work / f"eval_labels_"
-                                                                          f"{out.name}_round_{r}")}
-            log(row)
+            score_student(row, f"{out.name}_round_{r}", folder / "student", folder / "labels", wall)
     if recipe_only:
         return {row: rows[row] for row in wanted}
 
