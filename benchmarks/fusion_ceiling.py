@@ -4,9 +4,10 @@ that weight teachers without it.
 Given single-teacher label sets of the same cases (``nakt label`` with one teacher each; their probabilities are
 kept) and the true masks, every weight vector ``w`` on a grid over the simplex (``--step``) fuses the teachers as
 ``argmax(sum_k w_k p_k)`` and is scored as ``nakt evaluate`` scores a label set (foreground Dice per case, mean over
-cases; ``--roi`` as there); the vote is scored beside them. No rule that sets teacher weights without the truth
-(STAPLE, confidence, validation Dice) can beat the best grid weights by more than the grid's resolution allows:
-if those are no better than the best teacher alone, no weighting of these teachers gives better labels.
+cases; ``--roi`` as there); every rule of ``nakt.fusion.FUSIONS`` (none of them sees the truth) is scored
+beside them. No rule that sets teacher weights without the truth (STAPLE, confidence, validation Dice) can beat
+the best grid weights by more than the grid's resolution allows: if those are no better than the best teacher
+alone, no weighting of these teachers gives better labels.
 Probabilities are read as label sets store them (steps of 1/256), so a teacher alone can score about 1e-4 off
 its label set's masks (a pixel at exactly 0.5 goes to the background here).
 Cases are read one at a time (memory does not grow with their number).
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from nakt.errors import NaktError
-from nakt.fusion import fuse_vote
+from nakt.fusion import FUSIONS
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask
@@ -51,8 +52,8 @@ def fusion_ceiling(label_sets: list[str], masks: str, cases: str | None = None, 
                    step: float = 0.1) -> dict:
     """Mean Dice against `masks` of every grid weighting of the label sets' probabilities, and of their vote.
 
-    Returns ``{"teachers": [...], "single": [dice per teacher], "vote": dice, "best": {"weights", "dice"},
-    "grid": [{"weights", "dice"}, ...], "cases": n}``."""
+    Returns ``{"teachers": [...], "single": [dice per teacher], "rules": {fusion rule: dice}, "vote": dice,
+    "best": {"weights", "dice"}, "grid": [{"weights", "dice"}, ...], "cases": n}``."""
     manifests = [labelset.read_manifest(path) for path in label_sets]
     values = manifests[0]["label_values"]
     if any(m["label_values"] != values for m in manifests):
@@ -62,7 +63,7 @@ def fusion_ceiling(label_sets: list[str], masks: str, cases: str | None = None, 
     found = discover_cases(images, masks, cases, require_masks=True)
     rois = {c.name: c.mask for c in discover_cases(images, roi, cases, require_masks=True)} if roi else {}
     grid = simplex_grid(len(label_sets), step)
-    totals, single, vote = np.zeros(len(grid)), np.zeros(len(label_sets)), 0.0
+    totals, single, rules = np.zeros(len(grid)), np.zeros(len(label_sets)), dict.fromkeys(FUSIONS, 0.0)
     for case in found:
         probs = []
         for path in label_sets:
@@ -82,11 +83,13 @@ def fusion_ceiling(label_sets: list[str], masks: str, cases: str | None = None, 
         for i, weights in enumerate(grid):
             totals[i] += dice(np.tensordot(np.asarray(weights), teacher_probs, axes=1).argmax(0))
         single += [dice(p.argmax(0)) for p in teacher_probs]
-        vote += dice(fuse_vote(teacher_probs).argmax(0))
+        for name, rule in FUSIONS.items():
+            rules[name] += dice(rule(teacher_probs).argmax(0))
     n = len(found)
     best = int(np.argmax(totals))
     return {"teachers": [m["teachers"][0]["spec"] for m in manifests], "label_sets": list(map(str, label_sets)),
-            "single": (single / n).tolist(), "vote": vote / n,
+            "single": (single / n).tolist(), "rules": {name: total / n for name, total in rules.items()},
+            "vote": rules["vote"] / n,
             "best": {"weights": grid[best], "dice": totals[best] / n},
             "grid": [{"weights": w, "dice": t / n} for w, t in zip(grid, totals)], "cases": n, "step": step}
 
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["command"] = " ".join(["python", "benchmarks/fusion_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
     for spec, score in zip(result["teachers"], result["single"]):
         print(f"{score:.4f}  {spec} alone")
-    print(f"{result['vote']:.4f}  vote")
+    for name, score in result["rules"].items():
+        print(f"{score:.4f}  fused {name}")
     print(f"{result['best']['dice']:.4f}  best grid weights {result['best']['weights']} ({result['cases']} cases)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -107,11 +107,29 @@ def folder_name(row: str) -> str:
     return name
 
 
+def trained_as(run: Path, options: dict) -> bool:
+    """True if `run` is a finished nakt run whose training record matches `options` (``nakt.train``'s keyword
+    arguments; paths compared resolved; options the record does not hold, such as ``progress``, are ignored)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    record = config.get("training", {})
+
+    def same(recorded, given) -> bool:
+        if isinstance(recorded, str) and isinstance(given, str) and Path(given).exists():
+            return Path(recorded).resolve() == Path(given).resolve()
+        return recorded == given
+
+    return config.get("complete") is True and "model" in record and \
+        all(same(record[key], value) for key, value in options.items() if key in record)
+
+
 class Bench:
     """One dataset's benchmark: shared paths and options, and one method per pipeline stage."""
 
-    def __init__(self, cfg: dict, data: Path, work: Path, max_cases: int | None):
-        self.cfg, self.data, self.work = cfg, data, work
+    def __init__(self, cfg: dict, data: Path, work: Path, max_cases: int | None, reuse_teachers: bool = False):
+        self.cfg, self.data, self.work, self.reuse_teachers = cfg, data, work, reuse_teachers
         splits = json.loads((data / "splits.json").read_text(encoding="utf-8"))
         self.lists = {}
         for split in ("teacher_train", "teacher_val", "transferal", "finetune", "test"):
@@ -127,12 +145,17 @@ class Bench:
         return {**self.cfg.get("train", {}), **self.cfg.get(role, {}), "seed": seed}
 
     def train(self, spec: str, masks: str, split: str, out: Path, role: str, seed: int, val: bool = False,
-              **options) -> float:
+              reuse: bool = False, **options) -> float | None:
+        """Train `spec` into `out`; returns the wall seconds, or None when `reuse` and `out` already holds a
+        finished run trained with these very options (kept, not trained again)."""
         started = time.time()
         extra = {"val_images": self.io["images"], "val_masks": self.masks, "val_cases": self.lists["teacher_val"]} \
             if val else {}
-        nakt.train(model=spec, masks=masks, cases=self.lists[split], out=str(out), overwrite=True,
-                   **self.io, **extra, **{**self._train_options(role, seed), **options})
+        options = {"model": spec, "masks": masks, "cases": self.lists[split], **self.io, **extra,
+                   **self._train_options(role, seed), **options}
+        if reuse and trained_as(out, options):
+            return None
+        nakt.train(out=str(out), overwrite=True, **options)
         return time.time() - started
 
     def finetune(self, run: Path, out: Path, seed: int) -> float:
@@ -190,7 +213,8 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
     def log(row: str) -> None:
         r = rows[row]
         label = f"  labels vs truth {r['label_dice']:.3f}" if "label_dice" in r else ""
-        print(f"[seed {seed}] {row}: Dice {r['dice']:.4f}{label}  ({r['wall_s']:.0f} s)", flush=True)
+        wall = "kept from an earlier run" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
+        print(f"[seed {seed}] {row}: Dice {r['dice']:.4f}{label}  ({wall})", flush=True)
 
     # row -> (teacher indices, fusion, label options, student training options); fusion None: nakt label's default
     everyone = list(range(len(cfg["teachers"])))
@@ -227,14 +251,18 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
     teachers = []
     for i, spec in enumerate(cfg["teachers"]):
         run, row = work / f"teacher{i}", f"teacher {spec}"
-        wall = bench.train(spec, bench.masks, "teacher_train", run, "teacher_train", seed, val=True)
+        # --reuse-teachers: a kept row's teacher still in the work folder, trained as the config says, serves again
+        wall = bench.train(spec, bench.masks, "teacher_train", run, "teacher_train", seed, val=True,
+                           reuse=bench.reuse_teachers and row in done)
         teachers.append(run)
         rows[row] = {**bench.evaluate(work / f"eval_teacher{i}", model=str(run)), "wall_s": wall}
         log(row)
         if row in done:  # the kept row stays; the new rows' teacher is recorded beside it
             if abs(done[row]["dice"] - rows[row]["dice"]) > 1e-4:
-                print(f"[seed {seed}] warning: {row} scored {done[row]['dice']:.4f} in the kept results, "
-                      f"{rows[row]['dice']:.4f} now: training is not reproducible here", flush=True)
+                how = "the teacher kept in the work folder scores" if wall is None else "retrained, it scores"
+                print(f"[seed {seed}] warning: {row} scored {done[row]['dice']:.4f} in the kept results; "
+                      f"{how} {rows[row]['dice']:.4f} (training is not reproducible across thread counts)",
+                      flush=True)
             rows[row] = {**done[row], "retrained_dice": rows[row]["dice"]}
 
     def score_student(row: str, name: str, run: Path, labels: Path, wall: float) -> None:
@@ -382,12 +410,17 @@ def main(argv: list[str] | None = None) -> dict:
                              "the config's recipe: variants (claim 2)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the seeds already in this run's results file (same mode and config); run the rest")
+    parser.add_argument("--reuse-teachers", action="store_true",
+                        help="with --resume: a kept teacher row's run still in the work folder, finished and trained "
+                             "with the same options, labels the new rows instead of being trained again")
     parser.add_argument("--reference-only", action="store_true",
                         help="recompute only the human-reference row of existing results (no training)")
     args = parser.parse_args(argv)
 
     cfg = load_config(Path(args.config), args.quick)
     name = cfg["name"]
+    if args.reuse_teachers and not args.resume:
+        sys.exit("segmentation_transfer: --reuse-teachers: only with --resume (it reuses the kept rows' teachers)")
     if args.online_only and args.recipe_only:
         sys.exit("segmentation_transfer: --online-only and --recipe-only each run a part of the table; give one")
     # a part of the table must not replace the whole
@@ -398,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.get("prepare") == "brats_slices":
         data = prepare_brats_slices(data, work / "prepared")
     seeds = args.seeds or (cfg.get("seeds", [0])[:1] if args.quick else cfg.get("seeds", [0, 1, 2]))
-    bench = Bench(cfg, data, work, args.max_cases)
+    bench = Bench(cfg, data, work, args.max_cases, reuse_teachers=args.reuse_teachers)
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/segmentation_transfer.py", *(sys.argv[1:] if argv is None else argv)])

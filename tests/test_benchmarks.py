@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -161,3 +162,21 @@ def test_recipe_resume_keeps_unchanged_variants_and_skips_the_human_row(tmp_path
     assert kept == {0: {"teacher a": score, "student <- fused vote, tta": score}} and wall == 9
     other = {**cfg, "student": "t"}  # another student: nothing measured before applies
     assert segmentation_transfer.finished_seeds(path, "full, recipe-only", other, False, recipe_only=True) == ({}, 0)
+
+
+def test_trained_as_matches_a_finished_run_by_its_training_record(tmp_path):
+    """--reuse-teachers keeps a teacher only when its run finished with the very options asked for."""
+    import segmentation_transfer
+
+    cases = tmp_path / "train.txt"
+    cases.write_text("a\n")
+    run = tmp_path / "teacher0"
+    run.mkdir()
+    record = {"model": "smp:Unet/resnet18", "cases": str(cases), "seed": 0, "epochs": 20, "patch": [96]}
+    (run / "config.json").write_text(json.dumps({"complete": True, "training": record}))
+    asked = {**record, "cases": os.path.relpath(cases), "progress": False}  # relative paths and unrecorded keys
+    assert segmentation_transfer.trained_as(run, asked)
+    assert not segmentation_transfer.trained_as(run, {**asked, "seed": 1})
+    assert not segmentation_transfer.trained_as(tmp_path / "missing", asked)
+    (run / "config.json").write_text(json.dumps({"complete": False, "training": record}))  # interrupted
+    assert not segmentation_transfer.trained_as(run, asked)

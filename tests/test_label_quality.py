@@ -7,7 +7,7 @@ import torch
 
 import nakt
 from nakt.cli import main
-from nakt.fusion import agreement_map, fuse
+from nakt.fusion import FUSIONS, agreement_map, fuse
 from nakt.io import labelset, rundir
 from nakt.models import ModelCard
 
@@ -205,3 +205,6 @@ def test_fusion_ceiling_scores_every_weighting_as_evaluate_does(synthetic2d, two
     assert result["single"] == pytest.approx(scored, abs=1e-3)
     assert [result["grid"][-1]["dice"], result["grid"][0]["dice"]] == result["single"]
     assert result["best"]["dice"] >= max(result["single"]) and result["cases"] == 12
+    assert set(result["rules"]) == set(FUSIONS) and result["rules"]["vote"] == result["vote"]
+    # two teachers: the mean is the grid's middle weighting (exact ties go to the background in both)
+    assert result["rules"]["mean"] == pytest.approx(result["grid"][2]["dice"], abs=1e-9)
