@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nakt
 from nakt.fusion import default_fusion
+from nakt.io.rundir import best_score, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -66,34 +67,65 @@ def student_epochs(samples: int, pool_size: int) -> int:
     return max(1, -(-samples // pool_size))
 
 
+def train_student(work: Path, name: str, spec: str, images: str, labels: Path, cases: str, samples: int, seed: int,
+                  train: dict, val: dict, tests: str) -> float:
+    """One student on a label set's `cases` for about `samples` images seen; its cxr_lungs test Dice."""
+    n_cases = len(Path(cases).read_text(encoding="utf-8").split())
+    run = work / name
+    nakt.train(model=spec, images=images, masks=str(labels), cases=cases, out=str(run), overwrite=True, seed=seed,
+               progress=False, **val, **{**train, "epochs": student_epochs(samples, n_cases)})
+    return test_dice(work, run, tests)
+
+
 def run_seed(work: Path, seed: int, sizes: list[int], train: dict, samples: int, fusion: str, lists: dict,
-             pool: tuple) -> dict:
-    """The teachers, the pool's label set, and every student, for one seed: ``{row: test Dice}``."""
+             pool: tuple, roles: list[str], diagnose: bool) -> dict:
+    """The teachers, the pool's label set, and every student, for one seed: ``{row: test Dice}``.
+
+    With `diagnose`, three more students of the first role at the largest pool size each change one thing, to
+    tell why the pool's students stay below the best teacher: the best teacher's labels alone (by validation
+    Dice; is it the fusion?), the fused labels of cxr_lungs' own transferal split at the same budget (is it the
+    pool's population?), and twice the training budget (is the student undertrained?)."""
     work.mkdir(parents=True, exist_ok=True)
     lungs = {"images": str(LUNGS / "images"), "masks": str(LUNGS / "masks"), "progress": False}
     val = {"val_images": str(LUNGS / "images"), "val_masks": str(LUNGS / "masks"), "val_cases": lists["val"]}
-    rows, teachers = {}, []
+    rows, teachers, val_dice = {}, [], []
     for k, spec in enumerate(TEACHERS):
         run = work / f"teacher{k}"
         nakt.train(model=spec, cases=lists["train"], out=str(run), overwrite=True, seed=seed, **lungs, **val,
                    **train)
         teachers.append(str(run))
+        val_dice.append(best_score(read_metrics(run))[0])
         rows[f"teacher {spec}"] = test_dice(work, run, lists["test"])
         print(f"[seed {seed}] teacher {spec}: {rows[f'teacher {spec}']:.4f}", flush=True)
     folder, names = pool
     largest = max(len(names) if n == 0 else n for n in sizes)
     labels = nakt.label(teacher=teachers, images=str(folder), cases=write_list(work / "pool.txt", names[:largest]),
                         out=str(work / "labels"), fusion=fusion, overwrite=True, progress=False)
+    common = {"seed": seed, "train": train, "val": val, "tests": lists["test"]}
+
+    def student(row: str, name: str, role: str, images: str, label_set: Path, cases: str, budget: int) -> None:
+        rows[row] = train_student(work, name, STUDENTS[role], images, label_set, cases, budget, **common)
+        print(f"[seed {seed}] {row}: {rows[row]:.4f}", flush=True)
+
     for n in sizes:
         chosen = names if n == 0 else names[:n]
         cases = write_list(work / f"pool_{len(chosen)}.txt", chosen)
-        for role, spec in STUDENTS.items():
-            run = work / f"student_{role}_{len(chosen)}"
-            nakt.train(model=spec, images=str(folder), masks=str(labels), cases=cases, out=str(run), overwrite=True,
-                       seed=seed, progress=False, **val, **{**train, "epochs": student_epochs(samples, len(chosen))})
-            row = f"student ({role}: {spec}) on {len(chosen)} pool images"
-            rows[row] = test_dice(work, run, lists["test"])
-            print(f"[seed {seed}] {row}: {rows[row]:.4f}", flush=True)
+        for role in roles:
+            student(f"student ({role}: {STUDENTS[role]}) on {len(chosen)} pool images", f"student_{role}_{len(chosen)}",
+                    role, str(folder), labels, cases, samples)
+    if diagnose:
+        role, best = roles[0], max(range(len(teachers)), key=lambda k: val_dice[k])
+        cases, spec = work / f"pool_{largest}.txt", f"{role}: {STUDENTS[role]}"
+        single = nakt.label(teacher=[teachers[best]], images=str(folder), cases=str(cases),
+                            out=str(work / "labels_best_teacher"), overwrite=True, progress=False)
+        student(f"diagnosis: student ({spec}) on {largest} pool images, best-validation teacher's labels alone "
+                f"({TEACHERS[best]})", f"diagnose_{role}_best_teacher", role, str(folder), single, str(cases), samples)
+        in_domain = nakt.label(teacher=teachers, images=str(LUNGS / "images"), cases=lists["transferal"],
+                               out=str(work / "labels_in_domain"), fusion=fusion, overwrite=True, progress=False)
+        student(f"diagnosis: student ({spec}) on cxr_lungs transferal images (in domain), fused labels",
+                f"diagnose_{role}_in_domain", role, str(LUNGS / "images"), in_domain, lists["transferal"], samples)
+        student(f"diagnosis: student ({spec}) on {largest} pool images, twice the training budget",
+                f"diagnose_{role}_long", role, str(folder), labels, str(cases), 2 * samples)
     return rows
 
 
@@ -118,6 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int,
                         help="images each student sees in training (default: one pass over the largest pool)")
     parser.add_argument("--fusion", default=default_fusion("segmentation", len(TEACHERS)), help="default: nakt label's")
+    parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
+                        help="student roles to train (default: both)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="three more students at the largest pool size: best teacher's labels alone, "
+                             "in-domain images, twice the budget")
+    parser.add_argument("--name", help="results file stem (default: pool_transfer, or pool_transfer_quick)")
     parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -132,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     splits = json.loads((LUNGS / "splits.json").read_text(encoding="utf-8"))
     lists = {key: write_list(work / f"{key}.txt", splits[split][:args.max_cases])
-             for key, split in (("train", "teacher_train"), ("val", "teacher_val"), ("test", "test"))}
+             for key, split in (("train", "teacher_train"), ("val", "teacher_val"), ("test", "test"),
+                                 ("transferal", "transferal"))}
     pool = pool_folder(work)
     samples = args.samples or max(len(pool[1]) if n == 0 else n for n in sizes)
     command = " ".join(["python", "benchmarks/pool_transfer.py", *(sys.argv[1:] if argv is None else argv)])
@@ -140,17 +179,19 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # results are rewritten after every seed
-        per_seed[seed] = run_seed(work / f"seed{seed}", seed, sizes, train, samples, args.fusion, lists, pool)
+        per_seed[seed] = run_seed(work / f"seed{seed}", seed, sizes, train, samples, args.fusion, lists, pool,
+                                  args.students, args.diagnose)
         rows = {row: {"mean": statistics.fmean(s[row] for s in per_seed.values()),
                       "std": statistics.stdev([s[row] for s in per_seed.values()]) if len(per_seed) > 1 else 0.0,
                       "per_seed": {str(k): s[row] for k, s in per_seed.items()}} for row in per_seed[seeds[0]]}
         result = {"mode": "quick" if args.quick else "full", "seeds": list(per_seed), "pool_sizes": sizes,
                   "pool_images": len(pool[1]), "train": train, "student_samples": samples, "fusion": args.fusion,
+                  "students": args.students, "diagnose": args.diagnose,
                   "command": command,
                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                               "device": f"CPU ({os.cpu_count()} cores)"},
                   "total_wall_s": time.time() - started, "rows": rows}
-        stem = "pool_transfer" + ("_quick" if args.quick else "")
+        stem = args.name or "pool_transfer" + ("_quick" if args.quick else "")
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))

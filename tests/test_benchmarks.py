@@ -147,6 +147,28 @@ def test_pool_benchmark_smoke(tmp_path):
     assert (tmp_path / "out" / "pool_transfer_quick.md").is_file()
 
 
+def test_pool_benchmark_diagnosis_changes_one_thing_per_student(tmp_path):
+    """--diagnose: the best teacher's labels alone, in-domain images, twice the budget; one role, named results."""
+    shared_dataset("cxr_lungs")
+    shared_dataset("kermany_cxr")
+    import pool_transfer
+
+    result = pool_transfer.main(["--quick", "--epochs", "1", "--max-cases", "4", "--pool-sizes", "6", "--samples",
+                                 "12", "--students", "small", "--diagnose", "--name", "why", "--work",
+                                 str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    diagnoses = [row for row in result["rows"] if row.startswith("diagnosis")]
+    assert len(result["rows"]) == 3 + 1 + 3 and len(diagnoses) == 3
+    seed = tmp_path / "work" / "quick" / "seed0"
+    single = json.loads((seed / "labels_best_teacher" / "manifest.json").read_text())
+    assert len(single["teachers"]) == 1 and len(single["cases"]) == 6
+    in_domain = json.loads((seed / "labels_in_domain" / "manifest.json").read_text())
+    assert sorted(in_domain["cases"]) == sorted((seed.parent / "transferal.txt").read_text().split())
+    epochs = {name: len(json.loads((seed / name / "metrics.json").read_text())["history"])
+              for name in ("diagnose_small_in_domain", "diagnose_small_long")}
+    assert epochs == {"diagnose_small_in_domain": 3, "diagnose_small_long": 4}  # 12 images of 4; 24 of 6
+    assert (tmp_path / "out" / "why.json").is_file()
+
+
 def test_recipe_resume_keeps_unchanged_variants_and_skips_the_human_row(tmp_path):
     import segmentation_transfer
 
