@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import shared_dataset
 
@@ -53,14 +54,22 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
     # --resume with one recipe variant renamed: the other rows are kept as measured, the renamed one runs
     cfg["recipe"] = [{**v, "name": "spatial augmentation"} if "teacher" in v else v for v in cfg["recipe"]]
     config.write_text(yaml.safe_dump(cfg))
-    resumed = segmentation_transfer.main([*argv, "--recipe-only", "--resume"])["rows"]
+    # and --reuse-teachers: the teachers still in the work folder label the new row instead of being retrained
+    weights = [seed0 / f"teacher{i}" / "model.safetensors" for i in range(2)]
+    written_at = [w.stat().st_mtime_ns for w in weights]
+    resumed = segmentation_transfer.main([*argv, "--recipe-only", "--resume", "--reuse-teachers"])["rows"]
     renamed = f"student <- {cfg['teachers'][0]}, spatial augmentation"
     assert list(resumed) == [*(row.replace("strong", "spatial") for row in recipe)]
     for row in (row for row in recipe if "strong" not in row):
         before, after = recipe[row]["per_seed"]["0"], resumed[row]["per_seed"]["0"]
         assert {k: v for k, v in after.items() if k != "retrained_dice"} == before, row
         assert ("retrained_dice" in after) == row.startswith("teacher"), row  # the new row's teachers, recorded
+        if row.startswith("teacher"):
+            assert after["retrained_dice"] == pytest.approx(before["dice"], abs=1e-6), row
+    assert [w.stat().st_mtime_ns for w in weights] == written_at
     assert resumed[renamed]["seeds"] == 1
+    with pytest.raises(SystemExit, match="only with --resume"):
+        segmentation_transfer.main([*argv, "--recipe-only", "--reuse-teachers"])
 
 
 def test_classification_benchmark_quick_smoke_and_resume(tmp_path):
