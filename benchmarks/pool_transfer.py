@@ -43,12 +43,15 @@ def pool_folder(work: Path) -> tuple[Path, list[str]]:
     names = []
     for path in sorted((POOL / "train").glob("*/*.jpeg")):
         name = f"{path.parent.name}_{path.stem}"
-        link = folder / f"{name}.jpeg"
-        if not link.exists():
-            link.symlink_to(path)
+        link(folder / f"{name}.jpeg", path)
         names.append(name)
     random.Random(0).shuffle(names)
     return folder, names
+
+
+def link(path: Path, target: Path) -> None:
+    if not path.exists():
+        path.symlink_to(target)
 
 
 def write_list(path: Path, names: list[str]) -> str:
@@ -81,10 +84,7 @@ def run_seed(work: Path, seed: int, sizes: list[int], train: dict, samples: int,
              pool: tuple, roles: list[str], diagnose: bool) -> dict:
     """The teachers, the pool's label set, and every student, for one seed: ``{row: test Dice}``.
 
-    With `diagnose`, three more students of the first role at the largest pool size each change one thing, to
-    tell why the pool's students stay below the best teacher: the best teacher's labels alone (by validation
-    Dice; is it the fusion?), the fused labels of cxr_lungs' own transferal split at the same budget (is it the
-    pool's population?), and twice the training budget (is the student undertrained?)."""
+    With `diagnose`, more students of the first role (`diagnose_seed`)."""
     work.mkdir(parents=True, exist_ok=True)
     lungs = {"images": str(LUNGS / "images"), "masks": str(LUNGS / "masks"), "progress": False}
     val = {"val_images": str(LUNGS / "images"), "val_masks": str(LUNGS / "masks"), "val_cases": lists["val"]}
@@ -114,19 +114,50 @@ def run_seed(work: Path, seed: int, sizes: list[int], train: dict, samples: int,
             student(f"student ({role}: {STUDENTS[role]}) on {len(chosen)} pool images", f"student_{role}_{len(chosen)}",
                     role, str(folder), labels, cases, samples)
     if diagnose:
-        role, best = roles[0], max(range(len(teachers)), key=lambda k: val_dice[k])
-        cases, spec = work / f"pool_{largest}.txt", f"{role}: {STUDENTS[role]}"
-        single = nakt.label(teacher=[teachers[best]], images=str(folder), cases=str(cases),
-                            out=str(work / "labels_best_teacher"), overwrite=True, progress=False)
-        student(f"diagnosis: student ({spec}) on {largest} pool images, best-validation teacher's labels alone "
-                f"({TEACHERS[best]})", f"diagnose_{role}_best_teacher", role, str(folder), single, str(cases), samples)
-        in_domain = nakt.label(teacher=teachers, images=str(LUNGS / "images"), cases=lists["transferal"],
-                               out=str(work / "labels_in_domain"), fusion=fusion, overwrite=True, progress=False)
-        student(f"diagnosis: student ({spec}) on cxr_lungs transferal images (in domain), fused labels",
-                f"diagnose_{role}_in_domain", role, str(LUNGS / "images"), in_domain, lists["transferal"], samples)
-        student(f"diagnosis: student ({spec}) on {largest} pool images, twice the training budget",
-                f"diagnose_{role}_long", role, str(folder), labels, str(cases), 2 * samples)
+        diagnose_seed(work, teachers, val_dice, pool, largest, labels, roles[0], samples, fusion, lists, student)
     return rows
+
+
+def diagnose_seed(work: Path, teachers: list[str], val_dice: list[float], pool: tuple, largest: int, labels: Path,
+                  role: str, samples: int, fusion: str, lists: dict, student) -> None:
+    """Students that each change one thing against the student of the `largest` pool, to tell why the pool's
+    students stay below the best teacher: the best teacher's labels alone (by validation Dice; is it the fusion?),
+    cxr_lungs' own transferal images at the same budget, fused and best-teacher labels (is it the pool's
+    population?), those images added to the pool (do out-of-domain images help or hurt?), and twice the training
+    budget (is the student undertrained?). `student(row, name, role, images, label_set, cases, budget)` trains
+    and scores one."""
+    folder, names = pool
+    best, spec = max(range(len(teachers)), key=lambda k: val_dice[k]), f"{role}: {STUDENTS[role]}"
+    pool_cases, transferal = str(work / f"pool_{largest}.txt"), lists["transferal"]
+    mixed = work / "mixed"  # the pool's links and cxr_lungs' transferal images, in one folder
+    mixed.mkdir(exist_ok=True)
+    in_domain_names = Path(transferal).read_text(encoding="utf-8").split()
+    for name in names[:largest]:
+        link(mixed / f"{name}.jpeg", (folder / f"{name}.jpeg").resolve())
+    for name in in_domain_names:
+        source = next((LUNGS / "images").glob(f"{name}.*"))
+        link(mixed / source.name, source)
+    mixed_cases = write_list(work / "mixed.txt", names[:largest] + in_domain_names)
+
+    def label(name: str, images: Path, cases: str, one: bool) -> Path:
+        return nakt.label(teacher=[teachers[best]] if one else teachers, images=str(images), cases=cases,
+                          out=str(work / name), fusion=None if one else fusion, overwrite=True, progress=False)
+
+    alone = f"best-validation teacher's labels alone ({TEACHERS[best]})"
+    arms = [  # row, run folder, images, label set, cases, budget
+        (f"on {largest} pool images, {alone}", "best_teacher", folder,
+         label("labels_best_teacher", folder, pool_cases, True), pool_cases, samples),
+        ("on cxr_lungs transferal images (in domain), fused labels", "in_domain", LUNGS / "images",
+         label("labels_in_domain", LUNGS / "images", transferal, False), transferal, samples),
+        (f"on cxr_lungs transferal images (in domain), {alone}", "in_domain_best_teacher", LUNGS / "images",
+         label("labels_in_domain_best_teacher", LUNGS / "images", transferal, True), transferal, samples),
+        (f"on {largest} pool images and cxr_lungs transferal images, fused labels", "mixed", mixed,
+         label("labels_mixed", mixed, mixed_cases, False), mixed_cases, samples),
+        (f"on {largest} pool images, twice the training budget", "long", folder, labels, pool_cases, 2 * samples),
+    ]
+    for row, name, images, label_set, cases, budget in arms:
+        student(f"diagnosis: student ({spec}) {row}", f"diagnose_{role}_{name}", role, str(images), label_set,
+                cases, budget)
 
 
 def markdown(result: dict) -> str:

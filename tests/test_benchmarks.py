@@ -157,7 +157,8 @@ def test_pool_benchmark_smoke(tmp_path):
 
 
 def test_pool_benchmark_diagnosis_changes_one_thing_per_student(tmp_path):
-    """--diagnose: the best teacher's labels alone, in-domain images, twice the budget; one role, named results."""
+    """--diagnose: students that each change one thing (the best teacher's labels alone, in-domain images, both,
+    the two populations mixed, twice the budget); one role, named results."""
     shared_dataset("cxr_lungs")
     shared_dataset("kermany_cxr")
     import pool_transfer
@@ -166,15 +167,19 @@ def test_pool_benchmark_diagnosis_changes_one_thing_per_student(tmp_path):
                                  "12", "--students", "small", "--diagnose", "--name", "why", "--work",
                                  str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     diagnoses = [row for row in result["rows"] if row.startswith("diagnosis")]
-    assert len(result["rows"]) == 3 + 1 + 3 and len(diagnoses) == 3
+    assert len(result["rows"]) == 3 + 1 + 5 and len(diagnoses) == 5
     seed = tmp_path / "work" / "quick" / "seed0"
-    single = json.loads((seed / "labels_best_teacher" / "manifest.json").read_text())
-    assert len(single["teachers"]) == 1 and len(single["cases"]) == 6
-    in_domain = json.loads((seed / "labels_in_domain" / "manifest.json").read_text())
-    assert sorted(in_domain["cases"]) == sorted((seed.parent / "transferal.txt").read_text().split())
+    transferal = (seed.parent / "transferal.txt").read_text().split()
+    label_sets = ("labels_best_teacher", "labels_in_domain", "labels_in_domain_best_teacher", "labels_mixed")
+    manifests = {name: json.loads((seed / name / "manifest.json").read_text()) for name in label_sets}
+    assert {name: (len(m["teachers"]), len(m["cases"])) for name, m in manifests.items()} == {
+        "labels_best_teacher": (1, 6), "labels_in_domain": (3, 4), "labels_in_domain_best_teacher": (1, 4),
+        "labels_mixed": (3, 10)}
+    assert sorted(manifests["labels_in_domain"]["cases"]) == sorted(transferal)
+    assert set(transferal) < set(manifests["labels_mixed"]["cases"])
     epochs = {name: len(json.loads((seed / name / "metrics.json").read_text())["history"])
-              for name in ("diagnose_small_in_domain", "diagnose_small_long")}
-    assert epochs == {"diagnose_small_in_domain": 3, "diagnose_small_long": 4}  # 12 images of 4; 24 of 6
+              for name in ("diagnose_small_in_domain", "diagnose_small_mixed", "diagnose_small_long")}
+    assert epochs == {"diagnose_small_in_domain": 3, "diagnose_small_mixed": 2, "diagnose_small_long": 4}
     assert (tmp_path / "out" / "why.json").is_file()
 
 
