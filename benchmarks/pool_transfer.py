@@ -6,9 +6,12 @@ of the teachers' capacity and of a smaller one train on the labels of the first 
 images only (validated on cxr_lungs teacher_val, as the teachers were); everything is scored on cxr_lungs test
 beside the teachers. Every student gets about the same training budget (`--samples` images seen, by default
 one pass over the largest pool; epochs = samples / pool size, rounded up), so what varies along the sweep is
-how many distinct images a student learns from, not how long it trains. Writes ``<out>/pool_transfer.json`` and ``.md``.
+how many distinct images a student learns from, not how long it trains. `--diagnose` adds students that each
+change one thing (`diagnose_seed`), to tell why the pool's students stay below the best teacher. Writes
+``<out>/<name>.json`` and ``.md`` (``pool_transfer`` unless `--name`).
 
     python benchmarks/pool_transfer.py [--quick] [--seeds 0 1 2] [--pool-sizes 85 500 2000 0]  (0: all)
+    python benchmarks/pool_transfer.py --pool-sizes 85 500 2000 --samples 2000 --diagnose --students capacity
 """
 
 from __future__ import annotations
