@@ -27,6 +27,7 @@ from pathlib import Path
 
 import nakt
 from nakt.fusion import default_fusion
+from nakt.io.dataset import discover_cases
 from nakt.io.rundir import best_score, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,13 +135,12 @@ def diagnose_seed(work: Path, teachers: list[str], val_dice: list[float], pool: 
     pool_cases, transferal = str(work / f"pool_{largest}.txt"), lists["transferal"]
     mixed = work / "mixed"  # the pool's links and cxr_lungs' transferal images, in one folder
     mixed.mkdir(exist_ok=True)
-    in_domain_names = Path(transferal).read_text(encoding="utf-8").split()
+    in_domain = discover_cases(LUNGS / "images", cases=transferal)
     for name in names[:largest]:
         link(mixed / f"{name}.jpeg", (folder / f"{name}.jpeg").resolve())
-    for name in in_domain_names:
-        source = next((LUNGS / "images").glob(f"{name}.*"))
-        link(mixed / source.name, source)
-    mixed_cases = write_list(work / "mixed.txt", names[:largest] + in_domain_names)
+    for case in in_domain:
+        link(mixed / case.images[0].name, case.images[0])
+    mixed_cases = write_list(work / "mixed.txt", names[:largest] + [case.name for case in in_domain])
 
     def label(name: str, images: Path, cases: str, one: bool) -> Path:
         return nakt.label(teacher=[teachers[best]] if one else teachers, images=str(images), cases=cases,
@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
                         help="student roles to train (default: both)")
     parser.add_argument("--diagnose", action="store_true",
-                        help="three more students at the largest pool size: best teacher's labels alone, "
-                             "in-domain images, twice the budget")
+                        help="five more students of the first role at the largest pool size: the best teacher's "
+                             "labels alone, in-domain images (fused and best-teacher labels), the pool mixed with "
+                             "them, twice the budget")
     parser.add_argument("--name", help="results file stem (default: pool_transfer, or pool_transfer_quick)")
     parser.add_argument("--max-cases", type=int, help="at most this many cxr_lungs cases per split (smoke tests)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "pool_transfer"))
