@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="label-set folder (masks/, probs/, manifest.json)")
     p.add_argument("--fusion", choices=list(FUSIONS), help="mean, weighted (validation Dice), vote, staple, "
                    "staple-weighted (mean weighted by STAPLE's label-free quality estimates), confidence (per-pixel "
-                   "weights from each teacher's entropy); default vote for 2+ segmentation teachers, else mean")
+                   "weights from each teacher's entropy), trimmed-vote (vote of the teachers left after dropping "
+                   "the one that agrees least with the others, per case); default vote for 2+ segmentation teachers, "
+                   "else mean")
     p.add_argument("--sharpen", type=float, help="temperature of the fused soft labels: p^(1/T) renormalised "
                    "(T < 1 sharpens; default 1)")
     p.add_argument("--task", choices=["segmentation", "classification"])

@@ -16,9 +16,11 @@ __all__ = [
     "fuse_mean",
     "fuse_staple",
     "fuse_staple_weighted",
+    "fuse_trimmed_vote",
     "fuse_vote",
     "fuse_weighted",
     "agreement_map",
+    "outlier_teacher",
     "sharpen",
     "staple_estimates",
     "staple_weights",
@@ -146,6 +148,49 @@ def fuse_confidence(probs: np.ndarray, weights=None) -> np.ndarray:
     return fused.astype(probs.dtype)
 
 
+def outlier_teacher(probs: np.ndarray) -> int | None:
+    """The teacher that agrees least with the others on this case, or None when none stands out (fewer than
+    three teachers, or a tie for least agreement).
+
+    Agreement: a teacher's mean hard-label Dice with each other teacher, averaged over the foreground classes
+    (1.0 where both see none of a class). With three or more teachers the odd one out is the one the others
+    contradict, a label-free guess at the weakest teacher on this case.
+    """
+    k, c = probs.shape[:2]
+    if k < 3:
+        return None
+    hard = probs.argmax(axis=1).reshape(k, -1)
+    dice = np.ones((k, k))
+    for a in range(k):
+        for b in range(a + 1, k):
+            per_class = []
+            for j in range(1, c):
+                fa, fb = hard[a] == j, hard[b] == j
+                denom = fa.sum() + fb.sum()
+                per_class.append(1.0 if denom == 0 else 2 * (fa & fb).sum() / denom)
+            dice[a, b] = dice[b, a] = np.mean(per_class)
+    agreement = (dice.sum(axis=1) - 1) / (k - 1)
+    lowest = np.flatnonzero(np.isclose(agreement, agreement.min()))
+    return int(lowest[0]) if len(lowest) == 1 else None
+
+
+def fuse_trimmed_vote(probs: np.ndarray, weights=None) -> np.ndarray:
+    """Majority vote (`fuse_vote`, its tie rule included) of the teachers left after dropping the one that agrees
+    least with the others on this case (`outlier_teacher`); with fewer than three teachers, or no clear outlier,
+    the vote of all. With three teachers the two kept ones tie wherever they differ, so the label there is the
+    argmax of their mean probability.
+
+    >>> blank, lesion = [[1.0, 1.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]  # C=2, 2 pixels
+    >>> fuse_trimmed_vote(np.array([lesion, lesion, blank]))[1].tolist()  # the blank teacher is the odd one out
+    [1.0, 0.0]
+    """
+    dropped = outlier_teacher(probs)
+    if dropped is None:
+        return fuse_vote(probs, weights)
+    kept = [i for i in range(len(probs)) if i != dropped]
+    return fuse_vote(probs[kept], None if weights is None else np.asarray(weights, dtype=np.float64)[kept])
+
+
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Temperature sharpening of fused soft labels ``[C, *spatial]``: ``p ** (1 / T)`` renormalised (T < 1
     sharpens, T = 1 leaves them, T > 1 softens); the argmax never changes.
@@ -160,7 +205,7 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 FUSIONS = {"mean": fuse_mean, "weighted": fuse_weighted, "vote": fuse_vote, "staple": fuse_staple,
-           "staple-weighted": fuse_staple_weighted, "confidence": fuse_confidence}
+           "staple-weighted": fuse_staple_weighted, "confidence": fuse_confidence, "trimmed-vote": fuse_trimmed_vote}
 
 
 def default_fusion(task: str, teachers: int) -> str:

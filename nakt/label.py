@@ -35,6 +35,7 @@ from nakt.fusion import (
     agreement_map,
     default_fusion,
     fuse,
+    outlier_teacher,
     sharpen,
     staple_estimates,
     staple_weights,
@@ -171,7 +172,7 @@ def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean", weights: list[fl
                sharpen_temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fuse K teachers' probabilities ``[K, C, *spatial]``, then sharpen the result at `sharpen_temperature`;
     returns ``(fused [C, *spatial], teacher_probs, info)`` where `info` holds the teachers' agreement and, for
-    the STAPLE rules, each teacher's estimated sensitivity and specificity."""
+    the STAPLE rules, each teacher's estimated sensitivity and specificity, for trimmed-vote the dropped teacher."""
     info = {"agreement": teacher_agreement(teacher_probs)} if len(teacher_probs) > 1 else {}
     if fusion in ("staple", "staple-weighted"):
         fused, quality = staple_estimates(teacher_probs)
@@ -180,6 +181,8 @@ def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean", weights: list[fl
             fused = fuse(teacher_probs, "weighted", staple_weights(quality))
     else:
         fused = fuse(teacher_probs, fusion, weights)
+    if fusion == "trimmed-vote":
+        info["dropped_teacher"] = outlier_teacher(teacher_probs)  # index into the teachers, or None
     return sharpen(fused, sharpen_temperature), teacher_probs, info
 
 

@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
 
-from nakt.fusion import FUSIONS, fuse, fuse_vote, sharpen, staple_estimates, staple_weights, teacher_agreement
+from nakt.fusion import (
+    FUSIONS,
+    fuse,
+    fuse_trimmed_vote,
+    fuse_vote,
+    outlier_teacher,
+    sharpen,
+    staple_estimates,
+    staple_weights,
+    teacher_agreement,
+)
 
 
 def _probs(k=3, c=3, shape=(6, 7), seed=0):
@@ -113,3 +123,23 @@ def test_sharpen_keeps_the_argmax_and_moves_towards_it():
         np.testing.assert_allclose(out.sum(0), 1, atol=1e-6)
         assert (out.max(0) > probs.max(0)).all() if temperature < 1 else (out.max(0) < probs.max(0)).all()
     assert sharpen(probs, 1.0) is probs
+
+
+def test_trimmed_vote_drops_the_teacher_the_others_contradict():
+    truth = np.zeros((20, 20), int)
+    truth[5:15, 5:15] = 1
+    good = truth.copy()
+    good[5, 5:15] = 0  # misses one row
+    poor = np.zeros_like(truth)
+    poor[3:17, 3:17] = 1  # the others' lesion grown by two pixels
+    one_hot = [np.stack([1 - m, m]).astype(float) for m in (truth, good, poor)]
+    probs = np.stack(one_hot)  # [K=3, C=2, 20, 20]
+    assert outlier_teacher(probs) == 2
+    # the plain vote takes the row the good teacher misses from the poor one; the trimmed vote asks the two kept
+    # teachers, who tie there, and their mean probability (0.5 / 0.5) goes to the lower class index, background
+    assert fuse_vote(probs)[1, 5, 5] == 1
+    assert fuse_trimmed_vote(probs)[1, 5, 5] == 0
+    assert (fuse_trimmed_vote(probs)[1] == good).all()
+    assert outlier_teacher(probs[:2]) is None  # two teachers: no odd one out
+    assert outlier_teacher(np.stack([one_hot[0]] * 3)) is None  # all agree: a tie, nobody dropped
+    np.testing.assert_array_equal(fuse_trimmed_vote(np.stack([one_hot[0]] * 3)), one_hot[0])

@@ -126,3 +126,22 @@ def test_label_killed_at_any_moment_resumes_to_the_same_label_set(net_run, synth
     assert files == sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file())  # no .tmp-* left
     for name in files:
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_trimmed_vote_names_the_dropped_teacher(synthetic2d, tmp_path):
+    """Three disk teachers, one of them the truth inverted: trimmed-vote drops it on every case with foreground,
+    says so in the case records, and keeps the truth."""
+    inverted = tmp_path / "inverted"
+    inverted.mkdir()
+    for path in sorted((synthetic2d / "masks").glob("*.png")):
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(inverted / path.name)
+    truth = f"masks:{synthetic2d / 'masks'}"
+    assert main(["label", "--teacher", truth, "--teacher", truth, "--teacher", f"masks:{inverted}", "--images",
+                 str(synthetic2d / "images"), "--cases", _cases(synthetic2d), "--out", str(tmp_path / "l"),
+                 "--fusion", "trimmed-vote", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    assert manifest["fusion"] == "trimmed-vote" and manifest["cases"]
+    for case, record in manifest["cases"].items():
+        assert record["dropped_teacher"] == 2, case
+        fused = np.asarray(Image.open(tmp_path / "l" / "masks" / f"{case}.png"))
+        assert np.array_equal(fused, np.asarray(Image.open(synthetic2d / "masks" / f"{case}.png"))), case
