@@ -25,6 +25,7 @@ __all__ = [
     "staple_estimates",
     "staple_weights",
     "teacher_agreement",
+    "trimmed_vote",
 ]
 
 
@@ -159,17 +160,7 @@ def outlier_teacher(probs: np.ndarray) -> int | None:
     k, c = probs.shape[:2]
     if k < 3:
         return None
-    hard = probs.argmax(axis=1).reshape(k, -1)
-    dice = np.ones((k, k))
-    for a in range(k):
-        for b in range(a + 1, k):
-            per_class = []
-            for j in range(1, c):
-                fa, fb = hard[a] == j, hard[b] == j
-                denom = fa.sum() + fb.sum()
-                per_class.append(1.0 if denom == 0 else 2 * (fa & fb).sum() / denom)
-            dice[a, b] = dice[b, a] = np.mean(per_class)
-    agreement = (dice.sum(axis=1) - 1) / (k - 1)
+    agreement = (_pairwise_dice(probs.argmax(axis=1), c).sum(axis=1) - 1) / (k - 1)
     lowest = np.flatnonzero(np.isclose(agreement, agreement.min()))
     return int(lowest[0]) if len(lowest) == 1 else None
 
@@ -184,11 +175,16 @@ def fuse_trimmed_vote(probs: np.ndarray, weights=None) -> np.ndarray:
     >>> fuse_trimmed_vote(np.array([lesion, lesion, blank]))[1].tolist()  # the blank teacher is the odd one out
     [1.0, 0.0]
     """
+    return trimmed_vote(probs, weights)[0]
+
+
+def trimmed_vote(probs: np.ndarray, weights=None) -> tuple[np.ndarray, int | None]:
+    """`fuse_trimmed_vote` and the index of the teacher it dropped (None: it kept them all)."""
     dropped = outlier_teacher(probs)
     if dropped is None:
-        return fuse_vote(probs, weights)
+        return fuse_vote(probs, weights), None
     kept = [i for i in range(len(probs)) if i != dropped]
-    return fuse_vote(probs[kept], None if weights is None else np.asarray(weights, dtype=np.float64)[kept])
+    return fuse_vote(probs[kept], None if weights is None else np.asarray(weights, dtype=np.float64)[kept]), dropped
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -227,13 +223,25 @@ def teacher_agreement(probs: np.ndarray) -> dict:
     hard = probs.argmax(axis=1)
     k = hard.shape[0]
     all_agree = float((hard == hard[0]).all(axis=0).mean())
-    dices = []
+    pairs = _pairwise_dice((hard > 0).astype(np.int64), 2)[np.triu_indices(k, 1)]  # foreground against background
+    return {"pixel_agreement": all_agree, "pairwise_dice": float(pairs.mean()) if k > 1 else 1.0}
+
+
+def _pairwise_dice(hard: np.ndarray, classes: int) -> np.ndarray:
+    """``[K, K]`` Dice between K hard label maps ``[K, *spatial]``, the mean over foreground classes
+    ``1 .. classes - 1`` (1.0 for a class neither map has); 1.0 on the diagonal."""
+    k = hard.shape[0]
+    flat = hard.reshape(k, -1)
+    dice = np.ones((k, k))
     for a in range(k):
         for b in range(a + 1, k):
-            fa, fb = hard[a] > 0, hard[b] > 0
-            denom = fa.sum() + fb.sum()
-            dices.append(1.0 if denom == 0 else float(2 * (fa & fb).sum() / denom))
-    return {"pixel_agreement": all_agree, "pairwise_dice": float(np.mean(dices)) if dices else 1.0}
+            per_class = []
+            for j in range(1, classes):
+                fa, fb = flat[a] == j, flat[b] == j
+                denom = fa.sum() + fb.sum()
+                per_class.append(1.0 if denom == 0 else 2 * (fa & fb).sum() / denom)
+            dice[a, b] = dice[b, a] = np.mean(per_class)
+    return dice
 
 
 def agreement_map(teacher_probs: np.ndarray, fused: np.ndarray) -> np.ndarray:

@@ -35,11 +35,11 @@ from nakt.fusion import (
     agreement_map,
     default_fusion,
     fuse,
-    outlier_teacher,
     sharpen,
     staple_estimates,
     staple_weights,
     teacher_agreement,
+    trimmed_vote,
 )
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset, outputs, rundir
@@ -179,10 +179,10 @@ def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean", weights: list[fl
         info["staple"] = quality
         if fusion == "staple-weighted":
             fused = fuse(teacher_probs, "weighted", staple_weights(quality))
+    elif fusion == "trimmed-vote":
+        fused, info["dropped_teacher"] = trimmed_vote(teacher_probs, weights)  # an index into the teachers, or None
     else:
         fused = fuse(teacher_probs, fusion, weights)
-    if fusion == "trimmed-vote":
-        info["dropped_teacher"] = outlier_teacher(teacher_probs)  # index into the teachers, or None
     return sharpen(fused, sharpen_temperature), teacher_probs, info
 
 
