@@ -221,6 +221,7 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
     singles = {f"student <- {spec}": ([i], "mean", {}, {}) for i, spec in enumerate(cfg["teachers"])}
     default = default_fusion("segmentation", len(everyone))
     noisy: dict[str, tuple] = {}  # noisy-student variants: row of the last round -> (variant, its round rows)
+    truths: dict[str, dict] = {}  # `truth: true` variants: the student on the transferal truth -> training options
     if online_only:
         label_sets, variants = {"student <- fused mean": (everyone, "mean", {}, {})}, []
     elif recipe_only:
@@ -233,7 +234,9 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         variants = cfg.get("variants", [])  # what the method allows when a claim fails
     for variant in variants:
         fusion, label_options, train_options = variant.get("fusion"), variant.get("label", {}), variant.get("train", {})
-        if "teacher" in variant:  # one teacher's labels, trained as the variant says (a control for the others)
+        if variant.get("truth"):  # the student's own ceiling: no label set can teach it more than the truth
+            truths[f"upper bound: {cfg['student']} on transferal true masks, {variant['name']}"] = train_options
+        elif "teacher" in variant:  # one teacher's labels, trained as the variant says (a control for the others)
             row = f"student <- {cfg['teachers'][variant['teacher']]}, {variant['name']}"
             label_sets[row] = ([variant["teacher"]], "mean", label_options, train_options)
         elif "self_training" in variant:
@@ -244,7 +247,7 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
             label_sets[f"student <- fused {fusion or default}, {variant['name']}"] = (
                 everyone, fusion, label_options, train_options)
     wanted = [*(f"teacher {spec}" for spec in cfg["teachers"]), *label_sets,
-              *(row for _, rounds in noisy.values() for row in rounds)]
+              *(row for _, rounds in noisy.values() for row in rounds), *truths]
     if all(row in done for row in wanted):
         return {row: done[row] for row in wanted}
 
@@ -290,6 +293,16 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         for r, (row, wall) in enumerate(zip(rounds, bench.self_training(teachers, variant, out, seed))):
             folder = out / f"round_{r}"
             score_student(row, f"{out.name}_round_{r}", folder / "student", folder / "labels", wall)
+    for row, train_options in truths.items():
+        if row in done:
+            rows[row] = done[row]
+            continue
+        name = folder_name(row)
+        wall = bench.train(student, bench.masks, "transferal", work / f"student_{name}", "student_train", seed,
+                           **train_options)
+        rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(work / f"student_{name}")),
+                     "wall_s": wall}
+        log(row)
     if recipe_only:
         return {row: rows[row] for row in wanted}
 

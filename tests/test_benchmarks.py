@@ -52,15 +52,18 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
     assert len(relabel["teachers"]) == 3 and relabel["tta"] == "flip"  # two teachers and the round-0 student
     assert json.loads((tmp_path / "out" / "cxr_lungs.json").read_text()) == written  # the whole table is kept
 
-    # --resume with one recipe variant renamed: the other rows are kept as measured, the renamed one runs
-    cfg["recipe"] = [{**v, "name": "spatial augmentation"} if "teacher" in v else v for v in cfg["recipe"]]
+    # --resume with one recipe variant renamed and the student's ceiling added: the other rows are kept as
+    # measured, the renamed and the new one run
+    cfg["recipe"] = [*({**v, "name": "spatial augmentation"} if "teacher" in v else v for v in cfg["recipe"]),
+                     {"name": "its ceiling", "truth": True}]
     config.write_text(yaml.safe_dump(cfg))
     # and --reuse-teachers: the teachers still in the work folder label the new row instead of being retrained
     weights = [seed0 / f"teacher{i}" / "model.safetensors" for i in range(2)]
     written_at = [w.stat().st_mtime_ns for w in weights]
     resumed = segmentation_transfer.main([*argv, "--recipe-only", "--resume", "--reuse-teachers"])["rows"]
     renamed = f"student <- {cfg['teachers'][0]}, spatial augmentation"
-    assert list(resumed) == [*(row.replace("strong", "spatial") for row in recipe)]
+    ceiling = f"upper bound: {cfg['student']} on transferal true masks, its ceiling"
+    assert list(resumed) == [*(row.replace("strong", "spatial") for row in recipe), ceiling]
     for row in (row for row in recipe if "strong" not in row):
         before, after = recipe[row]["per_seed"]["0"], resumed[row]["per_seed"]["0"]
         assert {k: v for k, v in after.items() if k != "retrained_dice"} == before, row
@@ -68,7 +71,8 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
         if row.startswith("teacher"):
             assert after["retrained_dice"] == pytest.approx(before["dice"], abs=1e-6), row
     assert [w.stat().st_mtime_ns for w in weights] == written_at
-    assert resumed[renamed]["seeds"] == 1
+    assert resumed[renamed]["seeds"] == resumed[ceiling]["seeds"] == 1
+    assert (seed0 / f"student_{segmentation_transfer.folder_name(ceiling)}" / "model.safetensors").is_file()
     with pytest.raises(SystemExit, match="only with --resume"):
         segmentation_transfer.main([*argv, "--recipe-only", "--reuse-teachers"])
 
