@@ -48,7 +48,33 @@ def load_config(path: Path, quick: bool) -> dict:
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
+    check_variants(cfg, path)
     return cfg
+
+
+VARIANT_KEYS = ("name", "fusion", "label", "train", "teacher", "self_training", "truth")
+
+
+def check_variants(cfg: dict, path: Path) -> None:
+    """Exit with one line naming the config and the entry when a ``variants:`` or ``recipe:`` entry has no name,
+    a key this script does not know (a typo would otherwise run the default fusion under the variant's name), an
+    unknown fusion rule or a teacher index out of range."""
+    from nakt.fusion import FUSIONS
+
+    for section in ("variants", "recipe"):
+        for i, variant in enumerate(cfg.get(section) or []):
+            where = f"segmentation_transfer: {path}: {section}[{i}]"
+            if not isinstance(variant, dict) or not variant.get("name"):
+                sys.exit(f"{where}: every entry needs a name")
+            unknown = sorted(set(variant) - set(VARIANT_KEYS))
+            if unknown:
+                sys.exit(f"{where} ({variant['name']}): unknown key(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(VARIANT_KEYS)}")
+            if variant.get("fusion") is not None and variant["fusion"] not in FUSIONS:
+                sys.exit(f"{where} ({variant['name']}): unknown fusion {variant['fusion']!r}; "
+                         f"known: {', '.join(FUSIONS)}")
+            if "teacher" in variant and variant["teacher"] not in range(len(cfg.get("teachers", []))):
+                sys.exit(f"{where} ({variant['name']}): teacher {variant['teacher']!r} is not an index of teachers:")
 
 
 def prepare_brats_slices(source: Path, dest: Path, step: int = 3, min_brain: float = 0.05) -> Path:

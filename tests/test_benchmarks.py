@@ -77,6 +77,35 @@ def test_segmentation_benchmark_quick_smoke(tmp_path):
         segmentation_transfer.main([*argv, "--recipe-only", "--reuse-teachers"])
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_segmentation_configs_load(quick):
+    """Every shipped benchmark config passes the variant check in both modes (the classification ones have none)."""
+    import segmentation_transfer
+
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "configs/benchmarks").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        cfg = segmentation_transfer.load_config(path, quick)
+        assert "quick" not in cfg and cfg["teachers"], path
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"name": "ceiling", "truht": True}, r"recipe\[1\] \(ceiling\): unknown key\(s\) truht"),
+    ({"name": "x", "fusion": "votes"}, r"recipe\[1\] \(x\): unknown fusion 'votes'"),
+    ({"name": "x", "teacher": 3}, r"recipe\[1\] \(x\): teacher 3 is not an index"),
+    ({"fusion": "vote"}, r"recipe\[1\]: every entry needs a name"),
+])
+def test_segmentation_config_variant_errors(tmp_path, variant, message):
+    import segmentation_transfer
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"name": "bad", "teachers": ["a", "b"], "student": "c",
+                                      "recipe": [{"name": "ok", "fusion": "trimmed-vote"}, variant]}))
+    with pytest.raises(SystemExit, match=message):
+        segmentation_transfer.load_config(config, quick=False)
+
+
 def test_classification_benchmark_quick_smoke_and_resume(tmp_path):
     shared_dataset("kermany_cxr")
     import classification_transfer
