@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 import nakt
-from nakt.fusion import default_fusion
+from nakt.fusion import FUSIONS, default_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,6 @@ def check_variants(cfg: dict, path: Path) -> None:
     """Exit with one line naming the config and the entry when a ``variants:`` or ``recipe:`` entry has no name,
     a key this script does not know (a typo would otherwise run the default fusion under the variant's name), an
     unknown fusion rule or a teacher index out of range."""
-    from nakt.fusion import FUSIONS
-
     for section in ("variants", "recipe"):
         for i, variant in enumerate(cfg.get(section) or []):
             where = f"segmentation_transfer: {path}: {section}[{i}]"
@@ -74,7 +72,8 @@ def check_variants(cfg: dict, path: Path) -> None:
                 sys.exit(f"{where} ({variant['name']}): unknown fusion {variant['fusion']!r}; "
                          f"known: {', '.join(FUSIONS)}")
             if "teacher" in variant and variant["teacher"] not in range(len(cfg.get("teachers", []))):
-                sys.exit(f"{where} ({variant['name']}): teacher {variant['teacher']!r} is not an index of teachers:")
+                sys.exit(f"{where} ({variant['name']}): teacher {variant['teacher']!r} is not an index of the "
+                         f"{len(cfg.get('teachers', []))} teachers")
 
 
 def prepare_brats_slices(source: Path, dest: Path, step: int = 3, min_brain: float = 0.05) -> Path:
@@ -319,31 +318,27 @@ def run_seed(bench: Bench, seed: int, online_only: bool = False, recipe_only: bo
         for r, (row, wall) in enumerate(zip(rounds, bench.self_training(teachers, variant, out, seed))):
             folder = out / f"round_{r}"
             score_student(row, f"{out.name}_round_{r}", folder / "student", folder / "labels", wall)
+
+    def score(row: str, name: str, wall: float) -> None:
+        """A row of a model trained into ``work / name`` (not from a label set): its test scores."""
+        rows[row] = {**bench.evaluate(work / f"eval_{name}", model=str(work / name)), "wall_s": wall}
+        log(row)
+
     for row, train_options in truths.items():
         if row in done:
             rows[row] = done[row]
             continue
-        name = folder_name(row)
-        wall = bench.train(student, bench.masks, "transferal", work / f"student_{name}", "student_train", seed,
-                           **train_options)
-        rows[row] = {**bench.evaluate(work / f"eval_student_{name}", model=str(work / f"student_{name}")),
-                     "wall_s": wall}
-        log(row)
+        name = f"student_{folder_name(row)}"
+        score(row, name, bench.train(student, bench.masks, "transferal", work / name, "student_train", seed,
+                                     **train_options))
     if recipe_only:
         return {row: rows[row] for row in wanted}
 
-    online = "student <- online teachers (distill, fused mean per batch)"
-    wall = bench.train(student, str(work / "labels_fused_mean"), "transferal", work / "student_online",
-                       "student_train", seed, teacher=[str(t) for t in teachers], teacher_mode="mean", alpha=1.0)
-    rows[online] = {**bench.evaluate(work / "eval_student_online", model=str(work / "student_online")),
-                    "wall_s": wall}
-    log(online)
+    score("student <- online teachers (distill, fused mean per batch)", "student_online",
+          bench.train(student, str(work / "labels_fused_mean"), "transferal", work / "student_online",
+                      "student_train", seed, teacher=[str(t) for t in teachers], teacher_mode="mean", alpha=1.0))
     if online_only:
         return rows
-
-    def score(row: str, name: str, wall: float) -> None:
-        rows[row] = {**bench.evaluate(work / f"eval_{name}", model=str(work / name)), "wall_s": wall}
-        log(row)
 
     fused = cfg.get("finetune_from", "weighted")
     score(f"student <- fused {fused} + finetune", "student_ft",
