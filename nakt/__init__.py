@@ -6,10 +6,9 @@ scored (`evaluate`) or applied (`predict`); `report` shows which labels of a lab
 takes an options dataclass or keyword arguments.
 """
 
-__version__ = "0.1.0"
-
 from nakt.api import evaluate, export, export_nnunet, finetune, label, load, predict, report, train
 from nakt.errors import NaktError
+from nakt.version import __version__
 
 __all__ = ["NaktError", "__version__", "evaluate", "export", "export_nnunet", "finetune", "label", "load", "predict",
            "report", "train"]

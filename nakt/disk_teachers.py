@@ -19,7 +19,7 @@ from nakt.io import labelset
 from nakt.io.dataset import Case
 from nakt.io.images import Image, case_name, is_image_file, read_mask
 from nakt.models.card import ModelCard
-from nakt.teachers import teacher_scheme
+from nakt.models.registry import scheme
 
 __all__ = ["MaskTeacher", "ProbsTeacher", "split_query"]
 
@@ -142,11 +142,11 @@ class ProbsTeacher:
         return probs
 
 
-@teacher_scheme("masks")
+@scheme("masks", "teacher")
 def _load_masks(rest: str, spec: str, device: torch.device) -> MaskTeacher:
     return MaskTeacher(rest, spec, device)
 
 
-@teacher_scheme("probs")
+@scheme("probs", "teacher")
 def _load_probs(rest: str, spec: str, device: torch.device) -> ProbsTeacher:
     return ProbsTeacher(rest, spec, device)

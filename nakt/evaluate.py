@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nakt import __version__
 from nakt.batched import (
     INFERENCE_CHECKS,
     BackgroundWriter,
@@ -35,6 +34,7 @@ from nakt.predict import load_checked
 from nakt.preprocess import decode_labels, encode_labels
 from nakt.teachers import Teacher, reading_orientation
 from nakt.train.data import read_label_map
+from nakt.version import __version__
 
 __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 

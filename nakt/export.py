@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nakt import __version__
 from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device, probs_on_grid
 from nakt.io.outputs import atomic_path
 from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import ModelCard
+from nakt.version import __version__
 
 __all__ = ["EXPORT_FORMAT", "FORMATS", "ExportOptions", "export"]
 

@@ -237,7 +237,7 @@ def _default_channel_names(case: Case, channels: int, raster: bool) -> list[str]
 
 def export_nnunet(opts: ExportNnunetOptions) -> Path:
     """Write the label set ``opts.labels`` with its images as an nnU-Net v2 raw dataset in ``opts.out``."""
-    from nakt import __version__
+    from nakt.version import __version__
 
     label_set = Path(opts.labels)
     manifest = labelset.read_manifest(label_set)

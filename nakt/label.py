@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nakt import __version__
 from nakt.batched import (
     INFERENCE_CHECKS,
     BackgroundWriter,
@@ -48,7 +47,8 @@ from nakt.io.images import write_label
 from nakt.models import NaktModel, load, parse_spec
 from nakt.preprocess import decode_labels
 from nakt.sharding import Share, current_share, on_first_part, process_group
-from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder
+from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder, runs_own_inference
+from nakt.version import __version__
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
 
@@ -115,12 +115,10 @@ def _checksum(spec: str) -> str:
 def model_task(spec: str) -> str:
     """The task of a trained model: a run directory's card, a network file's contract; teachers that are not
     networks nakt feeds (nnU-Net, bundles, predictions on disk) segment."""
-    from nakt.teachers import LOADERS
-
     scheme, rest = parse_spec(spec)
     if scheme == "run":
         return rundir.read_config(Path(rest))[0].task
-    return "segmentation" if scheme in LOADERS else load(spec).card.task
+    return "segmentation" if runs_own_inference(spec) else load(spec).card.task
 
 
 def check_task(opts) -> str:

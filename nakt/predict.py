@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nakt import __version__
 from nakt.batched import (
     INFERENCE_CHECKS,
     BackgroundWriter,
@@ -20,18 +19,19 @@ from nakt.batched import (
     load_blocks,
     resolve_precision,
 )
+from nakt.classify.stages import predict_classification
 from nakt.config import check_device, check_options, one_of
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device
-from nakt.io import labelset, outputs
+from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
-from nakt.io.rundir import write_json
+from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
 from nakt.preprocess import decode_labels
 from nakt.teachers import Teacher, load_teacher, reading_orientation
 
-__all__ = ["PredictOptions", "begin_predictions", "end_predictions", "load_checked", "predict", "predict_array"]
+__all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
 
 TASKS = ("segmentation", "classification")
 
@@ -58,18 +58,6 @@ class PredictOptions(InferenceOptions):
         check_options(self, {"task": one_of(*TASKS), "device": check_device, **INFERENCE_CHECKS})
 
 
-def begin_predictions(out: Path, opts: PredictOptions, cases: list[str]) -> None:
-    """Claim `out` and mark it as an unfinished predictions folder listing the cases it will hold."""
-    outputs.claim_output(out, outputs.PREDICTIONS, opts.overwrite)
-    write_json(out / outputs.PREDICTIONS.marker, {"format": "nakt.predictions/1", "nakt_version": __version__,
-                                                  "complete": False, "model": str(opts.model), "cases": cases})
-
-
-def end_predictions(out: Path, opts: PredictOptions, cases: list[str]) -> None:
-    write_json(out / outputs.PREDICTIONS.marker, {"format": "nakt.predictions/1", "nakt_version": __version__,
-                                                  "complete": True, "model": str(opts.model), "cases": cases})
-
-
 def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
     """Label map ``[*spatial]`` in the model's label values for a raw image ``[C, *spatial]``."""
     return decode_labels(infer_probs(model, image).argmax(0), model.card.label_values)
@@ -87,12 +75,9 @@ def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
     teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
     if teacher.card.task == "classification":
-        from nakt.classify.stages import predict_classification
-
         return predict_classification(opts, teacher.model)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
-    out = Path(opts.out)
-    begin_predictions(out, opts, [c.name for c in cases])
+    out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite)
     precision = resolve_precision(opts.precision, pick_device(opts.device))
     chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
     with (tqdm(total=len(cases), desc="predict", unit="case", disable=not opts.progress) as bar,
@@ -100,7 +85,7 @@ def predict(opts: PredictOptions) -> Path:
         for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
             writer.submit(_write_block, out, block, block_probs(teacher, block, precision, opts.tta), teacher,
                           opts.save_probs, bar)
-    end_predictions(out, opts, [c.name for c in cases])
+    end_predictions(out, opts.model, [c.name for c in cases])
     return out
 
 

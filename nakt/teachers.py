@@ -12,7 +12,6 @@ integers written in mask files); `common_label_values` checks that all teachers 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -22,10 +21,10 @@ from nakt.errors import NaktError
 from nakt.inference import infer_probs
 from nakt.io.dataset import Case
 from nakt.io.images import Image
-from nakt.models import ModelCard, NaktModel, load, parse_spec
+from nakt.models import ModelCard, NaktModel, load, spec_scheme
 
-__all__ = ["LOADERS", "NetTeacher", "Teacher", "common_label_values", "load_teacher", "reading_orientation", "reorder",
-           "teacher_scheme"]
+__all__ = ["NetTeacher", "Teacher", "common_label_values", "load_teacher", "reading_orientation", "reorder",
+           "runs_own_inference"]
 
 
 class Teacher(Protocol):
@@ -55,30 +54,22 @@ class NetTeacher:
         return infer_probs(self.model, image.array, case.images[0])
 
 
-LOADERS: dict[str, Callable[[str, str, torch.device], Teacher]] = {}
-
-
-def teacher_scheme(name: str) -> Callable:
-    """Register a loader ``(rest_of_spec, spec, device) -> Teacher`` for specs ``name:<...>`` that are not
-    networks nakt feeds (nnU-Net folders, predictions on disk)."""
-
-    def register(fn: Callable) -> Callable:
-        LOADERS[name] = fn
-        return fn
-
-    return register
-
-
 def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = False) -> Teacher:
     """A teacher from any spec `nakt label` accepts: a run directory, ``torchscript:``, ``onnx:``, ``bundle:``,
     ``nnunet:``, ``masks:`` or ``probs:``. `trust` lets pickled checkpoints (nnU-Net's) load types beyond the
     allow-list (``--trust-checkpoint``)."""
-    scheme, rest = parse_spec(str(spec))
-    if scheme in LOADERS:
-        if trust and scheme == "nnunet":
-            rest += ("&" if "?" in rest else "?") + "trust=1"
-        return LOADERS[scheme](rest, str(spec), torch.device(device))
-    return NetTeacher(str(spec), load(spec).to(device))
+    entry, rest = spec_scheme(str(spec))
+    if entry.teacher is None:
+        return NetTeacher(str(spec), load(spec).to(device))
+    if trust and entry.name == "nnunet":
+        rest += ("&" if "?" in rest else "?") + "trust=1"
+    return entry.teacher(rest, str(spec), torch.device(device))
+
+
+def runs_own_inference(spec: str) -> bool:
+    """Whether `spec` names a teacher that runs its own inference (nnU-Net, bundles, predictions on disk) rather
+    than a network nakt feeds."""
+    return spec_scheme(str(spec))[0].teacher is not None
 
 
 def common_label_values(teachers: list[Teacher]) -> list[int]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from nakt import __version__
 from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels, restrict
 from nakt.classify.metrics import classification_scores
 from nakt.classify.prepared import load_images, predict_probs
@@ -17,8 +16,10 @@ from nakt.fusion import fuse
 from nakt.inference import pick_device
 from nakt.io import labelset, outputs
 from nakt.io.outputs import atomic_path
+from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.io.rundir import write_json
 from nakt.models import NaktModel, load
+from nakt.version import __version__
 
 __all__ = ["label_classification", "predict_classification", "evaluate_classification", "table_probs"]
 
@@ -106,15 +107,13 @@ def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights
 
 def predict_classification(opts, model: NaktModel) -> Path:
     """``predictions.csv``: one probability column per class and the predicted class."""
-    from nakt.predict import begin_predictions, end_predictions
-
     table = _unlabelled(opts.images, opts.cases)
-    begin_predictions(Path(opts.out), opts, [])
+    begin_predictions(opts.out, opts.model, [], opts.overwrite)
     probs = table_probs(model, table, opts.progress)
     names = model.card.class_names
     decided = [names[i] for i in probs.argmax(1)]
     _write_csv(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
-    end_predictions(Path(opts.out), opts, [])
+    end_predictions(opts.out, opts.model, [])
     return Path(opts.out)
 
 

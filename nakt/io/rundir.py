@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from nakt import __version__
 from nakt.errors import NaktError
 from nakt.io.outputs import atomic_path
 from nakt.models.card import ModelCard
+from nakt.version import __version__
 
 __all__ = [
     "RUN_FORMAT",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from nakt.errors import NaktError
 from nakt.models.card import ModelCard
-from nakt.models.registry import BUILDERS, NaktModel, build_model, parse_spec
+from nakt.models.registry import SCHEMES, NaktModel, build_model, parse_spec, spec_scheme
 
-__all__ = ["BUILDERS", "ModelCard", "NaktModel", "build_model", "load", "parse_spec"]
+__all__ = ["SCHEMES", "ModelCard", "NaktModel", "build_model", "load", "parse_spec", "spec_scheme"]
 
 
 def load(spec: str | Path, **contract) -> NaktModel:
@@ -21,29 +21,11 @@ def load(spec: str | Path, **contract) -> NaktModel:
     >>> m(__import__("torch").zeros(1, 1, 20, 24)).shape
     torch.Size([1, 2, 20, 24])
     """
-    from nakt.io import rundir
-
     spec = str(spec)
-    scheme_name, rest = parse_spec(spec)
-    if scheme_name == "run":
-        card, _ = rundir.read_config(Path(rest))
-        model = build_model(card)
-        state = rundir.read_weights(Path(rest))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise NaktError(Path(rest) / rundir.WEIGHTS, "weights do not fit config.json's model",
-                            str(exc).splitlines()[0]) from None
-        return model.eval()
-    if scheme_name == "torchscript":
-        from nakt.models.torchscript import load_torchscript
-
-        return load_torchscript(rest, **contract).eval()
-    if scheme_name == "onnx":
-        from nakt.models.onnx import load_onnx
-
-        return load_onnx(rest, **contract).eval()
-    if scheme_name not in BUILDERS:  # nnunet:, bundle:, masks:, probs: run their own inference
+    entry, rest = spec_scheme(spec)
+    if entry.load is not None:
+        return entry.load(rest, **contract).eval()
+    if entry.teacher is not None:  # nnunet:, bundle:, masks:, probs: run their own inference
         raise NaktError(None, f"{spec} is a teacher that runs its own inference, not a network",
                         "use it in nakt label / predict / evaluate, or nakt.teachers.load_teacher in Python")
     for key in ("in_channels", "classes"):

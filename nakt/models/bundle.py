@@ -23,7 +23,7 @@ from nakt.errors import NaktError
 from nakt.io.dataset import Case
 from nakt.io.images import Image
 from nakt.models.card import ModelCard
-from nakt.teachers import teacher_scheme
+from nakt.models.registry import scheme
 
 __all__ = ["BundleTeacher", "load_bundle_teacher"]
 
@@ -185,7 +185,7 @@ class BundleTeacher:
         return np.ascontiguousarray(probs, dtype=np.float32)
 
 
-@teacher_scheme("bundle")
+@scheme("bundle", "teacher")
 def load_bundle_teacher(rest: str, spec: str, device: torch.device) -> BundleTeacher:
     """``bundle:DIR[?labels=0,1]`` -> a `BundleTeacher` on `device`."""
     folder, labels = _parse_rest(rest)

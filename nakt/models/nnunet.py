@@ -35,8 +35,8 @@ from nakt.io.dataset import Case
 from nakt.io.images import Image
 from nakt.io.rundir import read_json
 from nakt.models.card import ModelCard
+from nakt.models.registry import scheme
 from nakt.models.safe_checkpoint import NNUNET_GLOBALS, TRUST_HINT, load_checkpoint
-from nakt.teachers import teacher_scheme
 
 __all__ = ["NnunetTeacher", "load_nnunet_teacher", "nnunet_probs_to_grid", "parse_nnunet_spec", "trusted_spec"]
 
@@ -213,7 +213,7 @@ def _apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return np.moveaxis(nio.apply_orientation(np.moveaxis(arr, 0, -1), ornt), -1, 0)
 
 
-@teacher_scheme("nnunet")
+@scheme("nnunet", "teacher")
 def load_nnunet_teacher(rest: str, spec: str, device: torch.device) -> NnunetTeacher:
     """Build the teacher for ``nnunet:<rest>``: read the folder, load the checkpoints safely, set up the
     predictor on `device` (``perform_everything_on_device`` only on CUDA)."""

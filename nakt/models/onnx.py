@@ -19,11 +19,6 @@ from nakt.models.torchscript import foreign_card
 __all__ = ["OnnxNet", "load_onnx"]
 
 
-@scheme("onnx")
-def build_onnx(name: str, **kw):
-    raise NaktError(name, "an ONNX model is loaded, not built", "use nakt.load('onnx:PATH')")
-
-
 def _onnxruntime(path: Path):
     try:
         import onnxruntime
@@ -93,6 +88,7 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
+@scheme("onnx", "load")
 def load_onnx(path: str | Path, **contract) -> NaktModel:
     """Load an ONNX model. Its contract (``in_channels``, ``classes``, ``spatial_dims``, ``task``,
     ``label_values``, ``size``, ``patch``, ``normalization``, ``output``...) comes from `contract`, over

@@ -1,12 +1,17 @@
-"""One registry from model specs (``scheme:name``) to builders, and `NaktModel`, the one model contract.
+"""One registry from model specs (``scheme:name``) to what each scheme gives, and `NaktModel`, the one model
+contract.
 
-Every builder has the signature ``build(name, *, in_channels, classes, spatial_dims, pretrained=None, **kw)``
-and returns ``(module, size_divisor)``; `NaktModel` wraps it so that every model maps ``[B, C_in, *spatial]``
-of any size to logits ``[B, C, *spatial]``.
+A scheme gives one of three things (`Scheme`): `build`, an untrained architecture (``smp``, ``monai``, ``timm``,
+``torchvision``) with the signature ``build(name, *, in_channels, classes, spatial_dims, pretrained=None, **kw)
+-> (module, size_divisor)``; `load`, a trained network from a file or folder (``run``, ``torchscript``,
+``onnx``) as ``load(rest, **contract) -> NaktModel``; or `teacher`, a model that runs its own inference
+(``nnunet``, ``bundle``, ``masks``, ``probs``) as ``teacher(rest, spec, device) -> Teacher``. `NaktModel`
+wraps networks so that every model maps ``[B, C_in, *spatial]`` of any size to logits ``[B, C, *spatial]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,55 +22,77 @@ from torch import nn
 from nakt.errors import NaktError
 from nakt.models.card import ModelCard
 
-__all__ = ["BUILDERS", "SCHEME_MODULES", "NaktModel", "build_model", "parse_spec", "register_all", "scheme"]
-
-BUILDERS: dict[str, Callable] = {}
+__all__ = ["SCHEMES", "SCHEME_MODULES", "NaktModel", "Scheme", "build_model", "logits_to_probs", "parse_spec",
+           "register_all", "scheme", "spec_scheme"]
 
 # modules that register schemes when imported (optional dependencies are imported inside their functions)
 SCHEME_MODULES = ["nakt.models.classifiers", "nakt.models.monai_nets", "nakt.models.smp_nets",
-                  "nakt.models.torchscript", "nakt.models.onnx", "nakt.models.bundle", "nakt.disk_teachers",
-                  "nakt.models.nnunet"]
+                  "nakt.models.torchscript", "nakt.models.onnx", "nakt.models.run", "nakt.models.bundle",
+                  "nakt.disk_teachers", "nakt.models.nnunet"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What specs ``name:<rest>`` give: exactly one of `build`, `load` or `teacher` (see the module docstring)."""
+
+    name: str
+    build: Callable | None = None
+    load: Callable | None = None
+    teacher: Callable | None = None
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("build", "load", "teacher") if getattr(self, k) is not None)
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def scheme(name: str, kind: str = "build") -> Callable:
+    """Register the function of scheme `name`: ``build`` (an architecture), ``load`` (a trained network) or
+    ``teacher`` (a model that runs its own inference)."""
+
+    def register(fn: Callable) -> Callable:
+        SCHEMES[name] = Scheme(name, **{kind: fn})
+        return fn
+
+    return register
 
 
 def register_all() -> None:
-    """Import every scheme module, so `BUILDERS` and the teacher loaders are complete."""
+    """Import every scheme module, so `SCHEMES` is complete."""
     import importlib
 
     for module in SCHEME_MODULES:
         importlib.import_module(module)
 
 
-def _schemes() -> list[str]:
-    from nakt.teachers import LOADERS
-
-    return sorted(set(BUILDERS) | set(LOADERS))
-
-
-def scheme(name: str) -> Callable:
-    """Register a builder for specs ``name:<...>``."""
-
-    def register(fn: Callable) -> Callable:
-        BUILDERS[name] = fn
-        return fn
-
-    return register
-
-
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split ``"smp:Unet/resnet18"`` into ``("smp", "Unet/resnet18")``; a folder is a run directory."""
+    """Split ``"smp:Unet/resnet18"`` into ``("smp", "Unet/resnet18")``; a folder is a run directory.
+
+    >>> parse_spec("smp:Unet/resnet18")
+    ('smp', 'Unet/resnet18')
+    """
     register_all()
     if Path(spec).is_dir():
         return "run", spec
     if ":" not in spec and ("/" in spec or "\\" in spec):
         raise NaktError(spec, "run directory not found")
+    valid = ", ".join(sorted(SCHEMES))
     if ":" not in spec:
-        raise NaktError(None, f"unknown model spec {spec!r}",
-                        f"use scheme:name with scheme one of {', '.join(_schemes())}, or a run directory")
+        raise NaktError(None, f"unknown model spec {spec!r}", f"use scheme:name with scheme one of {valid}, or a "
+                        "run directory")
     name, rest = spec.split(":", 1)
-    if name not in _schemes():
-        raise NaktError(None, f"unknown model scheme {name!r} in {spec!r}",
-                        f"valid: {', '.join(_schemes())}, or the path of a run directory")
+    if name not in SCHEMES:
+        raise NaktError(None, f"unknown model scheme {name!r} in {spec!r}", f"valid: {valid}, or the path of a run "
+                        "directory")
     return name, rest
+
+
+def spec_scheme(spec: str) -> tuple[Scheme, str]:
+    """The registered `Scheme` of `spec` and the rest of the spec after ``name:``."""
+    name, rest = parse_spec(str(spec))
+    return SCHEMES[name], rest
 
 
 class NaktModel(nn.Module):
@@ -119,13 +146,12 @@ def logits_to_probs(logits: torch.Tensor, head: str = "softmax") -> torch.Tensor
 
 
 def build_model(card: ModelCard, pretrained: str | None = None) -> NaktModel:
-    """Build the untrained network a card describes (or load a foreign one) and wrap it."""
-    name, rest = parse_spec(card.spec)
-    if name == "run":
-        raise NaktError(card.spec, "a run directory is loaded with nakt.load, not built")
+    """Build the untrained network a card describes and wrap it. The card is not changed: the wrapped model
+    carries a copy whose `size_divisor` is at least the network's."""
+    entry, rest = spec_scheme(card.spec)
+    if entry.build is None:
+        raise NaktError(card.spec, f"a {entry.name} model is loaded, not built", "use nakt.load(spec)")
     outputs = card.classes - 1 if card.head == "ordinal" else card.classes
-    net, divisor = BUILDERS[name](rest, in_channels=card.in_channels, classes=outputs,
-                                  spatial_dims=card.spatial_dims, pretrained=pretrained,
-                                  **{k: v for k, v in card.model_kwargs.items() if v is not None})
-    card.size_divisor = max(card.size_divisor, divisor)
-    return NaktModel(net, card)
+    net, divisor = entry.build(rest, in_channels=card.in_channels, classes=outputs, spatial_dims=card.spatial_dims,
+                               pretrained=pretrained, **{k: v for k, v in card.model_kwargs.items() if v is not None})
+    return NaktModel(net, dataclasses.replace(card, size_divisor=max(card.size_divisor, divisor)))

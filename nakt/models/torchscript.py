@@ -17,11 +17,6 @@ from nakt.models.registry import NaktModel, scheme
 __all__ = ["foreign_card", "load_torchscript", "sidecar_path"]
 
 
-@scheme("torchscript")
-def build_torchscript(name: str, **kw):
-    raise NaktError(name, "a TorchScript model is loaded, not built", "use nakt.load('torchscript:PATH')")
-
-
 def sidecar_path(path: Path) -> Path | None:
     """The contract JSON beside a model file: ``<path>.json``, else ``<stem>.json``; None when neither exists."""
     for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
@@ -52,6 +47,7 @@ def foreign_card(path: str | Path, scheme_name: str, what: str, **contract) -> M
                                hint=f"give the input contract in {path.name}.json or as keyword arguments")
 
 
+@scheme("torchscript", "load")
 def load_torchscript(path: str | Path, **contract) -> NaktModel:
     """Load a TorchScript model. Its contract (``in_channels``, ``classes``, ``spatial_dims``, ``task``,
     ``label_values``, ``size``, ``patch``, ``normalization``, ``output``: ``logits`` or ``probs``...) comes from

@@ -124,6 +124,7 @@ def train_classifier(opts) -> Path:
                         f"training classes {card.class_names}")
     prepare_out(opts)
     model = build_student(opts, card, opts.model if parse_spec(opts.model)[0] == "run" else None)
+    card = dataclasses.replace(card, size_divisor=model.card.size_divisor)  # the network's
     teachers = load_online_teachers(opts.teacher, card, next(model.parameters()).device, opts.teacher_mode,
                                     opts.fusion, opts.seed) if opts.teacher else None
     cache = int(memory_cache_gb(opts) * 2**30)

@@ -31,11 +31,10 @@ __all__ = ["OnlineTeachers", "check_online_specs", "load_net_teachers", "load_on
 def check_online_specs(specs: Sequence[str]) -> None:
     """Refuse, before any data is read, teachers that cannot run on an augmented batch: predictions on disk
     (``masks:``, ``probs:``) and nnU-Net folders (nnU-Net's predictor reads files)."""
-    from nakt.models import parse_spec
-    from nakt.teachers import LOADERS
+    from nakt.teachers import runs_own_inference
 
     for spec in specs:
-        if parse_spec(str(spec))[0] in LOADERS:
+        if runs_own_inference(spec):
             raise NaktError(spec, "cannot run on the student's augmented batches (not a network nakt runs)",
                             "label the images with it (nakt label) and train on the label set, or mix: --masks "
                             "LABELSET with --teacher")

@@ -165,6 +165,7 @@ def train_segmentation(opts) -> Path:
     card, init_run = _card_for(opts, train_infos + val_infos, label_set,
                                common_label_values(net_teachers) if masks is None else None)
     model = build_student(opts, card, init_run)
+    card = model.card  # with the network's size divisor
     teachers = online_teachers(net_teachers, card, next(model.parameters()).device, opts.teacher_mode,
                                opts.fusion, opts.seed) if net_teachers else None
     _check_grid(card, [info.spatial_shape for info in train_infos])
