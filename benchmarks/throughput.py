@@ -37,8 +37,7 @@ from PIL import Image as PILImage
 from torch.utils.flop_counter import FlopCounterMode
 
 import nakt
-from nakt.batched import cpu_has_bf16, resolve_precision
-from nakt.inference import infer_probs
+from nakt.inference import cpu_has_bf16, infer_probs, resolve_precision
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask, write_label
@@ -142,7 +141,7 @@ def network_flops(runs: list[Path], cases: Path) -> float:
 def network_seconds(runs: list[Path], cases: Path, precision: str, device: str = "cpu", batch_size: int = 8) -> float:
     """Seconds the K networks alone take over the cases (inputs prepared beforehand, nakt's batches and
     precision, no decoding, fusion or writing): the ceiling the whole pipeline can approach."""
-    from nakt.batched import LoadedCase, block_probs, blocks, load_blocks
+    from nakt.inference import LoadedCase, block_probs, blocks, load_blocks
     from nakt.teachers import load_teacher
 
     teachers = [load_teacher(str(run), device) for run in runs]

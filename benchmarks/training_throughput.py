@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import nakt
-from nakt.batched import autocast, cpu_has_bf16, resolve_precision
+from nakt.inference import autocast, cpu_has_bf16, resolve_precision
 from nakt.io import rundir
 from nakt.io.images import read_image, read_mask
 from nakt.metrics import case_scores

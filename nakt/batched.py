@@ -1,8 +1,8 @@
 """Batched inference for many cases and several teachers: images are decoded and prepared once (in DataLoader
 workers) for all teachers, each network (`NetTeacher`) runs on batches of same-shape inputs under
 ``torch.inference_mode`` and the chosen precision, and its probabilities are mapped back to each image's grid
-exactly as `nakt.inference.infer_probs` does. Teachers that are not networks nakt feeds (nnU-Net, predictions on
-disk) keep their own `Teacher.case_probs`.
+through the one inference core, `nakt.inference` (as `infer_probs` does for one case). Teachers that are not
+networks nakt feeds (nnU-Net, predictions on disk) keep their own `Teacher.case_probs`.
 
 Cases are processed in blocks of `batch_size` consecutive cases of the sorted case list; a block is the unit of
 batching, of sharding (`nakt.sharding.Share.owns`) and of resuming, so every case is always computed in the same
@@ -12,11 +12,9 @@ blocks in flight (the current one plus the loader's prefetch) are held.
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,20 +22,15 @@ import torch
 
 from nakt.config import at_least, one_of
 from nakt.errors import NaktError
-from nakt.inference import probs_on_grid
+from nakt.inference import PRECISIONS, TTAS, net_probs, to_image_grid
 from nakt.io.dataset import Case
 from nakt.io.images import Image, read_image
 from nakt.models import ModelCard
-from nakt.preprocess import prepare_image, resize
+from nakt.preprocess import prepare_image
 from nakt.teachers import NetTeacher, Teacher
 
-__all__ = ["INFERENCE_CHECKS", "PRECISIONS", "TTAS", "BackgroundWriter", "InferenceOptions", "LoadedCase",
-           "autocast", "block_probs", "blocks", "cpu_has_bf16", "default_batch_size", "load_blocks", "net_probs",
-           "resolve_precision"]
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TTAS = ("none", "flip")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["INFERENCE_CHECKS", "BackgroundWriter", "InferenceOptions", "LoadedCase", "block_probs", "blocks",
+           "default_batch_size", "load_blocks"]
 
 
 @dataclass(kw_only=True)
@@ -56,69 +49,10 @@ INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0), "prec
                     "tta": one_of(*TTAS)}
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16, or AMX tiles on Sapphire Rapids and later)."""
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on GPUs and on CPUs that compute bfloat16 natively, else ``fp32``; others unchanged.
-    (On 2 AVX512-BF16 cores bf16 autocast ran 2D segmentation networks ~2x faster; benchmarks/throughput.py
-    measures how often its labels differ from fp32's.)"""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-
-
 def default_batch_size(teachers: list[Teacher]) -> int:
     """8 cases per batch for 2D teachers; 1 when any teacher is 3D (a block of volumes and its K teachers'
     probabilities must fit in memory)."""
     return 1 if any(t.card.spatial_dims == 3 for t in teachers) else 8
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a resolved `precision` (``fp32``: none) on `device`'s type."""
-    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=DTYPES[precision])
-
-
-def _model_device(teacher: NetTeacher) -> torch.device:
-    return next(teacher.model.parameters(), torch.empty(0)).device
-
-
-def net_probs(teacher: NetTeacher, x: torch.Tensor, precision: str = "fp32", tta: str = "none") -> torch.Tensor:
-    """Probabilities ``[B, C, *grid]`` (float32, CPU) for prepared inputs ``[B, C_in, *grid]`` of one shape.
-
-    ``tta="flip"`` averages the image and its mirror along the last axis, both in one batch of ``2B``.
-    """
-    device = _model_device(teacher)
-    x = x.to(device)
-    if tta == "flip":
-        x = torch.cat([x, x.flip(-1)])
-    if x.ndim == 4:  # NHWC: cuDNN's and oneDNN's fast convolutions (measured 1.5x on CPU, batch 8 fp32)
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(precision, device):
-        probs = probs_on_grid(teacher.model, x, autocast=False).float()
-    if tta == "flip":
-        half = len(probs) // 2
-        probs = (probs[:half] + probs[half:].flip(-1)) / 2
-    return probs.cpu()
-
-
-def to_image_grid(probs: torch.Tensor, spatial: tuple[int, ...]) -> np.ndarray:
-    """One case's probabilities ``[C, *grid]`` -> ``[C, *spatial]`` on its image's grid, renormalised (as
-    `infer_probs`)."""
-    probs = resize(probs, spatial).clamp_min(0)
-    return (probs / probs.sum(0, keepdim=True).clamp_min(1e-8)).numpy()
 
 
 def _prep_key(card: ModelCard) -> tuple:
@@ -194,7 +128,7 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
     out: list[np.ndarray | None] = [None] * len(block)
     for shape in dict.fromkeys(tuple(item.prepared[key].shape) for item in block):
         members = [k for k, item in enumerate(block) if tuple(item.prepared[key].shape) == shape]
-        probs = net_probs(teacher, torch.stack([block[k].prepared[key] for k in members]), precision, tta)
+        probs = net_probs(teacher.model, torch.stack([block[k].prepared[key] for k in members]), precision, tta)
         for k, p in zip(members, probs):
             out[k] = to_image_grid(p, block[k].image.spatial_shape)
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nakt.errors import NaktError
 from nakt.fusion import FUSIONS
+from nakt.models.card import TASKS
 
 __all__ = ["build_parser", "main", "summary_line"]
 
@@ -66,7 +67,7 @@ def _inference_flags(p: argparse.ArgumentParser,
     """How a verb that runs models over many cases batches them (`nakt.batched.InferenceOptions`)."""
     p.add_argument("--batch-size", type=int, help=batch_help)
     p.add_argument("--num-workers", type=int, help="processes decoding and preparing images")
-    from nakt.batched import PRECISIONS, TTAS
+    from nakt.inference import PRECISIONS, TTAS
 
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="network arithmetic: auto is bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
@@ -82,7 +83,7 @@ def _trust_flag(p: argparse.ArgumentParser) -> None:
 def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", help=model_help)
     _data_flags(p)
-    p.add_argument("--task", choices=["segmentation", "classification"])
+    p.add_argument("--task", choices=list(TASKS))
     _classification_flags(p)
     p.add_argument("--val-labels", help="classification: labels of --val-images")
     p.add_argument("--head", choices=["softmax", "sigmoid", "ordinal"], help="classification head")
@@ -134,7 +135,7 @@ def _train_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="segmentation: also rotate (up to 15 degrees) and scale (0.85-1.15) images with targets")
     p.add_argument("--freeze-encoder-epochs", type=int, help="keep the encoder (classifiers: all but the head) "
                    "frozen for this many epochs (finetune: 5, none with --recipe targeted)")
-    from nakt.batched import PRECISIONS
+    from nakt.inference import PRECISIONS
 
     p.add_argument("--precision", choices=list(PRECISIONS), help="training arithmetic (autocast): auto is bf16 on "
                    "GPUs and on CPUs with AVX512-BF16 or AMX, else fp32")
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else mean")
     p.add_argument("--sharpen", type=float, help="temperature of the fused soft labels: p^(1/T) renormalised "
                    "(T < 1 sharpens; default 1)")
-    p.add_argument("--task", choices=["segmentation", "classification"])
+    p.add_argument("--task", choices=list(TASKS))
     p.add_argument("--weights", type=float, nargs="+", help="teacher weights for --fusion weighted")
     p.add_argument("--weighting", choices=["dice", "inverse-error"],
                    help="weights from validation Dice: the Dice itself (default) or 1 / (1 - Dice)")
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "masks:, probs:")
     _data_flags(p, masks=False)
     p.add_argument("--out", help="folder for the predicted masks (new or empty)")
-    p.add_argument("--task", choices=["segmentation", "classification"], help="checked against the model's")
+    p.add_argument("--task", choices=list(TASKS), help="checked against the model's")
     p.add_argument("--save-probs", action="store_true", default=None)
     _trust_flag(p)
     p.add_argument("--overwrite", action="store_true", default=None,
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted masks (instead of --model)")
     _data_flags(p)
     p.add_argument("--out", help="folder for summary.json (new or empty)")
-    p.add_argument("--task", choices=["segmentation", "classification"], help="checked against the model's")
+    p.add_argument("--task", choices=list(TASKS), help="checked against the model's")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier nakt evaluation")
     _classification_flags(p)
     p.add_argument("--graded", action="store_true", default=None, help="classification: add quadratic kappa")

@@ -20,16 +20,16 @@ from nakt.batched import (
     blocks,
     default_batch_size,
     load_blocks,
-    resolve_precision,
 )
 from nakt.config import at_least, check_device, check_options, one_of
 from nakt.errors import NaktError
-from nakt.inference import pick_device
+from nakt.inference import pick_device, resolve_precision
 from nakt.io import labelset, outputs
 from nakt.io.dataset import Case, discover_cases
 from nakt.io.images import Image, case_name, is_image_file, read_image, read_mask
 from nakt.io.rundir import write_json
 from nakt.metrics import case_scores
+from nakt.models.card import TASKS
 from nakt.predict import load_checked
 from nakt.preprocess import decode_labels, encode_labels
 from nakt.teachers import Teacher, reading_orientation
@@ -75,7 +75,7 @@ class EvaluateOptions(InferenceOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_options(self, {"task": one_of("segmentation", "classification"), "attack": one_of("fgsm", "pgd"),
+        check_options(self, {"task": one_of(*TASKS), "attack": one_of("fgsm", "pgd"),
                              "eps": at_least(0), "steps": at_least(1), "device": check_device,
                              **INFERENCE_CHECKS})
         if (self.model is None) == (self.pred is None):

@@ -25,7 +25,6 @@ from nakt.batched import (
     blocks,
     default_batch_size,
     load_blocks,
-    resolve_precision,
 )
 from nakt.config import at_least, between, check_device, check_options, one_of
 from nakt.errors import NaktError, look_up_option
@@ -40,11 +39,12 @@ from nakt.fusion import (
     teacher_agreement,
     trimmed_vote,
 )
-from nakt.inference import infer_probs, pick_device
+from nakt.inference import infer_probs, pick_device, resolve_precision
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
 from nakt.models import NaktModel, load, parse_spec
+from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
 from nakt.sharding import Share, current_share, on_first_part, process_group
 from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder, runs_own_inference
@@ -79,7 +79,7 @@ class LabelOptions(InferenceOptions):
     part_id: int = 0
 
     def __post_init__(self) -> None:
-        check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of("segmentation", "classification"),
+        check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of(*TASKS),
                              "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
                              "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True),
                              "sharpen": at_least(0, exclusive=True),

@@ -17,24 +17,21 @@ from nakt.batched import (
     blocks,
     default_batch_size,
     load_blocks,
-    resolve_precision,
 )
 from nakt.classify.stages import predict_classification
 from nakt.config import check_device, check_options, one_of
 from nakt.errors import NaktError
-from nakt.inference import infer_probs, pick_device
+from nakt.inference import infer_probs, pick_device, resolve_precision
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
 from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
+from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
 from nakt.teachers import Teacher, load_teacher, reading_orientation
 
 __all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
-
-TASKS = ("segmentation", "classification")
-
 
 @dataclass
 class PredictOptions(InferenceOptions):

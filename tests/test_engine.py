@@ -116,7 +116,7 @@ def test_min_confidence_leaves_unsure_targets_out_of_the_loss(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_precision_is_autocast_and_recorded(name, tmp_path):
-    from nakt.batched import resolve_precision
+    from nakt.inference import resolve_precision
 
     _, _, _, bf16 = train_tiny(name, tmp_path / "bf16", val=True, epochs=1, precision="bf16")
     _, _, _, auto = train_tiny(name, tmp_path / "auto", val=True, epochs=1, precision="auto")

@@ -203,18 +203,18 @@ def test_flip_tta_changes_nothing_for_a_flip_symmetric_input(scale_data):
     import numpy as np
     import torch
 
-    from nakt.batched import net_probs
+    from nakt.inference import net_probs
     from nakt.models import NaktModel
-    from nakt.teachers import NetTeacher, load_teacher
+    from nakt.teachers import load_teacher
 
     unet = load_teacher(str(scale_data / "run"), "cpu")
     x = torch.randn(3, 1, 32, 32)
     x = x + x.flip(-1)  # mirror-symmetric images
-    plain, flipped = net_probs(unet, x, "fp32"), net_probs(unet, x, "fp32", "flip")
+    plain, flipped = net_probs(unet.model, x, "fp32"), net_probs(unet.model, x, "fp32", "flip")
     np.testing.assert_allclose(flipped, (plain + plain.flip(-1)) / 2, atol=1e-6)
     np.testing.assert_allclose(flipped, flipped.flip(-1), atol=1e-6)  # the averaged output is symmetric too
     # a network that commutes with mirroring (pointwise) sees nothing new in the mirror: TTA changes nothing
-    pointwise = NetTeacher("pointwise", NaktModel(torch.nn.Conv2d(1, 2, 1), unet.card).eval())
+    pointwise = NaktModel(torch.nn.Conv2d(1, 2, 1), unet.card).eval()
     np.testing.assert_allclose(net_probs(pointwise, x, "fp32", "flip"), net_probs(pointwise, x, "fp32"),
                                atol=1e-6)
 

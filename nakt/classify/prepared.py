@@ -77,7 +77,7 @@ def predict_probs(model: NaktModel, images: torch.Tensor | LazyImages, batch_siz
                   precision: str = "fp32") -> np.ndarray:
     """Class probabilities ``[N, C]`` (float32) for prepared images ``[N, C_in, H, W]``; the network runs in
     `precision` (a resolved one: ``fp32``, ``bf16``, ``fp16``)."""
-    from nakt.batched import autocast
+    from nakt.inference import autocast
 
     model.eval()
     device = next(model.parameters()).device

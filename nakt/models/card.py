@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field, fields
 from nakt.errors import NaktError
 from nakt.io.images import orientation_code
 
-__all__ = ["NORMALIZATIONS", "ModelCard"]
+__all__ = ["HEADS", "NORMALIZATIONS", "TASKS", "ModelCard"]
 
+TASKS = ("segmentation", "classification")  # what a model does; every verb takes --task from these
 NORMALIZATIONS = ("zscore", "minmax", "none")
 HEADS = ("softmax", "sigmoid", "ordinal")
 
@@ -45,6 +46,8 @@ class ModelCard:
 
     def __post_init__(self) -> None:
         self.orientation = orientation_code(self.orientation)
+        if self.task not in TASKS:
+            raise NaktError(None, f"unknown task {self.task!r}", f"valid: {', '.join(TASKS)}")
         if self.head not in HEADS:
             raise NaktError(None, f"unknown head {self.head!r}", f"valid: {', '.join(HEADS)}")
         if not self.class_names:

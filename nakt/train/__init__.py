@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nakt.batched import PRECISIONS
 from nakt.classify.transfer import RECIPES
 from nakt.config import at_least, between, check_device, check_options, check_orientation, one_of
 from nakt.errors import NaktError
 from nakt.fusion import FUSIONS
-from nakt.inference import pick_device
+from nakt.inference import PRECISIONS, pick_device
 from nakt.io import outputs, rundir
 from nakt.models import parse_spec
+from nakt.models.card import HEADS, NORMALIZATIONS, TASKS
 from nakt.sharding import current_share, process_group
 from nakt.train import classification, segmentation
 from nakt.train.classification import train_classifier
@@ -23,11 +23,10 @@ from nakt.train.setup import RUN_ONLY
 __all__ = ["FinetuneOptions", "TASK_OPTIONS", "TrainOptions", "check_task_options", "finetune", "infer_task",
            "resume_options", "train"]
 
-TASKS = ("segmentation", "classification")
 # value checks of TrainOptions (types come from the annotations); run before any data is read
 TRAIN_CHECKS = {
-    "task": one_of(*TASKS), "head": one_of("softmax", "sigmoid", "ordinal"), "teacher_mode": one_of("random", "mean"),
-    "recipe": one_of(*RECIPES), "normalization": one_of("zscore", "minmax", "none"), "device": check_device,
+    "task": one_of(*TASKS), "head": one_of(*HEADS), "teacher_mode": one_of("random", "mean"),
+    "recipe": one_of(*RECIPES), "normalization": one_of(*NORMALIZATIONS), "device": check_device,
     "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0, exclusive=True),
     "weight_decay": at_least(0), "temperature": at_least(0, exclusive=True), "alpha": between(0, 1),
     "ema": between(0, 1), "unfreeze_every": at_least(1), "subsets": at_least(0),

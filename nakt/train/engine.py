@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nakt.batched import autocast, resolve_precision
 from nakt.classify.roskd import ema_model
 from nakt.classify.transfer import apply_unfreezing, make_optimizer
+from nakt.inference import autocast, resolve_precision
 from nakt.io import rundir
 from nakt.models.registry import NaktModel
 from nakt.train.checkpoint import BestEpoch, TrainingState

@@ -18,7 +18,7 @@ import torch
 from nakt.classify.roskd import TeacherSampler
 from nakt.errors import NaktError
 from nakt.fusion import fuse
-from nakt.inference import probs_on_grid
+from nakt.inference import probs_on_grid, probs_to_grid
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import target_size
 
@@ -133,8 +133,7 @@ class OnlineTeachers:
             x = x[:, :3].mean(1, keepdim=True) if card.in_channels == 1 else x.repeat_interleave(card.in_channels, 1)
         grid = tuple(x.shape[2:])
         x = _resized(_normalized(x, card.normalization), target_size(card, grid))
-        probs = _resized(probs_on_grid(model, x, autocast=False).float(), grid).clamp_min(0)
-        probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
+        probs = probs_to_grid(probs_on_grid(model, x), grid)
         own = [int(v) for v in card.label_values]
         return probs[:, [own.index(int(v)) for v in self.student.label_values]]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nakt.batched import autocast
 from nakt.errors import NaktError
-from nakt.inference import probs_on_grid
+from nakt.inference import autocast, probs_on_grid
 from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.metrics import case_scores
@@ -101,7 +100,7 @@ class SegmentationTask:
         for chunk in _same_shape_runs(self.val_loader, batch_size):
             x = torch.stack([case["image"] for case in chunk]).to(device).contiguous(memory_format=layout)
             with autocast(precision, device):
-                probs = probs_on_grid(model, x, autocast=False)
+                probs = probs_on_grid(model, x)
             for case, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
                 scores.append(case_scores(predicted, hard_target(case["target"]).numpy(), self.card.classes,
                                           hd95=False)["dice"])
