@@ -299,3 +299,23 @@ def test_loader_workers_give_the_same_bytes_in_3d_with_sliding_windows(tmp_path)
     manifest = json.loads(trees[0]["manifest.json"])
     assert manifest["batch_size"] == 1 and len(manifest["cases"]) == 3  # 3D teachers: one volume per batch
     assert sorted(trees[0]) == sorted(trees[1]) and trees[0] == trees[1]
+
+
+def test_label_arrays_is_the_in_memory_twin_of_label(scale_data, tmp_path):
+    """`label_arrays` (models + one array, nothing on disk) gives the fused probabilities `nakt label` stores
+    for the same case (up to the label set's 1/256 storage step)."""
+    import numpy as np
+
+    from nakt.io import labelset
+    from nakt.io.dataset import discover_cases
+    from nakt.io.images import read_image
+    from nakt.label import label_arrays
+
+    data, run = scale_data / "data", str(scale_data / "run")
+    out = nakt.label(teacher=[run, run], images=str(data / "images"), cases=f"{data / 'splits.json'}:transferal",
+                     out=str(tmp_path / "l"), fusion="mean", precision="fp32", device="cpu", progress=False)
+    models = [nakt.load(run), nakt.load(run)]
+    for case in discover_cases(str(data / "images"), cases=f"{data / 'splits.json'}:transferal")[:3]:
+        fused, teacher_probs, _ = label_arrays(models, read_image(case.images).array, "mean")
+        assert teacher_probs.shape[0] == 2
+        np.testing.assert_allclose(fused, labelset.read_probs(out, case.name), atol=1 / 256 + 1e-6)

@@ -68,8 +68,14 @@ def test_pretrained_encoder_from_a_local_file(tmp_path):
         torch.testing.assert_close(model.net.encoder.layer1[0].conv1.weight, donor.net.encoder.layer1[0].conv1.weight)
     grey = build_model(ModelCard("smp:Unet/resnet18", 1, 2), pretrained=str(tmp_path / "resnet18_encoder.pth"))
     torch.testing.assert_close(grey.net.encoder.layer4[1].conv2.weight, donor.net.encoder.layer4[1].conv2.weight)
-    with pytest.raises(NaktError, match="no tensor matches"):
+    with pytest.raises(NaktError, match="only 0 of its"):
         build_model(ModelCard("monai:UNet", 1, 2), pretrained=str(tmp_path / "resnet18_encoder.pth"))
+    # one tensor that happens to fit among many that do not: another architecture, refused (it used to load)
+    stray = {"encoder.conv1.weight": donor.net.encoder.conv1.weight.clone(),
+             **{f"features.{i}.weight": torch.zeros(3, 3) for i in range(10)}}
+    torch.save(stray, tmp_path / "stray.pth")
+    with pytest.raises(NaktError, match="only 1 of its 11 tensors match"):
+        build_model(ModelCard("smp:Unet/resnet18", 3, 2), pretrained=str(tmp_path / "stray.pth"))
 
 
 def test_yaml_config_fills_options_and_rejects_unknown_keys(tmp_path):

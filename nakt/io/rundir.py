@@ -20,7 +20,6 @@ from nakt.version import __version__
 __all__ = [
     "RUN_FORMAT",
     "is_complete",
-    "is_run_dir",
     "read_config",
     "prepared_cases",
     "read_json",
@@ -63,10 +62,6 @@ def read_json(path: Path, hint: str = "is this a run directory written by nakt t
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise NaktError(path, f"invalid JSON ({exc})") from None
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file()
 
 
 def write_config(run: Path, card: ModelCard, training: dict, complete: bool = True) -> None:

@@ -38,16 +38,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(module: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into `module`, keeping tensors whose names and shapes match.
+def load_pretrained(module: nn.Module, path: str | Path) -> int:
+    """Load a local weights file into `module`, keeping tensors whose names and shapes match; returns how many.
 
-    Shape mismatches (e.g. a 3-channel stem for a 1-channel model, or another head) are skipped; an
-    error is raised when nothing matches, which means the file belongs to another architecture.
+    A few mismatches are expected and skipped (a 3-channel stem for a 1-channel model, another head). The file
+    must fit the module on the whole, though: when fewer than half of its tensors match, it belongs to another
+    architecture (or another naming), and loading the few that happen to match would silently train from
+    scratch, so it is refused.
     """
     state = read_state_dict(path)
     own = module.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise NaktError(path, f"no tensor matches {type(module).__name__}'s parameters",
-                        "weights of another architecture?")
+    if not matched or len(matched) < len(state) / 2:
+        raise NaktError(path, f"only {len(matched)} of its {len(state)} tensors match {type(module).__name__}'s "
+                        "parameters by name and shape", "weights of another architecture?")
     module.load_state_dict(matched, strict=False)
+    return len(matched)
