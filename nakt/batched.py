@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nakt.config import at_least, one_of
+from nakt.config import at_least, option
 from nakt.errors import NaktError
 from nakt.inference import PRECISIONS, TTAS, net_probs, to_image_grid
 from nakt.io.dataset import Case
@@ -39,14 +39,15 @@ class InferenceOptions:
     network batch (None: `default_batch_size`), `num_workers` loader processes decoding images, `precision`
     (`resolve_precision`) and test-time augmentation `tta` (``none`` or ``flip``)."""
 
-    batch_size: int | None = None
-    num_workers: int = 0
-    precision: str = "auto"
-    tta: str = "none"
+    batch_size: int | None = option(None, "cases per network batch (default: 8 for 2D models, 1 for 3D); for "
+                                    "label also the unit of parts and resume", group="performance")
+    num_workers: int = option(0, "processes decoding and preparing images", group="performance")
+    precision: str = option("auto", "network arithmetic: auto is bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, "
+                            "else fp32", group="performance", choices=PRECISIONS)
+    tta: str = option("none", "flip: mean of each image and its mirror", group="performance", choices=TTAS)
 
 
-INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0), "precision": one_of(*PRECISIONS),
-                    "tta": one_of(*TTAS)}
+INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0)}
 
 
 def default_batch_size(teachers: list[Teacher]) -> int:

@@ -1,6 +1,9 @@
 """Options dataclasses from YAML configs and keyword arguments (CLI flags and YAML keys share names), and their
 validation: every value is checked against its field's type and range before any data is read, so a bad value
 is one line naming the option (or the config file and key) instead of a traceback deep inside a run.
+
+Each field declares itself once with `option`: its help, the `GROUPS` section of ``--help`` it is listed in and
+its choices; `nakt.cli` builds every verb's flags from these fields, `check_options` checks the choices.
 """
 
 from __future__ import annotations
@@ -14,12 +17,54 @@ from typing import TypeVar
 
 from nakt.errors import NaktError
 
-__all__ = ["OptionError", "at_least", "between", "check_device", "check_options", "check_orientation",
-           "gather_values", "make_options", "one_of"]
+__all__ = ["COMMON", "GROUPS", "OptionError", "at_least", "between", "check_device", "check_options",
+           "check_orientation", "gather_values", "make_options", "one_of", "option", "option_info"]
 
 T = TypeVar("T")
 
 Check = Callable[[object], "str | None"]
+
+# the sections of a verb's --help, in this order: each option names one as its `group`
+GROUPS = {"model": "model", "data": "data", "teachers": "teachers and fusion", "schedule": "training schedule",
+          "classification": "classification only", "segmentation": "segmentation only",
+          "performance": "performance and device", "output": "output and run control"}
+# fields that mean the same in every verb that has them: a field of this name declared without `option` (or
+# without help) takes its group and help from here; ``config`` is the --config flag every verb but demo has
+COMMON = {
+    "cases": {"group": "data", "help": "case list: text file, JSON list, or splits.json:KEY"},
+    "channels": {"group": "data", "help": "file-name globs of the modality files in case folders, in order"},
+    "mask_file": {"group": "data", "help": "glob of the mask file inside case folders (e.g. 'OTMultiClass*')"},
+    "device": {"group": "performance", "help": "cpu, cuda, cuda:N, or auto: a GPU when there is one"},
+    "trust_checkpoint": {"group": "model", "help": "let pickled checkpoints (nnU-Net's) load types beyond nakt's "
+                         "allow-list: only for files you trust, since unpickling can run code"},
+    "progress": {"group": "output", "help": "no progress bars"},
+    "config": {"group": "output", "help": "YAML file with the same keys as the flags (flags given win)"},
+}
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, group: str | None = None,
+           choices: tuple[str, ...] | None = None, repeat: bool = False, cli: bool = True,
+           default_factory=dataclasses.MISSING) -> dataclasses.Field:
+    """A dataclass field with what ``--help`` shows about it: `help` (for a bool that defaults to True, the help
+    of its ``--no-<name>`` flag), `group` (a key of `GROUPS`), and the `choices` a value must be one of (argparse
+    offers them, `check_options` checks them). `repeat`: a list given by repeating the flag (``--teacher A
+    --teacher B``) instead of ``--flag A B``. ``cli=False`` keeps a field off the command line (YAML and Python
+    only). No default: a required option. A field named in `COMMON` may leave out the help and group."""
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"option group {group!r} is not one of {', '.join(GROUPS)}")
+    metadata = {"help": help, "group": group, "choices": choices, "repeat": repeat, "cli": cli}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def option_info(cls: type, name: str) -> dict:
+    """What `option` declared about the field `name` of the options class `cls` (or of the nearest base class
+    that declared it, when a subclass only changes its default), completed from `COMMON`."""
+    info = {"help": "", "group": None, "choices": None, "repeat": False, "cli": True}
+    declared = [vars(k)["__dataclass_fields__"][name].metadata for k in reversed(cls.__mro__)
+                if name in vars(k).get("__dataclass_fields__", {})]
+    for metadata in [COMMON.get(name, {}), *declared]:
+        info.update({k: v for k, v in metadata.items() if v not in (None, "")})
+    return info
 
 
 class OptionError(NaktError):
@@ -145,14 +190,19 @@ def _type_problem(value, hint) -> tuple[object, str | None]:
 
 def check_options(opts, checks: dict[str, Check]) -> None:
     """Validate a dataclass instance in place: each field against its type hint (coercing harmless cases), then
-    the `checks` of the fields that are set. Raises `OptionError` naming the first bad option."""
+    its `option` choices and the `checks` of the fields that are set. Raises `OptionError` naming the first bad
+    option."""
     hints = typing.get_type_hints(type(opts))
+    choices = {}
     for f in dataclasses.fields(opts):
         value, problem = _type_problem(getattr(opts, f.name), hints.get(f.name, object))
         if problem:
             raise OptionError(f.name, problem)
         setattr(opts, f.name, value)
-    for name, check in checks.items():
+        valid = option_info(type(opts), f.name)["choices"]
+        if valid:
+            choices[f.name] = one_of(*valid)
+    for name, check in {**choices, **checks}.items():
         value = getattr(opts, name)
         problem = check(value) if value is not None else None
         if problem:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nakt.config import option
+
 __all__ = ["DemoOptions", "demo", "make_synthetic_dataset"]
 
 SPLITS = {"teacher_train": 32, "teacher_val": 8, "transferal": 48, "test": 16}
@@ -55,11 +57,12 @@ class DemoOptions:
     """Options of `demo`: where to work (a new or empty folder, or an earlier demo's, which is replaced), and
     how long to train."""
 
-    out: str = "demo_runs"
-    epochs: int = 20
-    seed: int = 0
+    out: str = option("demo_runs", "working folder (new, empty, or an earlier demo's, which is replaced)",
+                      group="output")
+    epochs: int = option(20, "epochs each network trains", group="schedule")
+    seed: int = option(0, cli=False)
     device: str = "auto"
-    progress: bool = False
+    progress: bool = option(False, cli=False)
 
     def __post_init__(self) -> None:
         from nakt.config import at_least, check_device, check_options

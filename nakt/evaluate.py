@@ -21,7 +21,8 @@ from nakt.batched import (
     default_batch_size,
     load_blocks,
 )
-from nakt.config import at_least, check_device, check_options, one_of
+from nakt.classify.robustness import ATTACKS
+from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
 from nakt.inference import pick_device, resolve_precision
 from nakt.io import labelset, outputs
@@ -52,31 +53,33 @@ class EvaluateOptions(InferenceOptions):
     (`InferenceOptions`); cases are scored as they come, so memory does not grow with their number.
     """
 
-    images: str
-    out: str
-    masks: str | None = None
-    task: str | None = None
-    labels: str | None = None
-    label_column: str | None = None
-    graded: bool = False
-    attack: str | None = None
-    eps: float = 0.01
-    steps: int = 10
-    model: str | None = None
-    pred: str | None = None
+    images: str = option(help="folder of images (files, or one folder per case)", group="data")
+    out: str = option(help="folder for summary.json (new or empty)", group="output")
+    masks: str | None = option(None, "folder of true masks paired by case name", group="data")
+    task: str | None = option(None, "checked against the model's", group="model", choices=TASKS)
+    labels: str | None = option(None, "CSV (image,label or one 0/1 column per finding) or a label set; default: "
+                                "class folders under --images", group="classification")
+    label_column: str | None = option(None, "the CSV column holding the class (default: label)",
+                                      group="classification")
+    graded: bool = option(False, "add quadratic kappa", group="classification")
+    attack: str | None = option(None, "score under an adversarial attack", group="classification", choices=ATTACKS)
+    eps: float = option(0.01, "attack size in normalised intensity units", group="classification")
+    steps: int = option(10, "PGD steps", group="classification")
+    model: str | None = option(None, "model to evaluate: any spec label accepts", group="model")
+    pred: str | None = option(None, "folder of predicted masks (instead of --model)", group="model")
     cases: str | None = None
     channels: list[str] | None = None
     mask_file: str | None = None
-    roi: str | None = None
-    hd95: bool = True
+    roi: str | None = option(None, "folder of region masks (e.g. a field of view); outside counts as background",
+                             group="segmentation")
+    hd95: bool = option(True, "skip the HD95 distances (Dice only)", group="segmentation")
     trust_checkpoint: bool = False
     device: str = "auto"
-    overwrite: bool = False
+    overwrite: bool = option(False, "replace an earlier nakt evaluation", group="output")
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_options(self, {"task": one_of(*TASKS), "attack": one_of("fgsm", "pgd"),
-                             "eps": at_least(0), "steps": at_least(1), "device": check_device,
+        check_options(self, {"eps": at_least(0), "steps": at_least(1), "device": check_device,
                              **INFERENCE_CHECKS})
         if (self.model is None) == (self.pred is None):
             raise NaktError(None, "give either --model RUN or --pred DIR (one of them)")

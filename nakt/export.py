@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nakt.config import at_least, check_device, check_options, one_of
+from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device, probs_on_grid
 from nakt.io.outputs import atomic_path
@@ -43,18 +43,18 @@ class ExportOptions:
     `overwrite` replaces an earlier export of nakt's (never a file nakt did not write). `device` runs the check
     (the export itself is traced on the CPU, so the file loads anywhere)."""
 
-    model: str
-    format: str
-    out: str
-    images: str | None = None
-    opset: int = 17
-    atol: float = 1e-4
-    overwrite: bool = False
-    device: str = "cpu"
+    model: str = option(help="run directory to export", group="model")
+    format: str = option(help="the file's format", group="model", choices=FORMATS)
+    out: str = option(help="file to write (its contract goes to FILE.json)", group="output")
+    images: str | None = option(None, "folder whose first image is also compared (default: a random input only)",
+                                group="data")
+    opset: int = option(17, "ONNX opset", group="model")
+    atol: float = option(1e-4, "largest accepted probability difference from the run", group="model")
+    overwrite: bool = option(False, "replace an earlier nakt export", group="output")
+    device: str = option("cpu", "where the check runs: cpu or cuda")
 
     def __post_init__(self) -> None:
-        check_options(self, {"format": one_of(*FORMATS), "opset": at_least(9), "atol": at_least(0),
-                             "device": check_device})
+        check_options(self, {"opset": at_least(9), "atol": at_least(0), "device": check_device})
 
 
 class _Bare(nn.Module):

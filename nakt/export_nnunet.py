@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nakt.config import OptionError, check_options
+from nakt.config import OptionError, check_options, option
 from nakt.errors import NaktError
 from nakt.io import labelset
 from nakt.io.dataset import Case, discover_cases
@@ -48,13 +48,13 @@ class ExportNnunetOptions:
     for ``nakt label``; `channel_names` name the channels in dataset.json (nnU-Net picks its normalisation by
     them: ``CT`` for Hounsfield units, anything else z-scores)."""
 
-    labels: str
-    images: str
-    out: str
+    labels: str = option(help="label set written by nakt label", group="data")
+    images: str = option(help="the images the label set labels", group="data")
+    out: str = option(help="<nnUNet_raw>/DatasetNNN_Name", group="output")
     cases: str | None = None
     channels: list[str] | None = None
-    channel_names: list[str] | None = None
-    overwrite: bool = False
+    channel_names: list[str] | None = option(None, "nnU-Net channel names (CT for Hounsfield units)", group="data")
+    overwrite: bool = option(False, "replace an earlier nakt export", group="output")
 
     def __post_init__(self) -> None:
         check_options(self, {})

@@ -26,7 +26,7 @@ from nakt.batched import (
     default_batch_size,
     load_blocks,
 )
-from nakt.config import at_least, between, check_device, check_options, one_of
+from nakt.config import at_least, between, check_device, check_options, option
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import (
     FUSIONS,
@@ -60,27 +60,35 @@ class LabelOptions(InferenceOptions):
     """Options of `label` (flag names of ``nakt label``). `task` defaults to the teachers' own. An existing label
     set of the same teachers and fusion in `out` is resumed; `overwrite` replaces it instead."""
 
-    teacher: list[str]
-    images: str
-    out: str
-    fusion: str | None = None  # default_fusion(task, number of teachers)
-    sharpen: float = 1.0
-    task: str | None = None
-    weights: list[float] | None = None
-    weighting: str = "dice"
+    teacher: list[str] = option(help="run directory, torchscript:FILE, onnx:FILE, nnunet:DIR, bundle:DIR, "
+                                "masks:DIR or probs:DIR (repeat for several)", group="teachers", repeat=True)
+    images: str = option(help="folder of images (files, or one folder per case)", group="data")
+    out: str = option(help="label-set folder (masks/, probs/, manifest.json)", group="output")
+    fusion: str | None = option(None, "mean, weighted (validation Dice), vote, staple, staple-weighted (mean "
+                                "weighted by STAPLE's label-free quality estimates), confidence (per-pixel weights "
+                                "from each teacher's entropy), trimmed-vote (vote of the teachers left after "
+                                "dropping the one that agrees least with the others, per case); default vote for "
+                                "2+ segmentation teachers, else mean", group="teachers", choices=FUSIONS)
+    sharpen: float = option(1.0, "temperature of the fused soft labels: p^(1/T) renormalised (T < 1 sharpens)",
+                            group="teachers")
+    task: str | None = option(None, "default: the teachers' own", group="model", choices=TASKS)
+    weights: list[float] | None = option(None, "teacher weights for --fusion weighted", group="teachers")
+    weighting: str = option("dice", "weights from validation Dice: the Dice itself or 1 / (1 - Dice)",
+                            group="teachers", choices=WEIGHTINGS)
     cases: str | None = None
     channels: list[str] | None = None
-    save_teacher_probs: bool = False
+    save_teacher_probs: bool = option(False, "keep every teacher's probabilities in the label set (for nakt "
+                                      "report's per-teacher outlines)", group="output")
     trust_checkpoint: bool = False
     device: str = "auto"
-    overwrite: bool = False
+    overwrite: bool = option(False, "replace a label set of nakt's own instead of resuming it", group="output")
     progress: bool = True
-    num_parts: int = 1
-    part_id: int = 0
+    num_parts: int = option(1, "split the cases into this many parts, each labelled by its own process into the "
+                            "same --out (SLURM arrays; torchrun splits by itself)", group="performance")
+    part_id: int = option(0, "the part this process labels, 0 .. num-parts - 1", group="performance")
 
     def __post_init__(self) -> None:
-        check_options(self, {"fusion": one_of(*FUSIONS), "task": one_of(*TASKS),
-                             "weighting": one_of(*WEIGHTINGS), "weights": at_least(0), "device": check_device,
+        check_options(self, {"weights": at_least(0), "device": check_device,
                              "num_parts": at_least(1), "part_id": between(0, self.num_parts, high_open=True),
                              "sharpen": at_least(0, exclusive=True),
                              **INFERENCE_CHECKS})

@@ -19,7 +19,7 @@ from nakt.batched import (
     load_blocks,
 )
 from nakt.classify.stages import predict_classification
-from nakt.config import check_device, check_options, one_of
+from nakt.config import check_device, check_options, option
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device, resolve_precision
 from nakt.io import labelset
@@ -39,20 +39,21 @@ class PredictOptions(InferenceOptions):
     `overwrite` replaces an earlier predictions folder of nakt's (never a folder nakt did not write). Cases run
     in batches like `label`'s (`InferenceOptions`)."""
 
-    model: str
-    images: str
-    out: str
-    task: str | None = None
+    model: str = option(help="any spec label accepts: run directory, torchscript:, onnx:, nnunet:, bundle:, masks:, "
+                        "probs:", group="model")
+    images: str = option(help="folder of images (files, or one folder per case)", group="data")
+    out: str = option(help="folder for the predicted masks (new or empty)", group="output")
+    task: str | None = option(None, "checked against the model's", group="model", choices=TASKS)
     cases: str | None = None
     channels: list[str] | None = None
-    save_probs: bool = False
+    save_probs: bool = option(False, "also write each case's probabilities to OUT/probs/", group="output")
     trust_checkpoint: bool = False
     device: str = "auto"
-    overwrite: bool = False
+    overwrite: bool = option(False, "replace an earlier nakt predictions folder", group="output")
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_options(self, {"task": one_of(*TASKS), "device": check_device, **INFERENCE_CHECKS})
+        check_options(self, {"device": check_device, **INFERENCE_CHECKS})
 
 
 def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from nakt.config import at_least, check_options
+from nakt.config import at_least, check_options, option
 from nakt.errors import NaktError
 from nakt.fusion import agreement_map, staple_estimates
 from nakt.io import labelset, outputs, rundir
@@ -47,16 +47,16 @@ class ReportOptions:
     """Options of `report` (flag names of ``nakt report``): the label set, its images, optional truth `masks`
     and training `runs`; `queue` cases of the review queue are drawn."""
 
-    labels: str
-    images: str
-    out: str
-    runs: list[str] | None = None
-    masks: str | None = None
+    labels: str = option(help="label set written by nakt label", group="data")
+    images: str = option(help="the label set's images", group="data")
+    out: str = option(help="report folder (new or empty): index.html, cases/, plots/, report.json", group="output")
+    runs: list[str] | None = option(None, "run directories whose training curves to plot", group="data")
+    masks: str | None = option(None, "true masks, when there are any: the labels' Dice is plotted", group="data")
     cases: str | None = None
     channels: list[str] | None = None
     mask_file: str | None = None
-    queue: int = 24
-    overwrite: bool = False
+    queue: int = option(24, "cases of the review queue drawn on the page", group="output")
+    overwrite: bool = option(False, "replace an earlier nakt report", group="output")
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nakt.classify.transfer import RECIPES
-from nakt.config import at_least, between, check_device, check_options, check_orientation, one_of
+from nakt.config import at_least, between, check_device, check_options, check_orientation, option
 from nakt.errors import NaktError
 from nakt.fusion import FUSIONS
 from nakt.inference import PRECISIONS, pick_device
@@ -23,19 +23,17 @@ from nakt.train.setup import RUN_ONLY
 __all__ = ["FinetuneOptions", "TASK_OPTIONS", "TrainOptions", "check_task_options", "finetune", "infer_task",
            "resume_options", "train"]
 
-# value checks of TrainOptions (types come from the annotations); run before any data is read
+TEACHER_MODES = ("random", "mean")
+# value checks of TrainOptions beyond their types (annotations) and choices (`option`); run before any data is read
 TRAIN_CHECKS = {
-    "task": one_of(*TASKS), "head": one_of(*HEADS), "teacher_mode": one_of("random", "mean"),
-    "recipe": one_of(*RECIPES), "normalization": one_of(*NORMALIZATIONS), "device": check_device,
-    "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0, exclusive=True),
+    "device": check_device, "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0, exclusive=True),
     "weight_decay": at_least(0), "temperature": at_least(0, exclusive=True), "alpha": between(0, 1),
     "ema": between(0, 1), "unfreeze_every": at_least(1), "subsets": at_least(0),
     "subset_fraction": between(0, 1, low_open=True), "label_noise": between(0, 1, high_open=True),
     "size": at_least(1), "patch": at_least(1), "patches_per_case": at_least(1), "in_channels": at_least(1),
     "min_confidence": between(0, 1), "val_fraction": between(0, 1, high_open=True),
     "freeze_encoder_epochs": at_least(0), "seed": at_least(0), "orientation": check_orientation,
-    "precision": one_of(*PRECISIONS), "num_workers": at_least(0), "cache_gb": at_least(0),
-    "fusion": one_of(*FUSIONS), "pixel_weights": one_of(*segmentation.PIXEL_WEIGHTS),
+    "num_workers": at_least(0), "cache_gb": at_least(0),
 }
 # the options only one task takes (each task adapter lists its own); `check_task_options` refuses the others
 TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classification.OPTIONS}
@@ -43,106 +41,122 @@ TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classifi
 
 @dataclass
 class TrainOptions:
-    """Options of `train` (flag names of ``nakt train``; YAML configs use the same keys).
+    """Options of `train` (flag names of ``nakt train``; YAML configs use the same keys; each field's help is
+    its ``--help`` line).
 
     `masks` is a masks folder or a label set written by ``nakt label`` (then its soft probabilities are the
-    targets unless `hard_labels`). Without validation data, `val_fraction` of the cases is held out.
-    With ``task="classification"``, `labels` (a CSV or a classification label set) or class folders under
-    `images` give the targets; `head` is softmax, sigmoid (multi-label) or ordinal; `temperature` > 1
-    distils a label set's soft probabilities (Hinton KD). Classification extras: `subsets` K trains K teachers
-    on overlapping random subsets
-    (`subset_fraction` each) into ``out/subset_<k>``, `label_noise` flips that fraction of training labels,
-    `balance_classes` draws each epoch's images with probability inversely proportional to their class's
-    frequency (imbalanced tasks such as referable DR). Segmentation extras: `patch`, `spatial_augment`,
-    `hard_labels`, `orientation`, the mask options and `pixel_weights` (``agreement``: each pixel's loss weighted
-    by the share of a label set's teachers agreeing with its fused label; ``confidence``: by the target's top
-    probability; ``none``). An option of the other task is refused
-    (`check_task_options`).
+    targets unless `hard_labels`). With ``task="classification"``, `labels` (a CSV or a classification label set)
+    or class folders under `images` give the targets. `subsets` K trains K teachers on overlapping random subsets
+    into ``out/subset_<k>``. An option of the other task is refused (`check_task_options`).
 
-    Both tasks (one engine, `nakt.train.engine`): `teacher` (networks: run directories, ``torchscript:``,
-    ``onnx:``, ``bundle:``) runs online distillation, the teachers seeing the student's own augmented batch at
-    every step (`nakt.train.online`): `teacher_mode` ``random`` draws one per step (RoS-KD), ``mean`` runs all
-    and fuses them per sample by `fusion` (a `nakt.fusion.FUSIONS` rule); `alpha` weighs the teachers against
-    the stored targets (masks, a label set, class labels), which segmentation may leave out (no `masks`: the
-    teachers alone teach). `recipe="targeted"` uses discriminative learning rates with
-    gradual unfreezing (one more layer group every `unfreeze_every` epochs); `freeze_encoder_epochs` keeps the
-    encoder (smp) or everything but the head (classifiers) frozen for the first epochs; `ema` keeps an
-    exponential moving average of the weights, which is scored and saved; `min_confidence` leaves pixels
-    (segmentation) or images (classification) whose target's top probability is below it out of the loss;
-    `precision` is ``auto`` (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), ``fp32``, ``bf16``
-    or ``fp16``; `init` starts from another run's weights (every tensor whose name and shape match).
-    Training data is read from disk by `num_workers` DataLoader processes (None: none when no training image
-    is decoded again every epoch, else half the CPU cores, at most 4; `nakt.train.setup.loader_workers`);
-    prepared images up to `cache_gb` GiB are held in memory (validation cases first; None: 0 for segmentation
-    with `disk_cache`, else 4). Segmentation writes the other prepared cases once to the run's ``prepared/``
-    folder (`disk_cache`, removed when training ends) and reads them back every epoch; without it, and for
-    classification, they are decoded and prepared again every epoch. Either way a training set larger than
-    memory trains in bounded memory. `compile` runs training steps through
-    ``torch.compile``. Under ``torchrun`` the processes train one model with DistributedDataParallel,
-    `batch_size` being the global batch.
+    Both tasks (one engine, `nakt.train.engine`): `teacher` runs online distillation, the teachers seeing the
+    student's own augmented batch at every step (`nakt.train.online`); `teacher_mode` ``mean`` fuses them per
+    sample by a `nakt.fusion.FUSIONS` rule. Segmentation may leave out `masks` (the teachers alone teach).
+    Training data is read from disk by `num_workers` DataLoader processes (None: `nakt.train.setup.loader_workers`);
+    prepared images up to `cache_gb` GiB are held in memory (validation cases first). Segmentation writes the
+    other prepared cases once to the run's ``prepared/`` folder (`disk_cache`) and reads them back every epoch;
+    without it, and for classification, they are decoded and prepared again every epoch. Either way a training
+    set larger than memory trains in bounded memory. Under ``torchrun`` the processes train one model with
+    DistributedDataParallel, `batch_size` being the global batch.
 
-    `task` is inferred when not given (`infer_task`). 3D volumes are reoriented to `orientation` (a nibabel
-    axcode such as ``RAS``, or ``none`` for storage order) before the network sees them; the model card records
-    it. `resume` continues an interrupted run in `out` from its last finished epoch (`resume_options`).
+    `task` is inferred when not given (`infer_task`); the model card records `orientation`. `resume` continues an
+    interrupted run in `out` from its last finished epoch (`resume_options`).
     """
 
-    model: str
-    images: str
-    out: str
-    masks: str | None = None
-    task: str | None = None
-    labels: str | None = None
-    val_labels: str | None = None
-    label_column: str | None = None
-    head: str = "softmax"
-    temperature: float = 1.0
-    teacher: list[str] | None = None
-    teacher_mode: str = "random"
-    fusion: str = "mean"
-    alpha: float = 0.5
-    ema: float | None = None
-    recipe: str | None = None
-    unfreeze_every: int = 1
-    init: str | None = None
-    subsets: int = 0
-    subset_fraction: float = 0.6
-    label_noise: float = 0.0
-    balance_classes: bool = False
-    val_images: str | None = None
-    val_masks: str | None = None
+    model: str = option(help="model spec: smp:Unet/resnet18, monai:UNet, ... (or a run directory to continue)",
+                        group="model")
+    images: str = option(help="folder of images (files, or one folder per case)", group="data")
+    out: str = option(help="run directory to write", group="output")
+    masks: str | None = option(None, "folder of masks paired by case name, or a label set written by nakt label",
+                               group="data")
+    task: str | None = option(None, "default: the model's, or inferred from the targets", group="model",
+                              choices=TASKS)
+    labels: str | None = option(None, "CSV (image,label or one 0/1 column per finding) or a label set; default: "
+                                "class folders under --images", group="classification")
+    val_labels: str | None = option(None, "labels of --val-images", group="classification")
+    label_column: str | None = option(None, "the CSV column holding the class (default: label)",
+                                      group="classification")
+    head: str = option("softmax", "softmax, sigmoid (multi-label) or ordinal (graded classes)",
+                       group="classification", choices=HEADS)
+    temperature: float = option(1.0, "distillation temperature for a label set's soft labels (Hinton KD)",
+                                group="classification")
+    teacher: list[str] | None = option(None, "online distillation from this network (run directory, torchscript:, "
+                                       "onnx:, bundle:), run on the student's augmented batches (repeat for "
+                                       "several)", group="teachers", repeat=True)
+    teacher_mode: str = option("random", "random: one teacher per step (RoS-KD); mean: all, fused by --fusion",
+                               group="teachers", choices=TEACHER_MODES)
+    fusion: str = option("mean", "how online teachers are fused per sample with --teacher-mode mean",
+                         group="teachers", choices=FUSIONS)
+    alpha: float = option(0.5, "weight of the teachers against the stored targets", group="teachers")
+    ema: float | None = option(None, "keep an exponential moving average of the weights (e.g. 0.999), which is "
+                               "scored and saved", group="schedule")
+    recipe: str | None = option(None, "targeted: discriminative LRs + gradual unfreezing", group="schedule",
+                                choices=RECIPES)
+    unfreeze_every: int = option(1, "targeted recipe: epochs between unfreezing steps", group="schedule")
+    init: str | None = option(None, "start from the weights of another run (every tensor whose name and shape "
+                              "match)", group="model")
+    subsets: int = option(0, "RoS-KD: train K teachers on overlapping random subsets", group="classification")
+    subset_fraction: float = option(0.6, "fraction of the data in each subset", group="classification")
+    label_noise: float = option(0.0, "flip this fraction of training labels (experiments)", group="classification")
+    balance_classes: bool = option(False, "sample each class equally often per epoch (imbalanced tasks)",
+                                   group="classification")
+    val_images: str | None = option(None, "validation images (default: hold out --val-fraction of the cases)",
+                                    group="data")
+    val_masks: str | None = option(None, "validation masks (default: the --masks folder)", group="data")
     cases: str | None = None
-    val_cases: str | None = None
+    val_cases: str | None = option(None, "validation case list", group="data")
     channels: list[str] | None = None
     mask_file: str | None = None
-    epochs: int = 50
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    size: list[int] | None = None
-    patch: list[int] | None = None
-    patches_per_case: int = 4
-    normalization: str = "zscore"
-    in_channels: int | None = None
-    label_values: list[int] | None = None
-    hard_labels: bool = False
-    min_confidence: float = 0.0
-    pixel_weights: str = "none"
-    augment: bool = True
-    spatial_augment: bool = False
-    val_fraction: float = 0.2
-    freeze_encoder_epochs: int = 0
-    pretrained: str | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    seed: int = 0
-    orientation: str = "RAS"
-    precision: str = "auto"
-    num_workers: int | None = None
-    cache_gb: float | None = None
-    disk_cache: bool = True
-    compile: bool = False
+    epochs: int = option(50, "epochs to train", group="schedule")
+    batch_size: int = option(8, "images (or patches) per step; under torchrun the global batch", group="schedule")
+    lr: float = option(1e-3, "peak learning rate of the one-cycle schedule", group="schedule")
+    weight_decay: float = option(1e-4, "the optimiser's weight decay", group="schedule")
+    size: list[int] | None = option(None, "resize to this size before the network (128 or 256 192)", group="model")
+    patch: list[int] | None = option(None, "train on patches, infer with sliding windows (96 96 64)",
+                                     group="segmentation")
+    patches_per_case: int = option(4, "patches drawn from each case per epoch", group="segmentation")
+    normalization: str = option("zscore", "per image and channel: zscore, minmax (to [0, 1]) or none",
+                                group="model", choices=NORMALIZATIONS)
+    in_channels: int | None = option(None, "network input channels (default: the images'; grey<->RGB is "
+                                     "converted)", group="model")
+    label_values: list[int] | None = option(None, "all label values the model predicts (default: those found in "
+                                            "the masks)", group="segmentation")
+    hard_labels: bool = option(False, "with a label set as --masks: train on its hard masks, not its soft "
+                               "probabilities", group="segmentation")
+    min_confidence: float = option(0.0, "with soft labels: leave pixels (classification: images) whose top "
+                                   "probability is below this out of the loss", group="teachers")
+    pixel_weights: str = option("none", "weigh each pixel's loss by the label set's teacher agreement there, or by "
+                                "the target's confidence", group="segmentation", choices=segmentation.PIXEL_WEIGHTS)
+    augment: bool = option(True, "no flips or intensity jitter of the training images", group="schedule")
+    spatial_augment: bool = option(False, "also rotate (up to 15 degrees) and scale (0.85-1.15) images with their "
+                                   "targets", group="segmentation")
+    val_fraction: float = option(0.2, "cases held out for validation without --val-images (0: none; the last "
+                                 "epoch is kept)", group="data")
+    freeze_encoder_epochs: int = option(0, "keep the encoder (classifiers: all but the head) frozen for this many "
+                                        "epochs (finetune: 5, none with --recipe targeted)", group="schedule")
+    pretrained: str | None = option(None, "local weights file for the encoder (never downloaded)", group="model")
+    model_kwargs: dict = option(default_factory=dict, cli=False)
+    seed: int = option(0, "seed of the split, sampling and initialisation", group="schedule")
+    orientation: str = option("RAS", "3D: reorient volumes to this anatomical orientation before the network (a "
+                              "nibabel axcode such as RAS or LPS; none keeps storage order)", group="segmentation")
+    precision: str = option("auto", "training arithmetic (autocast): auto is bf16 on GPUs and on CPUs with "
+                            "AVX512-BF16 or AMX, else fp32", group="performance", choices=PRECISIONS)
+    num_workers: int | None = option(None, "DataLoader processes reading and augmenting training images (default: "
+                                     "none when every image fits the cache, else half the CPU cores up to 4)",
+                                     group="performance")
+    cache_gb: float | None = option(None, "hold prepared images in memory up to this many GiB (validation first; "
+                                    "default: 0 for segmentation, which keeps them in RUN/prepared/, else 4)",
+                                    group="performance")
+    disk_cache: bool = option(True, "segmentation: decode and prepare images beyond --cache-gb every epoch instead "
+                              "of writing them once to RUN/prepared/ (removed when training ends)",
+                              group="performance")
+    compile: bool = option(False, "run training steps through torch.compile (Inductor; the first steps take "
+                           "longer)", group="performance")
     device: str = "auto"
-    overwrite: bool = False
-    resume: bool = False
+    overwrite: bool = option(False, "replace a run directory of nakt's own (never a folder nakt did not write)",
+                             group="output")
+    resume: bool = option(False, "continue the interrupted run in --out from its last finished epoch (its options "
+                          "are read back from its config.json)", group="output")
     progress: bool = True
 
     def __post_init__(self) -> None:
