@@ -22,15 +22,15 @@ import torch
 
 from nakt.config import at_least, option
 from nakt.errors import NaktError
-from nakt.inference import PRECISIONS, TTAS, net_probs, to_image_grid
+from nakt.inference import PRECISIONS, TTAS, net_probs, resolve_precision, to_image_grid
 from nakt.io.dataset import Case
 from nakt.io.images import Image, read_image
 from nakt.models import ModelCard
 from nakt.preprocess import prepare_image
-from nakt.teachers import NetTeacher, Teacher
+from nakt.teachers import NetTeacher, Teacher, reading_orientation
 
 __all__ = ["INFERENCE_CHECKS", "BackgroundWriter", "InferenceOptions", "LoadedCase", "block_probs", "blocks",
-           "default_batch_size", "load_blocks"]
+           "case_probs", "default_batch_size", "load_blocks"]
 
 
 @dataclass(kw_only=True)
@@ -113,6 +113,17 @@ def load_blocks(cases: list[Case], chosen: list[list[int]], orientation: str, te
         if isinstance(block, NaktError):
             raise block
         yield block
+
+
+def case_probs(teacher: Teacher, cases: list[Case], opts: InferenceOptions,
+               device: torch.device) -> Iterator[tuple[LoadedCase, np.ndarray]]:
+    """Each case, decoded, with one teacher's probabilities ``[C, *spatial]`` on its grid: the cases run in blocks
+    of `opts.batch_size` (`default_batch_size`) at `opts.precision` on `device`, with `opts.tta`; `predict` and
+    `evaluate` share this loop (`label` runs several teachers per block itself)."""
+    precision = resolve_precision(opts.precision, device)
+    chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
+    for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
+        yield from zip(block, block_probs(teacher, block, precision, opts.tta))
 
 
 def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp32",

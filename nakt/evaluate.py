@@ -12,19 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nakt.batched import (
-    INFERENCE_CHECKS,
-    BackgroundWriter,
-    InferenceOptions,
-    block_probs,
-    blocks,
-    default_batch_size,
-    load_blocks,
-)
+from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, case_probs
 from nakt.classify.robustness import ATTACKS
 from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
-from nakt.inference import pick_device, resolve_precision
+from nakt.inference import pick_device
 from nakt.io import labelset, outputs
 from nakt.io.dataset import Case, discover_cases
 from nakt.io.images import Image, case_name, is_image_file, read_image, read_mask
@@ -33,7 +25,7 @@ from nakt.metrics import case_scores
 from nakt.models.card import TASKS
 from nakt.predict import load_checked
 from nakt.preprocess import decode_labels, encode_labels
-from nakt.teachers import Teacher, reading_orientation
+from nakt.teachers import Teacher
 from nakt.train.data import read_label_map
 from nakt.version import __version__
 
@@ -146,14 +138,11 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
     with tqdm(total=len(cases), desc="evaluate", unit="case", disable=not opts.progress) as bar:
         if teacher is not None:
             values = list(teacher.card.label_values)
-            precision = resolve_precision(opts.precision, pick_device(opts.device))
-            chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
             with BackgroundWriter() as scorer:  # scoring (HD95 above all) overlaps the next batch's inference
-                for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
-                    for item, probs in zip(block, block_probs(teacher, block, precision, opts.tta)):
-                        pred = decode_labels(probs.argmax(0), teacher.card.label_values)
-                        scorer.submit(score, item.case, item.image, pred, values)
-                        scorer.submit(bar.update, 1)
+                for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
+                    pred = decode_labels(probs.argmax(0), teacher.card.label_values)
+                    scorer.submit(score, item.case, item.image, pred, values)
+                    scorer.submit(bar.update, 1)
         else:
             pred_files = _prediction_files(opts.pred, cases)
             values, recode_to = _scored_values(pred_files, [c.mask for c in cases])

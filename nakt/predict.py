@@ -8,20 +8,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nakt.batched import (
-    INFERENCE_CHECKS,
-    BackgroundWriter,
-    InferenceOptions,
-    LoadedCase,
-    block_probs,
-    blocks,
-    default_batch_size,
-    load_blocks,
-)
+from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, LoadedCase, case_probs
 from nakt.classify.stages import predict_classification
 from nakt.config import check_device, check_options, option
 from nakt.errors import NaktError
-from nakt.inference import infer_probs, pick_device, resolve_precision
+from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
@@ -29,7 +20,7 @@ from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
-from nakt.teachers import Teacher, load_teacher, reading_orientation
+from nakt.teachers import Teacher, load_teacher
 
 __all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
 
@@ -76,22 +67,17 @@ def predict(opts: PredictOptions) -> Path:
         return predict_classification(opts, teacher.model)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite)
-    precision = resolve_precision(opts.precision, pick_device(opts.device))
-    chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
     with (tqdm(total=len(cases), desc="predict", unit="case", disable=not opts.progress) as bar,
           BackgroundWriter() as writer):
-        for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
-            writer.submit(_write_block, out, block, block_probs(teacher, block, precision, opts.tta), teacher,
-                          opts.save_probs, bar)
+        for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
+            writer.submit(_write_case, out, item, probs, teacher, opts.save_probs, bar)
     end_predictions(out, opts.model, [c.name for c in cases])
     return out
 
 
-def _write_block(out: Path, block: list[LoadedCase], probs: list[np.ndarray], teacher: Teacher, save_probs: bool,
-                 bar: tqdm) -> None:
-    """Write each case's label map (and probabilities) of a block, on the background writer's thread."""
-    for item, case_probs in zip(block, probs):
-        write_label(decode_labels(case_probs.argmax(0), teacher.card.label_values), item.image, out / item.case.name)
-        if save_probs:
-            labelset.write_probs(out, item.case.name, case_probs)
-    bar.update(len(block))
+def _write_case(out: Path, item: LoadedCase, probs: np.ndarray, teacher: Teacher, save_probs: bool, bar: tqdm) -> None:
+    """Write a case's label map (and probabilities), on the background writer's thread."""
+    write_label(decode_labels(probs.argmax(0), teacher.card.label_values), item.image, out / item.case.name)
+    if save_probs:
+        labelset.write_probs(out, item.case.name, probs)
+    bar.update(1)
