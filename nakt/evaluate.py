@@ -20,14 +20,13 @@ from nakt.inference import pick_device
 from nakt.io import labelset, outputs
 from nakt.io.dataset import Case, discover_cases
 from nakt.io.images import Image, case_name, is_image_file, read_image, read_mask
-from nakt.io.rundir import write_json
+from nakt.io.summary import write_summary
 from nakt.metrics import case_scores
 from nakt.models.card import TASKS
 from nakt.predict import load_checked
 from nakt.preprocess import decode_labels, encode_labels
 from nakt.teachers import Teacher
 from nakt.train.data import read_label_map
-from nakt.version import __version__
 
 __all__ = ["EvaluateOptions", "evaluate", "summarize"]
 
@@ -151,10 +150,8 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
                 pred = read_label_map(pred_file, like=image)
                 score(case, image, pred if recode_to is None else np.where(pred > 0, recode_to, 0), values)
                 bar.update(1)
-    summary = {"format": "nakt.summary/1", "nakt_version": __version__, **summarize(per_case),
-               "label_values": values, "model": opts.model, "pred": opts.pred, "roi": opts.roi}
-    write_json(Path(opts.out) / "summary.json", summary)
-    return summary
+    return write_summary(opts.out, {**summarize(per_case), "label_values": values, "model": opts.model,
+                                    "pred": opts.pred, "roi": opts.roi})
 
 
 def _prediction_files(pred: str, cases: list[Case]) -> list[Path]:

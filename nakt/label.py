@@ -7,7 +7,6 @@ different inputs can be combined. Cases already in the label set are skipped, so
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -105,19 +104,9 @@ class LabelOptions(InferenceOptions):
 
 
 def _checksum(spec: str) -> str:
-    """SHA-256 of a teacher's weights file; for a folder teacher (nnU-Net, bundle, predictions on disk), of its
-    file listing with sizes (reading every prediction would cost as much as labelling)."""
+    """SHA-256 of a teacher's weights file, or of a folder teacher's file listing (`outputs.checksum`)."""
     scheme, rest = parse_spec(spec)
-    path = Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest.split("?")[0])
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path)}\t{file.stat().st_size}\n".encode())
-        return digest.hexdigest()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return outputs.checksum(Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest.split("?")[0]))
 
 
 def model_task(spec: str) -> str:

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import nakt
 from nakt.errors import NaktError
+from nakt.io import outputs, rundir
 
 __all__ = ["self_training"]
 
@@ -30,9 +32,6 @@ def self_training(teachers: Sequence[str], images: str, student: str, out: str, 
     jitter, rotations and scalings, and `train_options`). A round whose student is complete is kept, so an
     interrupted recipe continues where it stopped.
     """
-    import nakt
-    from nakt.io import rundir
-
     if rounds < 1:
         raise NaktError(None, f"rounds: must be at least 1, got {rounds}")
     if not teachers:
@@ -43,11 +42,11 @@ def self_training(teachers: Sequence[str], images: str, student: str, out: str, 
         folder = root / f"round_{r}"
         run = folder / "student"
         members = [*map(str, teachers), *([str(students[-1])] if students else [])]
-        if not (run / "config.json").is_file() or not rundir.is_complete(run):
+        if not outputs.holds_output(run, outputs.RUN) or not rundir.is_complete(run):
             labels = nakt.label(teacher=members, images=images, cases=cases, out=str(folder / "labels"),
                                 fusion=fusion, progress=progress, **(label_options or {}))
             nakt.train(model=student, images=images, cases=cases, masks=str(labels), out=str(run),
-                       overwrite=(run / "config.json").is_file(), progress=progress,
+                       overwrite=outputs.holds_output(run, outputs.RUN), progress=progress,
                        **{**STRONG, **(train_options or {})})
         students.append(run)
     return students

@@ -14,8 +14,8 @@ import torch
 
 from nakt.cli import main
 from nakt.io import rundir
+from nakt.io.trainstate import read_training_state
 from nakt.models import ModelCard, build_model
-from nakt.train.checkpoint import read_training_state
 from nakt.train.engine import FitOptions, fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ import torch
 
 from nakt.errors import NaktError
 from nakt.io import rundir
+from nakt.io.trainstate import TRAINING_STATE, clear_training_state, read_training_state
 from nakt.models import ModelCard, build_model
 from nakt.train import TrainOptions
-from nakt.train.checkpoint import TRAINING_STATE, TrainingState, clear_training_state, read_training_state
+from nakt.train.checkpoint import TrainingState
 from nakt.train.engine import FitOptions, fit
 from nakt.train.segmentation import SegmentationTask
 

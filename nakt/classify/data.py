@@ -7,7 +7,6 @@ A `LabelTable` lists images with their targets: class indices ``[N]`` (multi-cla
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from nakt.errors import NaktError
 from nakt.io.dataset import read_case_list
 from nakt.io.images import case_name, is_image_file
+from nakt.io.tables import read_rows
 
 __all__ = ["LabelTable", "read_labels", "restrict", "list_images", "LABELS_CSV"]
 
@@ -65,11 +65,7 @@ def _from_folders(root: Path) -> LabelTable:
 
 
 def _from_csv(root: Path, csv_path: Path, label_column: str | None, soft: bool) -> LabelTable:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise NaktError(csv_path, f"cannot read labels ({exc.strerror})") from None
+    rows = read_rows(csv_path)
     if not rows:
         raise NaktError(csv_path, "no rows")
     columns = list(rows[0])

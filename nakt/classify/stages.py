@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,9 @@ from nakt.errors import NaktError
 from nakt.fusion import fuse
 from nakt.inference import pick_device
 from nakt.io import labelset, outputs
-from nakt.io.outputs import atomic_path
 from nakt.io.predictions import begin_predictions, end_predictions
-from nakt.io.rundir import write_json
+from nakt.io.summary import write_summary
+from nakt.io.tables import write_class_table
 from nakt.models import NaktModel, load
 from nakt.version import __version__
 
@@ -56,16 +54,6 @@ def _unlabelled(images: str, cases) -> LabelTable:
     return restrict(table, cases, root)
 
 
-def _write_csv(path: Path, keys: list[str], class_names: list[str], probs: np.ndarray, extra=None) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", *class_names, *(extra or {})])
-    for i, key in enumerate(keys):
-        writer.writerow([key, *(f"{p:.6f}" for p in probs[i]), *(v[i] for v in (extra or {}).values())])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-
-
 def _teacher_probs(models: list[NaktModel], table: LabelTable, progress: bool) -> np.ndarray:
     """``[K, N, C]``: every teacher with its own preprocessing."""
     return np.stack([table_probs(m, table, progress) for m in models])
@@ -95,7 +83,7 @@ def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights
         fused = teacher_probs[0]
     out = Path(opts.out)
     agree = (teacher_probs.argmax(2) == fused.argmax(1)).mean(0)
-    _write_csv(out / LABELS_CSV, table.keys, names, fused)
+    write_class_table(out / LABELS_CSV, table.keys, names, fused)
     labelset.write_manifest(out, {
         "nakt_version": __version__, "task": "classification", "images": str(opts.images), "fusion": opts.fusion,
         "teachers": [{"spec": str(t), "weight": None if weights is None else weights[i]}
@@ -112,7 +100,7 @@ def predict_classification(opts, model: NaktModel) -> Path:
     probs = table_probs(model, table, opts.progress)
     names = model.card.class_names
     decided = [names[i] for i in probs.argmax(1)]
-    _write_csv(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
+    write_class_table(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
     end_predictions(opts.out, opts.model, [])
     return Path(opts.out)
 
@@ -129,8 +117,6 @@ def evaluate_classification(opts, model: NaktModel) -> dict:
     scores = classification_scores(probs, labels, graded=graded)
     per_case = [{"case": k, "label": labels[i].tolist(), "probs": probs[i].round(5).tolist()}
                 for i, k in enumerate(table.keys)]
-    summary = {"format": "nakt.summary/1", "nakt_version": __version__, "task": "classification", **scores,
-               "class_names": table.class_names, "attack": opts.attack, "eps": opts.eps if opts.attack else None,
-               "model": opts.model, "per_case": per_case}
-    write_json(Path(opts.out) / "summary.json", summary)
-    return summary
+    return write_summary(opts.out, {"task": "classification", **scores, "class_names": table.class_names,
+                                    "attack": opts.attack, "eps": opts.eps if opts.attack else None,
+                                    "model": opts.model, "per_case": per_case})

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from nakt.errors import NaktError
 from nakt.io.images import _is_dicom_folder, case_name, is_image_file
+from nakt.io.outputs import atomic_path
 
-__all__ = ["Case", "discover_cases", "read_case_list"]
+__all__ = ["Case", "discover_cases", "read_case_list", "write_case_list"]
 
 
 @dataclass
@@ -27,6 +28,13 @@ class Case:
     name: str
     images: list[Path]
     mask: Path | None = None
+
+
+def write_case_list(path: str | Path, names: list[str]) -> Path:
+    """Write case names one per line (what `read_case_list` and ``--cases`` read), atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return Path(path)
 
 
 def read_case_list(spec: str | Path | list[str]) -> list[str]:

@@ -11,6 +11,7 @@ so others in a lab can read run directories and label sets.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ __all__ = [
     "SUBSET_RUNS",
     "OutputKind",
     "atomic_path",
+    "checksum",
     "claim_output",
     "fresh_output",
     "holds_output",
@@ -128,6 +130,21 @@ def fresh_output(out: str | Path, kind: OutputKind, overwrite: bool = False, fla
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+def checksum(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; of a folder, of its file listing with sizes (reading every file of a model
+    folder or a folder of predictions would cost as much as using them)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}\t{file.stat().st_size}\n".encode())
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

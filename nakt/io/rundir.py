@@ -26,7 +26,9 @@ __all__ = [
     "read_metrics",
     "best_score",
     "read_weights",
+    "read_prepared_case",
     "remove_prepared_cases",
+    "write_prepared_case",
     "write_config",
     "write_json",
     "write_metrics",
@@ -110,6 +112,18 @@ def prepared_cases(run: Path, part: str) -> Path:
     if not (folder / PREPARED_MARKER).is_file():
         write_json(folder / PREPARED_MARKER, {"format": PREPARED_FORMAT})
     return folder / part
+
+
+def write_prepared_case(path: Path, prepared: dict[str, torch.Tensor]) -> None:
+    """One prepared training case (image, targets: tensors only) at `path` in `prepared_cases`, atomically (each
+    writer has its own temporary file, renamed into place)."""
+    with atomic_path(path) as tmp:
+        torch.save(prepared, tmp)
+
+
+def read_prepared_case(path: Path) -> dict[str, torch.Tensor]:
+    """A case `write_prepared_case` wrote (tensors only: nothing is unpickled)."""
+    return torch.load(path, weights_only=True)
 
 
 def remove_prepared_cases(run: Path) -> None:

@@ -28,13 +28,15 @@ from torch import nn
 
 from nakt.errors import NaktError
 from nakt.io import rundir
-from nakt.io.outputs import atomic_path
+from nakt.io.trainstate import (
+    TRAINING_STATE,
+    clear_partial_states,
+    read_training_state,
+    save_training_state,
+)
 
-__all__ = ["BestEpoch", "STATE_FORMAT", "TRAINING_STATE", "TrainingState", "clear_training_state",
-           "read_training_state", "save_training_state"]
+__all__ = ["BestEpoch", "TrainingState"]
 
-TRAINING_STATE = "training_state.pt"
-STATE_FORMAT = "nakt.training_state/1"
 
 
 class BestEpoch:
@@ -92,42 +94,6 @@ class BestEpoch:
         self.history, self.best, self.best_epoch = list(state["history"]), state["best"], state["best_epoch"]
 
 
-def save_training_state(run: Path, state: dict) -> None:
-    """Write `state` (tensors, numbers, strings, lists, dicts only) to ``run/training_state.pt`` atomically."""
-    with atomic_path(Path(run) / TRAINING_STATE) as tmp:
-        torch.save({"format": STATE_FORMAT, **state}, tmp)
-
-
-def read_training_state(run: Path) -> dict | None:
-    """The state `save_training_state` wrote (tensors on the CPU), or None if there is none. Loaded with
-    ``weights_only=True``: no code is unpickled."""
-    path = Path(run) / TRAINING_STATE
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, ...: many types
-        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise NaktError(path, f"unreadable training state ({type(exc).__name__}: {problem[:200]})",
-                        "delete it and train again without --resume") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise NaktError(path, f"not a training state (format {found!r})", f"expected {STATE_FORMAT}")
-    return state
-
-
-def clear_training_state(run: Path) -> None:
-    """Remove the resume state (once the run is complete), and any half-written one a kill left behind."""
-    _clear_partial_states(run)
-    (Path(run) / TRAINING_STATE).unlink(missing_ok=True)
-
-
-def _clear_partial_states(run: Path) -> None:
-    """Remove the temporary files of state writes a kill cut off (`atomic_path` names them ``.tmp-*``)."""
-    for tmp in Path(run).glob(f".tmp-*{TRAINING_STATE}"):
-        tmp.unlink(missing_ok=True)
-
-
 class TrainingState:
     """What a training loop needs to continue after its last finished epoch exactly as if never stopped.
 
@@ -161,7 +127,7 @@ class TrainingState:
 
         Rewrites the best weights (from `scored`, the module the loop scores, when the saved epoch was the
         best) and metrics.json, which a kill may have cut off after the state was written."""
-        _clear_partial_states(self.run)
+        clear_partial_states(self.run)
         state = read_training_state(self.run)
         path = self.run / TRAINING_STATE
         if state is None:

@@ -23,6 +23,7 @@ from nakt.classify.prepared import LazyImages, class_balanced_weights, predict_p
 from nakt.classify.transfer import layer_groups
 from nakt.errors import NaktError
 from nakt.io import rundir
+from nakt.io.dataset import write_case_list
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, parse_spec
 from nakt.train.augment import Augmentation
@@ -187,9 +188,7 @@ def _train_subsets(opts) -> Path:
         run = out / f"subset_{k}"
         if opts.resume and outputs.holds_output(run, outputs.RUN) and rundir.is_complete(run):
             continue  # finished before the interruption
-        cases = out / f"subset_{k}.txt"
-        with outputs.atomic_path(cases) as tmp:
-            tmp.write_text("\n".join(table.keys[i] for i in subset) + "\n", encoding="utf-8")
+        cases = write_case_list(out / f"subset_{k}.txt", [table.keys[i] for i in subset])
         resume = opts.resume and outputs.holds_output(run, outputs.RUN)
         train_classifier(dataclasses.replace(opts, subsets=0, cases=str(cases), out=str(run), seed=opts.seed + k,
                                              resume=resume, overwrite=False))

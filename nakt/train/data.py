@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nakt.errors import NaktError
-from nakt.io import labelset
+from nakt.io import labelset, rundir
 from nakt.io.dataset import Case
 from nakt.io.images import read_image, read_mask
-from nakt.io.outputs import atomic_path
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
 from nakt.train.augment import Augmentation, sample_rng
@@ -179,13 +178,12 @@ class DiskCases(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self._path(index)
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            return rundir.read_prepared_case(path)
         return self._write(index)
 
     def _write(self, index: int) -> dict[str, torch.Tensor]:
         prepared = self.prepare(self.infos[index])
-        with atomic_path(self._path(index)) as tmp:  # a temporary file per writer, renamed into place
-            torch.save(prepared, tmp)
+        rundir.write_prepared_case(self._path(index), prepared)
         return prepared
 
 

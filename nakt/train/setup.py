@@ -100,7 +100,7 @@ def run_training(opts, card: ModelCard, model: NaktModel, task: Task, record: di
 
 def has_epochs_to_resume(out: Path, resume: bool) -> bool:
     """With --resume, whether a finished epoch was saved; a run stopped during its first epoch starts over."""
-    from nakt.train.checkpoint import read_training_state
+    from nakt.io.trainstate import read_training_state
 
     return resume and read_training_state(out) is not None
 
@@ -108,7 +108,7 @@ def has_epochs_to_resume(out: Path, resume: bool) -> bool:
 def finish_run(out: Path, card: ModelCard, record: dict, metrics: dict, started: float, resumed: bool) -> None:
     """Mark a run complete: wall time into metrics.json, ``complete`` into config.json, the resume state gone.
     (A resumed run's ``wall_seconds`` counts the resuming process only; ``resumed`` says so.)"""
-    from nakt.train.checkpoint import clear_training_state
+    from nakt.io.trainstate import clear_training_state
 
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1), "resumed": resumed})
     rundir.write_config(out, card, record, complete=True)
