@@ -21,6 +21,10 @@ README = """# A tool
 Trained for 40 epochs at `--lr 0.001`, 128 px, version 2.14 (results: run.json):
 teacher 0.9717 ± 0.0006, student 0.9461 ± 0.0011, student / teacher 0.9461 / 0.9717 = 0.974,
 -0.0256 (0.9461 vs 0.9717) below it, 1.95x faster; seed 0: 0.9722 and 0.9457.
+
+## Another student (results: other.json)
+
+It scored 0.9353.
 """
 
 
@@ -42,8 +46,8 @@ def test_the_committed_readmes_cite_only_committed_results():
 def test_a_readme_matching_its_results_passes(tmp_path):
     problems, summary = check_claims.check(_checkout(tmp_path, README))
     assert not problems, problems
-    # the settings (40, 0.001 in code, 128, 2.14) are not read as results; the 13 cited numbers are
-    assert summary.startswith("check_claims: 13 cited numbers: 13 traced to the files their section names")
+    # the settings (40, 0.001 in code, 128, 2.14) are not read as results; the 14 cited numbers are
+    assert summary.startswith("check_claims: 14 cited numbers: 14 traced to the files their section names")
 
 
 @pytest.mark.parametrize(("old", "new", "reported"), [
@@ -52,8 +56,9 @@ def test_a_readme_matching_its_results_passes(tmp_path):
     ("= 0.974,", "= 0.964,", "README.md:6: 0.964 (worked out)"),  # a quotient worked out wrong
     ("-0.0256 (0.9461", "-0.0266 (0.9461", "README.md:7: -0.0266 (worked out)"),  # a difference worked out wrong
     ("1.95x", "1.85x", "README.md:7: 1.85x (ratio)"),
-    # in a results file, but not in the one the section names
+    # in a results file, but not in the one its section names (the next section's)
     ("student 0.9461 ±", "student 0.9353 ±", "README.md:6: 0.9353 (score) not in run.json"),
+    ("scored 0.9353", "scored 0.9461", "README.md:11: 0.9461 (score) not in other.json"),
 ])
 def test_a_wrong_number_is_reported_with_its_line(tmp_path, old, new, reported):
     assert README.count(old) == 1
