@@ -17,10 +17,16 @@ time $NAKT train --model smp:FPN/mobilenet_v2 --images $DATA/images --masks $WOR
 for run in teacher student; do
   $NAKT evaluate --model $WORK/$run --images $DATA/images --masks $DATA/masks --cases $S:test --out $WORK/eval_$run --overwrite
 done
-python3 - "$WORK" <<'PY'
+# the numbers the README may cite come from this file (benchmarks/check_claims.py checks them against it)
+python3 - "$WORK" "${RESULTS:-benchmarks/results/cxr_lungs_transfer.json}" "$EPOCHS" <<'PY'
 import json, sys
-w = sys.argv[1]
+w, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t, s = (json.load(open(f"{w}/eval_{r}/summary.json"))["mean"] for r in ("teacher", "student"))
 print(f"teacher test Dice {t['dice']:.4f} HD95 {t['hd95']:.2f}")
 print(f"student test Dice {s['dice']:.4f} HD95 {s['hd95']:.2f}  ratio {s['dice'] / t['dice']:.4f}")
+result = {"command": "bash benchmarks/cxr_lungs_transfer.sh", "epochs": epochs, "seed": 0,
+          "teacher": t, "student": s, "ratio": s["dice"] / t["dice"]}
+with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+print(f"written: {out}")
 PY
