@@ -3,7 +3,8 @@ SimpleITK's MultiLabelSTAPLE, on multi-class label maps whose truth is known.
 
 Truth: the tumour sub-region masks of ../shared/data/brats6 (labels 0-4, six subjects, real anatomy). Teachers:
 the truth corrupted the way segmentation networks err, differently per teacher and seed: each class grown or
-shrunk at its border by 1-2 voxels, some of its connected components dropped or confused with another class, and one weak teacher that misses a class entirely. Each rule fuses the K = 3 teachers' hard labels;
+shrunk at its border by 1-2 voxels, some of its connected components dropped or confused with another class,
+and one weak teacher that misses a class entirely. Each rule fuses the K = 3 teachers' hard labels;
 its labels are scored by the mean foreground Dice against the truth (over the classes present in the truth),
 and timed on this machine. The plain majority vote (`fuse_vote`) is the reference.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -65,6 +67,18 @@ def multilabel_staple(hard: np.ndarray, values: list[int]) -> np.ndarray:
     return np.where(out == undecided, vote, out)
 
 
+# each rule: one-hot teachers [K, C, *spatial] -> class indices; MultiLabelSTAPLE works on the label maps themselves
+RULES = {"vote": lambda probs: fuse_vote(probs).argmax(0),
+         "nakt_staple": lambda probs: staple_estimates(probs)[0].argmax(0), "multilabel_staple": None}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def dice(labels: np.ndarray, truth: np.ndarray, values: list[int]) -> float:
     """Mean foreground Dice as `nakt evaluate` scores it (label values mapped to class indices)."""
     return case_scores(np.searchsorted(values, labels), np.searchsorted(values, truth), len(values), hd95=False)["dice"]
@@ -84,7 +98,8 @@ def main() -> None:
     rows = []
     for path in masks:
         truth = np.asarray(nib.load(path).dataobj).astype(np.uint8)
-        box = tuple(slice(max(s.start - 8, 0), s.stop + 8) for s in ndimage.find_objects((truth > 0).astype(np.uint8))[0])
+        tumour = ndimage.find_objects((truth > 0).astype(np.uint8))[0]
+        box = tuple(slice(max(s.start - 8, 0), s.stop + 8) for s in tumour)
         truth = truth[box]  # the tumour's neighbourhood: what all rules see alike, at a fraction of the cost
         values = sorted(int(v) for v in np.unique(truth))
         for seed in range(args.seeds):
@@ -92,11 +107,9 @@ def main() -> None:
             hard = np.stack([corrupt(truth, values[1:], rng, weak=k == 2) for k in range(3)])
             probs = one_hot(hard, values)
             row = {"case": path.parent.name, "seed": seed, "voxels": int(truth.size), "classes": values}
-            for name, rule in (("vote", lambda: np.asarray(values)[fuse_vote(probs).argmax(0)]),
-                               ("nakt_staple", lambda: np.asarray(values)[staple_estimates(probs)[0].argmax(0)]),
-                               ("multilabel_staple", lambda: multilabel_staple(hard, values))):
+            for name, rule in RULES.items():
                 start = time.perf_counter()
-                labels = rule()
+                labels = multilabel_staple(hard, values) if rule is None else np.asarray(values)[rule(probs)]
                 row[f"{name}_seconds"] = round(time.perf_counter() - start, 3)
                 row[f"{name}_dice"] = round(dice(labels, truth, values), 4)
             row["teacher_dice"] = [round(dice(t, truth, values), 4) for t in hard]
@@ -109,8 +122,8 @@ def main() -> None:
     summary["nakt_minus_multilabel"] = round(summary["nakt_staple"]["dice"] - summary["multilabel_staple"]["dice"], 4)
     summary["nakt_better_cases"] = sum(x["nakt_staple_dice"] > x["multilabel_staple_dice"] for x in rows)
     summary["cases"] = len(rows)
-    result = {"command": "python benchmarks/staple_comparison.py", "machine": platform.processor() or platform.machine(),
-              "summary": summary, "rows": rows}
+    result = {"command": "python benchmarks/staple_comparison.py", "summary": summary, "rows": rows,
+              "cpu": cpu_model(), "cores": os.cpu_count()}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
