@@ -91,6 +91,10 @@ def staple_estimates(probs: np.ndarray) -> tuple[np.ndarray, dict]:
 
     Returns fused probabilities ``[C, *spatial]`` and ``{"sensitivity": [K], "specificity": [K]}`` (means over
     foreground classes): label-free estimates of each teacher's quality.
+
+    Kept over SimpleITK's MultiLabelSTAPLE: on brats6's multi-class truth with simulated teachers it gave labels
+    0.031 Dice closer to the truth (benchmarks/staple_comparison.py), and soft probabilities and per-teacher
+    sensitivity and specificity, which MultiLabelSTAPLE (hard labels, confusion matrices) does not.
     """
     k, c = probs.shape[:2]
     hard = probs.argmax(axis=1)
