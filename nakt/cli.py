@@ -18,8 +18,12 @@ import types
 import typing
 from pathlib import Path
 
+import nakt
 from nakt.config import COMMON, GROUPS, option_info
+from nakt.demo import DemoOptions, demo
 from nakt.errors import NaktError
+from nakt.io import labelset, outputs, rundir
+from nakt.version import __version__
 
 __all__ = ["VERBS", "build_parser", "main", "summary_line"]
 
@@ -129,8 +133,6 @@ def _add_options(parser: argparse.ArgumentParser, verb: Verb) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nakt.version import __version__
-
     parser = _Parser(prog="nakt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nakt {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -140,12 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace):
-    import nakt
-
     values = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
     if args.verb == "demo":
-        from nakt.demo import DemoOptions, demo
-
         return demo(DemoOptions(**{k: v for k, v in values.items() if v is not None}))
     if args.verb in ("export", "export-nnunet"):
         return getattr(nakt, args.verb.replace("-", "_"))(config=args.config, **values)
@@ -157,8 +155,6 @@ def _run(args: argparse.Namespace):
 
 
 def _mean_agreement(label_set: Path) -> str:
-    from nakt.io import labelset
-
     manifest = labelset.read_manifest(label_set)
     if manifest.get("task") == "classification":
         return f"{manifest['cases']} images, teacher agreement {manifest.get('teacher_agreement', 0):.3f}"
@@ -170,8 +166,6 @@ def _mean_agreement(label_set: Path) -> str:
 
 def summary_line(verb: str, result) -> str:
     """The one line a verb prints when it ends: where its result is and what it scored."""
-    from nakt.io import outputs, rundir
-
     if verb in ("train", "finetune", "distill"):
         if outputs.holds_output(result, outputs.SUBSET_RUNS):
             return f"wrote the subset runs in {result}"

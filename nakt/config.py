@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from nakt.errors import NaktError
+from nakt.io.images import orientation_code
 
 __all__ = ["COMMON", "GROUPS", "OptionError", "at_least", "between", "check_device", "check_options",
            "check_orientation", "gather_values", "make_options", "one_of", "option", "option_info"]
@@ -138,8 +139,6 @@ def check_device(value) -> str | None:
 
 def check_orientation(value) -> str | None:
     """A check: ``none`` or a nibabel axis code (RAS, LPS, ...)."""
-    from nakt.io.images import orientation_code
-
     try:
         orientation_code(value)
     except NaktError as exc:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nakt.config import option
+import nakt
+from nakt.config import at_least, check_device, check_options, option
+from nakt.io import outputs
+from nakt.io.rundir import write_json
 
 __all__ = ["DemoOptions", "demo", "make_synthetic_dataset"]
 
@@ -65,17 +68,11 @@ class DemoOptions:
     progress: bool = option(False, cli=False)
 
     def __post_init__(self) -> None:
-        from nakt.config import at_least, check_device, check_options
-
         check_options(self, {"epochs": at_least(1), "seed": at_least(0), "device": check_device})
 
 
 def demo(opts: DemoOptions | None = None) -> dict:
     """Run the pipeline on generated data and print the Dice table; returns ``{row: test Dice}``."""
-    import nakt
-    from nakt.io import outputs
-    from nakt.io.rundir import write_json
-
     opts = opts or DemoOptions()
     work = Path(opts.out)
     outputs.claim_output(work, outputs.DEMO, overwrite=True)  # an earlier demo is replaced; nothing else is

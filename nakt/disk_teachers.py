@@ -19,6 +19,7 @@ from nakt.io import labelset
 from nakt.io.dataset import Case
 from nakt.io.images import Image, case_name, is_image_file, read_mask
 from nakt.models.card import ModelCard
+from nakt.models.nnunet import nnunet_probs_to_grid
 from nakt.models.registry import scheme
 
 __all__ = ["MaskTeacher", "ProbsTeacher", "split_query"]
@@ -133,8 +134,6 @@ class ProbsTeacher:
             raise NaktError(self.folder, f"no probabilities for case {case.name!r}")
         probs = self._read(self.files[case.name])
         if not self.nakt:
-            from nakt.models.nnunet import nnunet_probs_to_grid
-
             probs = nnunet_probs_to_grid(probs, image)
         if probs.shape != (self.card.classes, *image.spatial_shape):
             raise NaktError(self.files[case.name], f"probabilities of shape {probs.shape} do not fit the image "

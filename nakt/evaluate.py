@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, case_probs
 from nakt.classify.robustness import ATTACKS
+from nakt.classify.stages import evaluate_classification
 from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
 from nakt.inference import pick_device
@@ -100,8 +101,6 @@ def evaluate(opts: EvaluateOptions) -> dict:
         raise NaktError(None, "missing option 'masks'", "give --masks DIR")
     with outputs.fresh_output(opts.out, outputs.EVALUATION, opts.overwrite):
         if teacher is not None and teacher.card.task == "classification":
-            from nakt.classify.stages import evaluate_classification
-
             return evaluate_classification(opts, teacher.model)
         return _evaluate_masks(opts, teacher)
 

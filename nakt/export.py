@@ -19,12 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from nakt.classify.data import list_images
 from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
 from nakt.inference import infer_probs, pick_device, probs_on_grid
+from nakt.io.dataset import discover_cases
+from nakt.io.images import read_image
 from nakt.io.outputs import atomic_path
 from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import ModelCard
+from nakt.preprocess import prepare_image
 from nakt.version import __version__
 
 __all__ = ["EXPORT_FORMAT", "FORMATS", "ExportOptions", "export"]
@@ -179,14 +183,9 @@ def _samples(card: ModelCard, images: str | None) -> list[tuple[str, object]]:
 
 
 def _first_image(card: ModelCard, images: str) -> tuple[Path, np.ndarray]:
-    from nakt.io.images import read_image
-
     if card.task == "classification":
-        from nakt.classify.data import list_images
-
         path = list_images(images)[0]
         return path, read_image(path).array
-    from nakt.io.dataset import discover_cases
 
     case = discover_cases(images)[0]
     return case.images[0], read_image(case.images, orientation=card.orientation).array
@@ -198,8 +197,6 @@ def _probs(model: NaktModel, sample: object) -> np.ndarray:
     if isinstance(sample, torch.Tensor):
         return probs_on_grid(model, sample).cpu().numpy()
     if model.card.task == "classification":
-        from nakt.preprocess import prepare_image
-
         device = next(model.parameters()).device
         with torch.no_grad():
             return model.predict_proba(prepare_image(sample, model.card)[None].to(device)).float().cpu().numpy()

@@ -28,9 +28,10 @@ from nakt.config import OptionError, check_options, option
 from nakt.errors import NaktError
 from nakt.io import labelset
 from nakt.io.dataset import Case, discover_cases
-from nakt.io.images import SUFFIXES_2D, SUFFIXES_NIFTI, _suffix, read_image, read_mask
+from nakt.io.images import SUFFIXES_2D, SUFFIXES_NIFTI, _suffix, case_name, read_image, read_mask
 from nakt.io.outputs import OutputKind, atomic_path, fresh_output
 from nakt.io.rundir import write_json
+from nakt.version import __version__
 
 __all__ = ["EXPORT_FORMAT", "NNUNET_EXPORT", "ExportNnunetOptions", "export_nnunet"]
 
@@ -226,8 +227,6 @@ def _mask_of(label_set: Path, manifest: dict, name: str) -> Path:
 
 def _default_channel_names(case: Case, channels: int, raster: bool) -> list[str]:
     """R, G, B for colour raster images; the modality files' names for case folders; else ``image``."""
-    from nakt.io.images import case_name
-
     if raster and channels == 3:
         return ["R", "G", "B"]
     if len(case.images) == channels and case.images[0].parent.name == case.name and channels > 1:
@@ -237,8 +236,6 @@ def _default_channel_names(case: Case, channels: int, raster: bool) -> list[str]
 
 def export_nnunet(opts: ExportNnunetOptions) -> Path:
     """Write the label set ``opts.labels`` with its images as an nnU-Net v2 raw dataset in ``opts.out``."""
-    from nakt.version import __version__
-
     label_set = Path(opts.labels)
     manifest = labelset.read_manifest(label_set)
     if manifest.get("task", "segmentation") != "segmentation":

@@ -25,6 +25,7 @@ from nakt.batched import (
     default_batch_size,
     load_blocks,
 )
+from nakt.classify.stages import label_classification
 from nakt.config import at_least, between, check_device, check_options, option
 from nakt.errors import NaktError, look_up_option
 from nakt.fusion import (
@@ -190,8 +191,6 @@ def label(opts: LabelOptions) -> Path:
     opts.fusion = look_up_option(opts.fusion or default_fusion(opts.task, len(opts.teacher)), FUSIONS, "fusion")
     share = current_share(opts.num_parts, opts.part_id)
     if opts.task == "classification":
-        from nakt.classify.stages import label_classification
-
         if opts.sharpen != 1:
             raise NaktError(None, "--sharpen applies to segmentation label sets", "drop it (classification label "
                             "sets are softened or sharpened by the student's --temperature)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nakt.errors import NaktError
+from nakt.io import labelset
 from nakt.io.dataset import read_case_list
 from nakt.io.images import case_name, is_image_file
 from nakt.io.tables import read_rows
@@ -107,8 +108,6 @@ def read_labels(images: str | Path, labels: str | Path | None = None, cases=None
 
     `cases` restricts to listed names (see `restrict`).
     """
-    from nakt.io import labelset
-
     root = Path(images)
     if not root.is_dir():
         raise NaktError(root, "images folder not found")

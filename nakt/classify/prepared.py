@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nakt.classify.data import LabelTable
+from nakt.inference import autocast
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import prepare_image
@@ -77,8 +78,6 @@ def predict_probs(model: NaktModel, images: torch.Tensor | LazyImages, batch_siz
                   precision: str = "fp32") -> np.ndarray:
     """Class probabilities ``[N, C]`` (float32) for prepared images ``[N, C_in, H, W]``; the network runs in
     `precision` (a resolved one: ``fp32``, ``bf16``, ``fp16``)."""
-    from nakt.inference import autocast
-
     model.eval()
     device = next(model.parameters()).device
     parts = []

@@ -9,6 +9,7 @@ import numpy as np
 from nakt.classify.data import LABELS_CSV, LabelTable, list_images, read_labels, restrict
 from nakt.classify.metrics import classification_scores
 from nakt.classify.prepared import load_images, predict_probs
+from nakt.classify.robustness import attack_images
 from nakt.errors import NaktError
 from nakt.fusion import fuse
 from nakt.inference import pick_device
@@ -32,7 +33,6 @@ def table_probs(model: NaktModel, table: LabelTable, progress: bool = True, atta
     """
     from tqdm import tqdm
 
-    from nakt.classify.robustness import attack_images
 
     parts = []
     with tqdm(total=len(table.images), desc="predict", unit="img", disable=not progress, leave=False) as bar:

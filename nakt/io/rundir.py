@@ -15,6 +15,7 @@ import torch
 from nakt.errors import NaktError
 from nakt.io.outputs import atomic_path
 from nakt.models.card import ModelCard
+from nakt.models.weights import read_state_dict
 from nakt.version import __version__
 
 __all__ = [
@@ -100,8 +101,6 @@ def write_weights(run: Path, module: torch.nn.Module) -> None:
 
 
 def read_weights(run: Path) -> dict[str, torch.Tensor]:
-    from nakt.models.weights import read_state_dict
-
     return read_state_dict(Path(run) / WEIGHTS)
 
 

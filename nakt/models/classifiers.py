@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from nakt.errors import NaktError
+from nakt.errors import NaktError, look_up_option
 from nakt.models.registry import scheme
 from nakt.models.weights import load_pretrained
 
@@ -41,8 +41,6 @@ def build_torchvision(name: str, *, in_channels: int, classes: int, spatial_dims
         raise NaktError(None, f"torchvision:{name} is 2D only")
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        from nakt.errors import look_up_option
-
         look_up_option(name, names, "torchvision model")
     net = torchvision.models.get_model(name, weights=None, num_classes=classes, **kw)
     if pretrained:

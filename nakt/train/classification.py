@@ -20,9 +20,10 @@ from nakt.classify.data import LabelTable, read_labels
 from nakt.classify.losses import kd_loss
 from nakt.classify.metrics import classification_scores
 from nakt.classify.prepared import LazyImages, class_balanced_weights, predict_probs, target_probs, training_images
+from nakt.classify.roskd import flip_labels, overlapping_subsets
 from nakt.classify.transfer import layer_groups
 from nakt.errors import NaktError
-from nakt.io import rundir
+from nakt.io import outputs, rundir
 from nakt.io.dataset import write_case_list
 from nakt.io.images import read_image
 from nakt.models import ModelCard, NaktModel, parse_spec
@@ -162,7 +163,6 @@ def _targets_for_training(table: LabelTable, opts) -> torch.Tensor:
     if opts.label_noise > 0:
         if table.kind != "index":
             raise NaktError(opts.labels, "--label-noise needs one class label per image")
-        from nakt.classify.roskd import flip_labels
 
         table = LabelTable(table.images, table.keys, flip_labels(table.targets, len(table.class_names),
                                                                   opts.label_noise, opts.seed),
@@ -174,8 +174,6 @@ def _train_subsets(opts) -> Path:
     """RoS-KD teachers: K runs ``out/subset_<k>``, each on an overlapping random subset of the training data."""
     import dataclasses
 
-    from nakt.classify.roskd import overlapping_subsets
-    from nakt.io import outputs
 
     table = read_labels(opts.images, opts.labels, opts.cases, opts.label_column)
     out = Path(opts.out)

@@ -11,7 +11,6 @@ in the student's label order.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +20,7 @@ from nakt.fusion import fuse
 from nakt.inference import probs_on_grid, probs_to_grid
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import target_size
-
-if TYPE_CHECKING:
-    from nakt.teachers import NetTeacher
+from nakt.teachers import NetTeacher, load_teacher, runs_own_inference
 
 __all__ = ["OnlineTeachers", "check_online_specs", "load_net_teachers", "load_online_teachers", "online_teachers"]
 
@@ -31,8 +28,6 @@ __all__ = ["OnlineTeachers", "check_online_specs", "load_net_teachers", "load_on
 def check_online_specs(specs: Sequence[str]) -> None:
     """Refuse, before any data is read, teachers that cannot run on an augmented batch: predictions on disk
     (``masks:``, ``probs:``) and nnU-Net folders (nnU-Net's predictor reads files)."""
-    from nakt.teachers import runs_own_inference
-
     for spec in specs:
         if runs_own_inference(spec):
             raise NaktError(spec, "cannot run on the student's augmented batches (not a network nakt runs)",
@@ -51,8 +46,6 @@ def load_online_teachers(specs: Sequence[str], student: ModelCard, device: torch
 def load_net_teachers(specs: Sequence[str], trust: bool = False) -> list[NetTeacher]:
     """The networks of `specs`, on the CPU until `online_teachers` moves them (loaded once: a student without
     masks reads their label values first), refusing teachers that cannot run online (`check_online_specs`)."""
-    from nakt.teachers import load_teacher
-
     check_online_specs(specs)
     return [load_teacher(spec, "cpu", trust) for spec in specs]
 

@@ -18,6 +18,7 @@ from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
+from nakt.preprocess import target_size
 from nakt.teachers import common_label_values
 from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
@@ -251,8 +252,6 @@ def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
 
 def _check_grid(card: ModelCard, shapes: list[tuple[int, ...]]) -> None:
     """Each side the network sees must exceed its downsampling factor, or the deepest layer gets one pixel."""
-    from nakt.preprocess import target_size
-
     grids = [card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch] if card.patch else [
         target_size(card, shape) for shape in shapes[:1]]
     for grid in grids:

@@ -15,7 +15,9 @@ import torch
 from nakt.errors import NaktError
 from nakt.inference import pick_device
 from nakt.io import outputs, rundir
+from nakt.io.trainstate import clear_training_state, read_training_state
 from nakt.models import ModelCard, NaktModel, build_model, load
+from nakt.models.weights import load_pretrained
 from nakt.sharding import current_share, on_first_part
 from nakt.train.engine import FitOptions, Task, fit
 from nakt.train.online import OnlineTeachers
@@ -77,7 +79,6 @@ def build_student(opts, card: ModelCard, continued: str | None = None) -> NaktMo
     torch.manual_seed(opts.seed)
     model = load(continued) if continued is not None else build_model(card, pretrained=opts.pretrained)
     if opts.init:  # e.g. a model of the same body part
-        from nakt.models.weights import load_pretrained
 
         load_pretrained(model, Path(opts.init) / rundir.WEIGHTS)
     return model.to(current_share().device(pick_device(opts.device)))  # under torchrun: cuda:LOCAL_RANK
@@ -100,16 +101,12 @@ def run_training(opts, card: ModelCard, model: NaktModel, task: Task, record: di
 
 def has_epochs_to_resume(out: Path, resume: bool) -> bool:
     """With --resume, whether a finished epoch was saved; a run stopped during its first epoch starts over."""
-    from nakt.io.trainstate import read_training_state
-
     return resume and read_training_state(out) is not None
 
 
 def finish_run(out: Path, card: ModelCard, record: dict, metrics: dict, started: float, resumed: bool) -> None:
     """Mark a run complete: wall time into metrics.json, ``complete`` into config.json, the resume state gone.
     (A resumed run's ``wall_seconds`` counts the resuming process only; ``resumed`` says so.)"""
-    from nakt.io.trainstate import clear_training_state
-
     rundir.write_metrics(out, {**metrics, "wall_seconds": round(time.time() - started, 1), "resumed": resumed})
     rundir.write_config(out, card, record, complete=True)
     clear_training_state(out)
