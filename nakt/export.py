@@ -9,7 +9,6 @@ appears; a file that does not reproduce the run is never written.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +25,13 @@ from nakt.inference import infer_probs, pick_device, probs_on_grid
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image
 from nakt.io.outputs import atomic_path
+from nakt.io.sidecar import EXPORT_FORMAT, is_nakt_export, write_sidecar
 from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import ModelCard
 from nakt.preprocess import prepare_image
-from nakt.version import __version__
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "ExportOptions", "export"]
+__all__ = ["FORMATS", "ExportOptions", "export"]
 
-EXPORT_FORMAT = "nakt.export/1"
 FORMATS = ("onnx", "torchscript")
 # card fields the sidecar carries: the whole input/output contract (the architecture is inside the file)
 CONTRACT_KEYS = ("in_channels", "classes", "spatial_dims", "task", "head", "label_values", "class_names", "size",
@@ -84,15 +82,14 @@ def export(opts: ExportOptions) -> Path:
         raise NaktError(None, f"--model {opts.model!r} is not a run directory", "export a run of nakt train")
     model = load(opts.model)  # refuses unfinished runs
     contract = {k: getattr(model.card, k) for k in CONTRACT_KEYS}
-    sidecar = {"format": EXPORT_FORMAT, "nakt_version": __version__, "model_format": opts.format,
-               "source": str(opts.model), "architecture": model.card.spec, **contract}
+    sidecar = {"model_format": opts.format, "source": str(opts.model), "architecture": model.card.spec, **contract}
     samples = _samples(model.card, opts.images)
     device = pick_device(opts.device)
     with atomic_path(out) as tmp_model, atomic_path(side) as tmp_side:
         _WRITERS[opts.format](_Bare(model.net).eval(), _example(model.card), tmp_model, opts.opset, opts.model)
         exported = load(f"{opts.format}:{tmp_model}", **contract)
         _check(model.to(device), exported.to(device), samples, opts.atol, out)
-        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        write_sidecar(tmp_side, sidecar)
     return out
 
 
@@ -102,11 +99,7 @@ def _claim(out: Path, side: Path, overwrite: bool) -> None:
         raise NaktError(out, "--out is a folder", "give a file name, e.g. teacher.onnx")
     if not out.exists() and not side.exists():
         return
-    try:
-        ours = str(json.loads(side.read_text(encoding="utf-8")).get("format", "")).startswith("nakt.export/")
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if not is_nakt_export(side):
         raise NaktError(out if out.exists() else side, f"exists and is not a nakt export (no {side.name} with "
                         f'"format": "{EXPORT_FORMAT}")', "nakt never overwrites files it did not write: "
                         "choose a new --out")

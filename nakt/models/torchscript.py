@@ -5,24 +5,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from nakt.errors import NaktError
+from nakt.io.sidecar import read_sidecar, sidecar_path
 from nakt.models.card import ModelCard
 from nakt.models.registry import NaktModel, scheme
 
-__all__ = ["foreign_card", "load_torchscript", "sidecar_path"]
-
-
-def sidecar_path(path: Path) -> Path | None:
-    """The contract JSON beside a model file: ``<path>.json``, else ``<stem>.json``; None when neither exists."""
-    for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
-        if candidate.is_file():
-            return candidate
-    return None
+__all__ = ["foreign_card", "load_torchscript"]
 
 
 def foreign_card(path: str | Path, scheme_name: str, what: str, **contract) -> ModelCard:
@@ -32,15 +24,8 @@ def foreign_card(path: str | Path, scheme_name: str, what: str, **contract) -> M
     path = Path(path)
     if not path.is_file():
         raise NaktError(path, f"{what} file not found")
-    info: dict = {}
     side = sidecar_path(path)
-    if side is not None:
-        try:
-            info = json.loads(side.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise NaktError(side, f"invalid JSON ({exc})") from None
-        if not isinstance(info, dict):
-            raise NaktError(side, "a model contract is a JSON object")
+    info = read_sidecar(side) if side is not None else {}
     info.update({k: v for k, v in contract.items() if v is not None})
     info["spec"] = f"{scheme_name}:{path}"
     return ModelCard.from_dict(info, source=str(side or path),
