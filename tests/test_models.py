@@ -100,3 +100,14 @@ def test_training_is_deterministic_under_a_seed(synthetic2d, tmp_path):
 
     a, b = (read_weights(r) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_model_leaves_the_card_it_is_given_alone():
+    """The wrapped model carries the network's size divisor (Unet/resnet18 downsamples 32x); the caller's card
+    is not changed (it used to be, so a card reused for a second model carried the first one's divisor)."""
+    from nakt.models import ModelCard, build_model
+
+    card = ModelCard("smp:Unet/resnet18", 1, 2)
+    model = build_model(card)
+    assert model.card.size_divisor == 32 and card.size_divisor == 1
+    assert model(torch.zeros(1, 1, 40, 50)).shape == (1, 2, 40, 50)  # padded to the divisor and cropped back
