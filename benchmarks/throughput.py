@@ -141,7 +141,7 @@ def network_flops(runs: list[Path], cases: Path) -> float:
 def network_seconds(runs: list[Path], cases: Path, precision: str, device: str = "cpu", batch_size: int = 8) -> float:
     """Seconds the K networks alone take over the cases (inputs prepared beforehand, nakt's batches and
     precision, no decoding, fusion or writing): the ceiling the whole pipeline can approach."""
-    from nakt.inference import LoadedCase, block_probs, blocks, load_blocks
+    from nakt.batched import LoadedCase, block_probs, blocks, load_blocks
     from nakt.teachers import load_teacher
 
     teachers = [load_teacher(str(run), device) for run in runs]
