@@ -33,15 +33,11 @@ def nnunet_verify(raw: Path, dataset_id: int, tmp: Path) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def label_set_2d(synthetic2d, tmp_path_factory) -> Path:
-    """A label set of the synthetic transferal split (masks 0/255) from a one-epoch UNet teacher."""
+def label_set_2d(synthetic2d, unet_teacher, tmp_path_factory) -> Path:
+    """A label set of 4 cases of the synthetic transferal split (masks 0/255) from the shared UNet teacher."""
     work = tmp_path_factory.mktemp("export2d")
     splits = splits_of(synthetic2d)
-    train_cases = case_list(work / "train.txt", splits["teacher_train"][:4])
-    teacher = nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
-                         cases=train_cases, out=str(work / "teacher"), size=[32], epochs=1, val_fraction=0,
-                         progress=False)
-    return nakt.label(teacher=[str(teacher)], images=str(synthetic2d / "images"),
+    return nakt.label(teacher=[str(unet_teacher)], images=str(synthetic2d / "images"),
                       cases=case_list(work / "transferal.txt", splits["transferal"][:4]), out=str(work / "labels"),
                       progress=False)
 

@@ -1,8 +1,8 @@
 """Resuming an interrupted training: the engine's `fit` with ``resume=True`` ends as an uninterrupted run would,
 for either task adapter."""
 
-import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +42,16 @@ def interrupt(monkeypatch, epoch: int, after_save: bool) -> None:
             raise Interrupted
 
     monkeypatch.setattr(TrainingState, "save", stopping)
+
+
+def epochs_trained(monkeypatch, call) -> tuple:
+    """What `call()` returns, and the epochs it trains (read from the training states it saves, one after
+    each epoch)."""
+    trained = []
+    save = TrainingState.save
+    with monkeypatch.context() as m:
+        m.setattr(TrainingState, "save", lambda self, e: (trained.append(e), save(self, e))[1])
+        return call(), trained
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -92,7 +102,11 @@ def test_segmentation_resume_equals_uninterrupted(seg_samples, tmp_path, monkeyp
     assert set(state["generators"]) == {"batches"}  # the epoch plans' seeds decide crops and augmentation
     assert len(rundir.read_metrics(tmp_path / "cut")["history"]) == (saved - 1 if after_save else saved)
 
-    resumed, metrics_resumed = seg_fit(card, train, val, tmp_path / "cut", resume=True)
+    (resumed, metrics_resumed), trained = epochs_trained(
+        monkeypatch, lambda: seg_fit(card, train, val, tmp_path / "cut", resume=True))
+    # only the epochs after the saved one (a restart from epoch 1 would end with the same weights too: training
+    # is deterministic)
+    assert trained == list(range(saved + 1, 5))
     assert same_weights(rundir.read_weights(tmp_path / "whole"), rundir.read_weights(tmp_path / "cut"))
     assert same_weights(whole, resumed)
     assert history(tmp_path / "whole") == history(tmp_path / "cut")
@@ -179,7 +193,8 @@ def test_classification_resume_with_ema_and_teachers_equals_uninterrupted(tmp_pa
     state = read_training_state(tmp_path / "cut")
     assert state["epoch"] == 2 and {"batches", "teachers"} == set(state["generators"])
     assert "n_averaged" in state["state_dicts"]["ema"]
-    resumed = cls_fit(tmp_path / "cut", resume=True)
+    resumed, trained = epochs_trained(monkeypatch, lambda: cls_fit(tmp_path / "cut", resume=True))
+    assert trained == [3, 4]
     assert same_weights(rundir.read_weights(tmp_path / "whole"), rundir.read_weights(tmp_path / "cut"))
     assert same_weights(whole, resumed)
     assert history(tmp_path / "whole") == history(tmp_path / "cut")
@@ -187,14 +202,6 @@ def test_classification_resume_with_ema_and_teachers_equals_uninterrupted(tmp_pa
 
 # --- end to end: SIGKILL during nakt train ------------------------------------------------------------------
 
-def resume_is_wired() -> bool:
-    from nakt.cli import build_parser
-
-    _, unknown = build_parser().parse_known_args(["train", "--resume"])
-    return "resume" in {f.name for f in dataclasses.fields(TrainOptions)} and not unknown
-
-
-needs_resume = pytest.mark.skipif(not resume_is_wired(), reason="nakt train --resume is not wired yet")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
@@ -207,9 +214,11 @@ def train_command(data: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic2d, tmp_path_factory) -> Path:
+    """The same `nakt train` run, in this process (it trains as the command does), never interrupted."""
+    from nakt.cli import main
+
     out = tmp_path_factory.mktemp("whole") / "run"
-    whole = subprocess.run(train_command(synthetic2d, out), env=ENV, capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert main(train_command(synthetic2d, out)[3:]) == 0
     return out
 
 
@@ -232,18 +241,22 @@ def kill_after_first_epoch(command: list[str], run: Path) -> None:
         proc.stderr.close()
 
 
-@needs_resume
 @pytest.mark.parametrize("resume_with", ["out only", "full command"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(synthetic2d, uninterrupted, tmp_path, resume_with):
     run = tmp_path / "cut"
     kill_after_first_epoch(train_command(synthetic2d, run), run)
     assert 1 <= read_training_state(run)["epoch"] < 4
 
-    again = [sys.executable, "-m", "nakt", "train", "--out", str(run), "--resume", "--no-progress"]
+    saved = read_training_state(run)["epoch"]
+    again = [sys.executable, "-m", "nakt", "train", "--out", str(run), "--resume"]  # with progress lines
     if resume_with == "full command":
-        again = [*train_command(synthetic2d, run), "--resume"]
+        again = [a for a in train_command(synthetic2d, run) if a != "--no-progress"] + ["--resume"]
     done = subprocess.run(again, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # it went on after the saved epoch (a restart from epoch 1 would end with the same weights too: training
+    # is deterministic); the epochs trained are those it reports, one line each
+    trained = [int(e) for e in re.findall(r"^epoch (\d+)/4 ", done.stderr, re.MULTILINE)]
+    assert trained == list(range(saved + 1, 5)), done.stderr[-2000:]
     assert same_weights(rundir.read_weights(uninterrupted), rundir.read_weights(run))
     assert history(uninterrupted) == history(run)
     assert not (run / TRAINING_STATE).exists()

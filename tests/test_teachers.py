@@ -12,11 +12,8 @@ from nakt.cli import main
 
 
 @pytest.fixture(scope="module")
-def net_run(tmp_path_factory, synthetic2d):
-    out = tmp_path_factory.mktemp("teachers") / "run"
-    return nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
-                      out=str(out), cases=f"{synthetic2d / 'splits.json'}:teacher_train", size=[32], epochs=2,
-                      val_fraction=0, lr=3e-3, progress=False)
+def net_run(unet_teacher):
+    return unet_teacher
 
 
 def _cases(synthetic2d, split="transferal"):
