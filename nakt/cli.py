@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import importlib
 import sys
 import types
 import typing
@@ -22,41 +21,48 @@ import nakt
 from nakt.config import COMMON, GROUPS, option_info
 from nakt.demo import DemoOptions, demo
 from nakt.errors import NaktError
+from nakt.evaluate import EvaluateOptions
+from nakt.export import ExportOptions
+from nakt.export_nnunet import ExportNnunetOptions
 from nakt.io import labelset, outputs, rundir
+from nakt.label import LabelOptions
+from nakt.predict import PredictOptions
+from nakt.report import ReportOptions
+from nakt.train import FinetuneOptions, TrainOptions
 from nakt.version import __version__
 
 __all__ = ["VERBS", "build_parser", "main", "summary_line"]
 
 
 class Verb(typing.NamedTuple):
-    """A subcommand: its options dataclass (``module:Class``, imported when the parser is built), its help,
-    the help of flags whose meaning this verb narrows, and whether it reads ``--config``."""
+    """A subcommand: its options dataclass, its help, the help of flags whose meaning this verb narrows, and
+    whether it reads ``--config``."""
 
-    options: str
+    options: type
     help: str
     helps: dict[str, str] = {}
     config: bool = True
 
 
 VERBS = {
-    "train": Verb("nakt.train:TrainOptions", "train a model (teacher or student) and write a run directory"),
-    "finetune": Verb("nakt.train:FinetuneOptions", "continue a run on a small labelled set (lower LR, frozen "
+    "train": Verb(TrainOptions, "train a model (teacher or student) and write a run directory"),
+    "finetune": Verb(FinetuneOptions, "continue a run on a small labelled set (lower LR, frozen "
                      "encoder)", {"model": "run directory to fine-tune"}),
-    "distill": Verb("nakt.train:TrainOptions", "train a student with teachers running on its augmented batches "
+    "distill": Verb(TrainOptions, "train a student with teachers running on its augmented batches "
                     "(online KD; RoS-KD with --teacher-mode random)",
                     {"model": "student model spec", "teacher": "teacher network (run directory, torchscript:, "
                      "onnx:, bundle:), run on the student's augmented batches; repeat for several (required)"}),
-    "label": Verb("nakt.label:LabelOptions", "teachers annotate images; write a fused label set"),
-    "predict": Verb("nakt.predict:PredictOptions", "segment (or classify) images with a trained model"),
-    "evaluate": Verb("nakt.evaluate:EvaluateOptions", "Dice and HD95 against masks (AUC... for classification); "
+    "label": Verb(LabelOptions, "teachers annotate images; write a fused label set"),
+    "predict": Verb(PredictOptions, "segment (or classify) images with a trained model"),
+    "evaluate": Verb(EvaluateOptions, "Dice and HD95 against masks (AUC... for classification); "
                      "writes summary.json"),
-    "report": Verb("nakt.report:ReportOptions", "a static page: teacher agreement, the cases ranked by disagreement "
+    "report": Verb(ReportOptions, "a static page: teacher agreement, the cases ranked by disagreement "
                    "(review queue), per-teacher label-free quality, training curves"),
-    "export": Verb("nakt.export:ExportOptions", "write a run as an ONNX or TorchScript file with its sidecar "
+    "export": Verb(ExportOptions, "write a run as an ONNX or TorchScript file with its sidecar "
                    "contract (checked against the run before returning)"),
-    "export-nnunet": Verb("nakt.export_nnunet:ExportNnunetOptions", "write a label set as an nnU-Net v2 raw dataset "
+    "export-nnunet": Verb(ExportNnunetOptions, "write a label set as an nnU-Net v2 raw dataset "
                           "(an nnU-Net student)"),
-    "demo": Verb("nakt.demo:DemoOptions", "the whole pipeline on generated data (a few minutes on a CPU)",
+    "demo": Verb(DemoOptions, "the whole pipeline on generated data (a few minutes on a CPU)",
                  config=False),
 }
 
@@ -110,8 +116,7 @@ def _flag(field: dataclasses.Field, hint, info: dict, help_text: str) -> tuple[s
 
 def _add_options(parser: argparse.ArgumentParser, verb: Verb) -> None:
     """One flag per options field (but those declared ``cli=False``), in the `GROUPS` section the field names."""
-    module, name = verb.options.split(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls = verb.options
     hints = typing.get_type_hints(cls)
     sections: dict[str | None, list] = {}
     for field in dataclasses.fields(cls):
@@ -126,7 +131,8 @@ def _add_options(parser: argparse.ArgumentParser, verb: Verb) -> None:
         for flag, kw in sections.pop(key, []):
             group.add_argument(flag, **kw)
     if sections:
-        raise TypeError(f"{name}: no --help group for {[kw['dest'] for flag, kw in sum(sections.values(), [])]}")
+        ungrouped = [kw["dest"] for flags in sections.values() for _, kw in flags]
+        raise TypeError(f"{cls.__name__}: no --help group for {ungrouped}")
     required = [f"--{f.name.replace('_', '-')} {f.name.upper()}" for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     parser.usage = " ".join(["%(prog)s", *required, "[options]"])
