@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nakt.io.rundir import read_json, write_json
+from nakt.io.rundir import write_json
 from nakt.version import __version__
 
-__all__ = ["SUMMARY", "SUMMARY_FORMAT", "read_summary", "write_summary"]
+__all__ = ["SUMMARY", "SUMMARY_FORMAT", "write_summary"]
 
 SUMMARY = "summary.json"
 SUMMARY_FORMAT = "nakt.summary/1"
@@ -20,7 +20,3 @@ def write_summary(out: str | Path, scores: dict) -> dict:
     write_json(Path(out) / SUMMARY, summary)
     return summary
 
-
-def read_summary(out: str | Path) -> dict:
-    """The summary an evaluation folder holds (one line naming the file when it has none)."""
-    return read_json(Path(out) / SUMMARY, "is this a folder written by nakt evaluate?")

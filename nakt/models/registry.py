@@ -40,10 +40,6 @@ class Scheme:
     load: Callable | None = None
     teacher: Callable | None = None
 
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("build", "load", "teacher") if getattr(self, k) is not None)
-
 
 SCHEMES: dict[str, Scheme] = {}
 
