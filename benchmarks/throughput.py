@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: the timed runs on the GPU, written as throughput_cuda.json/.md (the torchrun "
                         "and scale parts are CPU measures and are skipped)")
+    parser.add_argument("--no-torchrun", action="store_true",
+                        help="leave out the torchrun 1 vs 2 processes measure (tests/test_label_scale covers its "
+                        "correctness)")
     args = parser.parse_args(argv)
     device = args.device
     work = Path(args.work)
@@ -286,9 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
     profile_cases.write_text(json.dumps(json.loads(cases.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
     profile = profile_summary(runs, profile_cases, work / "profiled", device)
     torchrun, scale = None, []
-    if device == "cpu":
+    if device == "cpu" and not args.no_torchrun:
         print("torchrun 1 vs 2 processes ...", flush=True)
         torchrun = {f"{p}_process": n_images / torchrun_run(runs, cases, work / f"torchrun_{p}", p) for p in (1, 2)}
+    if device == "cpu":
         print("scale sweep ...", flush=True)
         teacher = scale_teacher(work)
         sizes = args.scale_sizes or ((100, 300, 1000) if quick else (100, 1000, 10000))

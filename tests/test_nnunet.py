@@ -73,42 +73,52 @@ def nnunet_env(root: Path) -> dict:
             "nnUNet_def_n_proc": "1"}
 
 
-def run_nnunet(commands: list[list[str]], root: Path) -> None:
-    """Start nnU-Net commands side by side, each logging to root/log<i>.txt, and wait for them all."""
+def run_nnunet(commands: list[list[str]], root: Path, logs: Path | None = None) -> None:
+    """Start nnU-Net commands on the folders under `root` side by side, each logging to (`logs` or
+    root)/log<i>.txt, and wait for them all."""
+    logs = logs or root
     running = []
     for i, args in enumerate(commands):
-        log = open(root / f"log{i}.txt", "w")
+        log = open(logs / f"log{i}.txt", "w")
         running.append((subprocess.Popen(args, env=nnunet_env(root), stdout=log, stderr=subprocess.STDOUT), log))
     for i, (proc, log) in enumerate(running):
         proc.wait(timeout=600)
         log.close()
-        assert proc.returncode == 0, (root / f"log{i}.txt").read_text()[-3000:]
+        assert proc.returncode == 0, (logs / f"log{i}.txt").read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
-def model2d(tmp_path_factory) -> dict:
-    """A 2D nnU-Net model folder trained for two iterations by nnU-Net, and nnUNetv2_predict's outputs (with
-    and without mirroring) for two cases."""
+def nnunet_root(tmp_path_factory) -> Path:
+    """nnU-Net's raw/preprocessed/results folders holding a 2D (Dataset901) and a 3d_fullres (Dataset902) model,
+    each planned and trained by nnU-Net's code; the two builds run side by side (mostly process start-up)."""
     pytest.importorskip("nnunetv2")
-    root = tmp_path_factory.mktemp("nnunet2d")
-    script = root / "build.py"
-    script.write_text(BUILD_2D)
+    root = tmp_path_factory.mktemp("nnunet")
+    for name, script in (("build2d.py", BUILD_2D), ("build3d.py", BUILD_3D)):
+        (root / name).write_text(script)
     start = time.perf_counter()
-    run_nnunet([[sys.executable, str(script), str(root)]], root)
-    built = time.perf_counter() - start
+    run_nnunet([[sys.executable, str(root / name), str(root)] for name in ("build2d.py", "build3d.py")], root)
+    print(f"\nnnU-Net fixture: plan + preprocess + train, 2D and 3D side by side {time.perf_counter() - start:.1f} s")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model2d(nnunet_root) -> dict:
+    """The 2D nnU-Net model folder trained for two iterations by nnU-Net, and nnUNetv2_predict's outputs (with
+    and without mirroring) for two cases."""
+    root = nnunet_root
+    start = time.perf_counter()
     folder = root / "res" / "Dataset901_Tiny" / "nnUNetTrainer__nnUNetPlans__2d"
     images = root / "predict_in"
     images.mkdir()
     for name in ("case00", "case01"):
         shutil.copy(root / "raw" / "Dataset901_Tiny" / "imagesTr" / f"{name}_0000.png", images)
     outputs = {tta: root / f"predict_tta{int(tta)}" for tta in (True, False)}
-    for tta, out in outputs.items():  # one after the other: two at once were slower on 2 busy cores
+    for tta, out in outputs.items():  # one after the other, each in one process (-npp 0 -nps 0: no workers)
         run_nnunet([[str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o", str(out),
                      "-d", "901", "-c", "2d", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu",
-                     "-npp", "1", "-nps", "1", "--save_probabilities", "--disable_progress_bar"]
+                     "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"]
                     + ([] if tta else ["--disable_tta"])], root)
-    print(f"\nnnU-Net 2D fixture: plan + preprocess + train {built:.1f} s, "
-          f"with two nnUNetv2_predict runs {time.perf_counter() - start:.1f} s")
+    print(f"\nnnU-Net 2D fixture: two nnUNetv2_predict runs {time.perf_counter() - start:.1f} s")
     return {"root": root, "folder": folder, "images": images, "predicted": outputs}
 
 
@@ -415,21 +425,17 @@ if __name__ == "__main__":
 '''
 
 
-def test_3d_nnunet_teacher_equals_nnunet_predict_on_any_storage_order(tmp_path):
+def test_3d_nnunet_teacher_equals_nnunet_predict_on_any_storage_order(nnunet_root, tmp_path):
     """A 3d_fullres model planned and trained by nnU-Net's code: nakt's probabilities for a NIfTI volume, and for a
     copy with permuted, flipped storage axes, equal nnUNetv2_predict's on the same files, mapped onto nakt's grid
     and labels written back in each file's own geometry. (nnU-Net itself sees each file in its storage order, so
     the two copies' labels may differ: nakt reproduces nnU-Net, it does not change what nnU-Net computes.)"""
-    pytest.importorskip("nnunetv2")
     import nibabel as nib
 
     import nakt
 
-    script = tmp_path / "build3d.py"
-    script.write_text(BUILD_3D)
-    run_nnunet([[sys.executable, str(script), str(tmp_path)]], tmp_path)
-    folder = tmp_path / "res" / "Dataset902_Tiny3d" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    source = tmp_path / "raw" / "Dataset902_Tiny3d" / "imagesTr" / "vol00_0000.nii.gz"
+    folder = nnunet_root / "res" / "Dataset902_Tiny3d" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    source = nnunet_root / "raw" / "Dataset902_Tiny3d" / "imagesTr" / "vol00_0000.nii.gz"
     img = nib.load(str(source))
     data = np.asarray(img.dataobj)
     permuted = np.ascontiguousarray(np.flip(data.transpose(2, 0, 1), axis=1))
@@ -439,8 +445,8 @@ def test_3d_nnunet_teacher_equals_nnunet_predict_on_any_storage_order(tmp_path):
     shutil.copy(source, cases / "a_0000.nii.gz")
     nib.save(nib.Nifti1Image(permuted, img.affine @ new_to_old), str(cases / "b_0000.nii.gz"))
     run_nnunet([[str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(cases), "-o",
-                 str(tmp_path / "pred"), "-d", "902", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "1",
-                 "-nps", "1", "--save_probabilities", "--disable_progress_bar"]], tmp_path)
+                 str(tmp_path / "pred"), "-d", "902", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "0",
+                 "-nps", "0", "--save_probabilities", "--disable_progress_bar"]], nnunet_root, tmp_path)
     teacher = load_teacher(f"nnunet:{folder}")
     assert teacher.card.spatial_dims == 3 and teacher.card.label_values == [0, 1]
     labels = nakt.label(teacher=[f"nnunet:{folder}"], images=str(cases), out=str(tmp_path / "labels"),

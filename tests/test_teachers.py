@@ -92,39 +92,6 @@ def test_a_missing_case_in_a_disk_teacher_is_one_line(synthetic2d, tmp_path, cap
     assert code == 2 and "no mask for case" in err and "\n" not in err
 
 
-def test_label_killed_at_any_moment_resumes_to_the_same_label_set(net_run, synthetic2d, tmp_path):
-    """SIGKILL during `nakt label`, then the same command again: a label set byte-identical to an uninterrupted
-    run's (masks, probabilities, case records, manifest)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, path in enumerate(sorted((synthetic2d / "images").glob("*.png")) * 2):  # 68 cases
-        (images / f"c{i:03d}.png").write_bytes(path.read_bytes())
-    command = [sys.executable, "-m", "nakt", "label", "--teacher", str(net_run), "--images", str(images),
-               "--no-progress", "--device", "cpu"]
-    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    for wait_for in (3, 20):  # kill twice, at different points
-        proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((killed / "records").glob("*.json"))) < wait_for:
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True)
-    whole, resumed = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "whole", killed))
-    assert list(resumed["cases"]) == list(whole["cases"]) and len(whole["cases"]) == 68
-    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file())  # no .tmp-* left
-    for name in files:
-        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-
-
 def test_trimmed_vote_names_the_dropped_teacher(synthetic2d, tmp_path):
     """Three disk teachers, one of them the truth inverted: trimmed-vote drops it on every case with foreground,
     says so in the case records, and keeps the truth."""
