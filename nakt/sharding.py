@@ -17,7 +17,7 @@ import torch
 
 from nakt.errors import NaktError
 
-__all__ = ["Share", "current_share", "on_first_part", "process_group"]
+__all__ = ["Share", "collective_device", "current_share", "on_first_part", "process_group"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,21 @@ def current_share(num_parts: int = 1, part_id: int = 0) -> Share:
 
 
 @contextmanager
-def process_group(share: Share, backend: str = "gloo") -> Iterator[None]:
+def process_group(share: Share, backend: str = "gloo", device: torch.device | None = None) -> Iterator[None]:
     """A process group for torchrun's processes: gloo (CPU tensors: label's barriers, training on CPUs) or nccl
-    (training on GPUs)."""
+    (training on GPUs). With nccl this process's GPU (`device`, else ``cuda:LOCAL_RANK``) becomes the current
+    device and the group's: NCCL's object collectives and barriers (`on_first_part`) use the current device, and
+    every rank on cuda:0 fails with "Duplicate GPU detected"."""
     if not share.distributed or torch.distributed.is_initialized():
         yield
         return
-    torch.distributed.init_process_group(backend)
+    if backend == "nccl":
+        if device is None or device.index is None:
+            device = torch.device("cuda", share.local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend, device_id=device)
+    else:
+        torch.distributed.init_process_group(backend)
     try:
         yield
     finally:
@@ -85,3 +93,11 @@ def on_first_part(share: Share, fn: Callable[[], None]) -> None:
     torch.distributed.broadcast_object_list(problem, src=0)
     if problem[0] is not None:
         raise NaktError(*problem[0])
+
+
+def collective_device() -> torch.device:
+    """Where the tensors of collectives (``all_reduce``) must live in the current process group: this process's
+    GPU under nccl (which takes no CPU tensors), else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

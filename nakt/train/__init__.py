@@ -276,8 +276,8 @@ def train(opts: TrainOptions) -> Path:
     if share.distributed and opts.subsets:
         raise NaktError(None, "--subsets under torchrun", "train the subset teachers as one job each, or in "
                         "one process")
-    backend = "nccl" if share.device(pick_device(opts.device)).type == "cuda" else "gloo"
-    with process_group(share, backend):
+    device = share.device(pick_device(opts.device))
+    with process_group(share, "nccl" if device.type == "cuda" else "gloo", device):
         return (train_classifier if opts.task == "classification" else train_segmentation)(opts)
 
 

@@ -25,6 +25,7 @@ from nakt.io.dataset import Case
 from nakt.io.images import read_image, read_mask
 from nakt.models.card import ModelCard
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize, target_size
+from nakt.sharding import collective_device
 from nakt.train.augment import Augmentation, sample_rng
 
 __all__ = ["CaseInfo", "DiskCases", "MAX_LABELS", "PreparedCases", "TrainingSamples", "cached_cases", "hard_target",
@@ -163,7 +164,7 @@ class DiskCases(torch.utils.data.Dataset):
             self.fill(workers, progress)
             return
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        failed = torch.zeros(1)
+        failed = torch.zeros(1, device=collective_device())  # nccl (GPU training) reduces GPU tensors only
         try:
             self.fill(workers, progress and rank == 0, rank, world)
         except Exception:

@@ -29,6 +29,7 @@ from nakt.classify.transfer import apply_unfreezing, make_optimizer
 from nakt.inference import autocast, resolve_precision
 from nakt.io import rundir
 from nakt.models.registry import NaktModel
+from nakt.sharding import collective_device
 from nakt.train.checkpoint import BestEpoch, TrainingState
 from nakt.train.loader import PlannedLoader, plan_epoch
 from nakt.train.online import OnlineTeachers
@@ -267,7 +268,6 @@ def _mean_over_ranks(losses: list[float], world: int) -> float | None:
     mean = float(np.mean(losses)) if losses else None
     if world == 1 or mean is None:
         return mean
-    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([mean], dtype=torch.float64, device=on)
+    total = torch.tensor([mean], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(total)
     return float(total.item()) / world
