@@ -42,8 +42,8 @@ class InferenceOptions:
     batch_size: int | None = option(None, "cases per network batch (default: 8 for 2D models, 1 for 3D); for "
                                     "label also the unit of parts and resume", group="performance")
     num_workers: int = option(0, "processes decoding and preparing images", group="performance")
-    precision: str = option("auto", "network arithmetic: auto is bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, "
-                            "else fp32", group="performance", choices=PRECISIONS)
+    precision: str = option("auto", "network arithmetic: auto is bf16 on GPUs (fp16 before Ampere) and on CPUs "
+                            "with AVX512-BF16 or AMX, else fp32", group="performance", choices=PRECISIONS)
     tta: str = option("none", "flip: mean of each image and its mirror", group="performance", choices=TTAS)
 
 

@@ -51,15 +51,18 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on GPUs and on CPUs that compute bfloat16 natively, else ``fp32``; others unchanged.
-    (On 2 AVX512-BF16 cores bf16 autocast ran 2D segmentation networks ~2x faster; benchmarks/throughput.py
-    measures how often its labels differ from fp32's.)
+    GPUs before Ampere (V100, T4) have no bfloat16 units (torch emulates it, slowly): ``auto`` is ``fp16`` there,
+    which training pairs with a gradient scaler. (On 2 AVX512-BF16 cores bf16 autocast ran 2D segmentation
+    networks ~2x faster; benchmarks/throughput.py measures how often its labels differ from fp32's.)
 
     >>> resolve_precision("fp16", torch.device("cpu"))
     'fp16'
     """
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def autocast(precision: str, device: torch.device):

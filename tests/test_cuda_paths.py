@@ -5,8 +5,20 @@ import pytest
 import torch
 
 from nakt import sharding
+from nakt.inference import resolve_precision
 from nakt.sharding import Share
 from nakt.train import data as train_data
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_gpu_is_bf16_where_native_else_fp16(monkeypatch, native):
+    """Before Ampere (V100, T4) bfloat16 is emulated: auto takes fp16 there (training then scales the loss)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if native else "fp16")
+    assert asked == [False]  # emulation does not count
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
 
 
 @pytest.fixture

@@ -139,8 +139,9 @@ class TrainOptions:
     seed: int = option(0, "seed of the split, sampling and initialisation", group="schedule")
     orientation: str = option("RAS", "3D: reorient volumes to this anatomical orientation before the network (a "
                               "nibabel axcode such as RAS or LPS; none keeps storage order)", group="segmentation")
-    precision: str = option("auto", "training arithmetic (autocast): auto is bf16 on GPUs and on CPUs with "
-                            "AVX512-BF16 or AMX, else fp32", group="performance", choices=PRECISIONS)
+    precision: str = option("auto", "training arithmetic (autocast): auto is bf16 on GPUs (fp16 before "
+                            "Ampere) and on CPUs with AVX512-BF16 or AMX, else fp32", group="performance",
+                            choices=PRECISIONS)
     num_workers: int | None = option(None, "DataLoader processes reading and augmenting training images (default: "
                                      "none when every image fits the cache, else half the CPU cores up to 4)",
                                      group="performance")

@@ -45,7 +45,8 @@ class FitOptions:
     BatchNorm statistics kept. ``recipe="targeted"``: discriminative learning rates and gradual unfreezing, one
     more layer group every `unfreeze_every` epochs. `ema`: the scored and saved model is an exponential moving
     average of the weights with this decay (`nakt.classify.roskd.ema_model`). `precision`: ``auto``
-    (bf16 on GPUs and on CPUs that compute bfloat16 natively, else fp32; `nakt.batched.resolve_precision`),
+    (bf16 on GPUs, fp16 on those before Ampere, and bf16 on CPUs that compute bfloat16 natively, else fp32;
+    `nakt.inference.resolve_precision`),
     ``fp32``, ``bf16`` or ``fp16`` (with a gradient scaler). `batch_size` is the global batch, split between
     the processes of a distributed run; `num_workers` DataLoader processes prepare the samples. `compile`:
     the training forward and backward run through ``torch.compile`` (Inductor; the first steps compile).
