@@ -1,11 +1,14 @@
 """The CUDA-only branches of nakt, checked on the CPU: what each hands to torch, torch.distributed or onnxruntime
 is recorded by stand-ins (no GPU is touched). tests/test_gpu.py runs the same paths on a real GPU when present."""
 
+import types
+
 import pytest
 import torch
 
 from nakt import sharding
 from nakt.inference import resolve_precision
+from nakt.models import onnx
 from nakt.sharding import Share
 from nakt.train import data as train_data
 
@@ -74,3 +77,26 @@ def test_preparing_cases_under_nccl_reduces_a_tensor_on_the_collective_device(mo
     with pytest.raises(RuntimeError, match="meta"):  # a meta tensor has no value to read back, once reduced
         cases.fill_shared()
     assert reduced == [torch.device("meta")]
+
+
+class _FakeSession:
+    def __init__(self, path, options, providers):
+        self.providers = providers
+
+    def get_inputs(self):
+        return [types.SimpleNamespace(name="x", shape=["B", 1, 32, 32])]
+
+
+def test_onnx_teacher_runs_on_the_inputs_own_gpu(monkeypatch, tmp_path):
+    """onnxruntime's CUDA provider defaults to GPU 0: the session of an input on cuda:1 must ask for device 1."""
+    fake = types.SimpleNamespace(InferenceSession=_FakeSession, SessionOptions=types.SimpleNamespace,
+                                 get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx, "_onnxruntime", lambda path: fake)
+    net = onnx.OnnxNet(tmp_path / "model.onnx")
+    assert net._session(torch.device("cpu")).providers == ["CPUExecutionProvider"]
+    for index in (0, 1):
+        session = net._session(torch.device("cuda", index))
+        assert session.providers == [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    assert sorted(net._sessions) == ["cpu", "cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert net._session(torch.device("cuda")) is net._sessions["cuda:1"]  # "cuda" is the current GPU

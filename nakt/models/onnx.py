@@ -32,7 +32,8 @@ class OnnxNet(nn.Module):
     ``[B, K, *spatial]`` or ``[B, K]``) as a float32 tensor on the input's device.
 
     CPU inputs run on onnxruntime's CPU provider; GPU inputs on its CUDA provider when installed (else the
-    CPU one). Not differentiable: it is a teacher, never trained.
+    CPU one), on the input's own GPU (one session per device: under torchrun each process uses its GPU). Not
+    differentiable: it is a teacher, never trained.
     """
 
     def __init__(self, path: str | Path):
@@ -42,14 +43,17 @@ class OnnxNet(nn.Module):
         # heard (inference reads the device of ``next(model.parameters())``) and picks the CUDA provider.
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         self._sessions: dict[str, object] = {}
-        self._session("cpu")  # a broken file fails at load time, not at the first case
+        self._session(torch.device("cpu"))  # a broken file fails at load time, not at the first case
 
-    def _session(self, device_type: str):
-        if device_type not in self._sessions:
+    def _session(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if str(device) not in self._sessions:
             ort = _onnxruntime(self.path)
-            providers = ["CPUExecutionProvider"]
-            if device_type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
+            providers: list = ["CPUExecutionProvider"]
+            if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+                # the provider's own default is GPU 0, whichever GPU the input is on
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index}))
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()  # share the cores as torch is told to
             options.log_severity_level = 3  # errors only; onnxruntime's warnings are not the user's business
@@ -60,16 +64,16 @@ class OnnxNet(nn.Module):
             if len(session.get_inputs()) != 1:
                 raise NaktError(self.path, f"the ONNX model takes {len(session.get_inputs())} inputs",
                                 "nakt feeds one image tensor [B, C, *spatial]")
-            self._sessions[device_type] = session
-        return self._sessions[device_type]
+            self._sessions[str(device)] = session
+        return self._sessions[str(device)]
 
     @property
     def input_shape(self) -> list:
         """The declared input shape: ints for fixed axes, names (or None) for dynamic ones."""
-        return list(self._session("cpu").get_inputs()[0].shape)
+        return list(self._session(torch.device("cpu")).get_inputs()[0].shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        session = self._session(x.device.type)
+        session = self._session(x.device)
         feed = {session.get_inputs()[0].name: x.detach().float().cpu().contiguous().numpy()}
         try:
             out = session.run([session.get_outputs()[0].name], feed)[0]
