@@ -14,9 +14,11 @@ One script run, the same model (smp U-Net/ResNet-18), batch (8), image size and 
   use here, since after fork + exec it starts from the parent's RSS) and the peak PSS of the process and its
   DataLoader workers together (sampled every 0.2 s; shared pages counted once).
 
-Writes ``benchmarks/results/training_throughput.json`` and ``.md``.
+Writes ``benchmarks/results/training_throughput.json`` and ``.md``; with ``--device cuda`` (everything on the GPU,
+the memory runs left out: they measure the CPU process) ``training_throughput_cuda.json`` and ``.md``, so that the
+CPU results are never overwritten.
 
-    python benchmarks/training_throughput.py [--quick] [--work runs/training_throughput]
+    python benchmarks/training_throughput.py [--quick] [--device cuda] [--work runs/training_throughput]
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ def prepared(cases: list[str], card: ModelCard) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(xs), torch.stack(ys).long()
 
 
-def plain_loop(card: ModelCard, data: dict, epochs: int, lr: float, seed: int, precision: str) -> dict:
-    """The hand-written loop: returns training seconds, images trained and the last epoch's validation Dice."""
-    x, y = data["train"]
+def plain_loop(card: ModelCard, data: dict, epochs: int, lr: float, seed: int, precision: str,
+               device: str = "cpu") -> dict:
+    """The hand-written loop on `device` (its tensors moved there before the clock starts; the random draws made
+    on the CPU, as on a CPU run): returns training seconds, images trained and the last epoch's validation Dice.
+    fp16 scales the loss, as nakt's engine does."""
+    on = torch.device(device)
+    x, y = (t.to(on) for t in data["train"])
     torch.manual_seed(seed)
-    model = build_model(card)
+    model = build_model(card).to(on)
+    scaler = torch.amp.GradScaler(on.type) if precision == "fp16" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = (len(x) + BATCH - 1) // BATCH
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps + 1, pct_start=0.3)
@@ -88,42 +95,58 @@ def plain_loop(card: ModelCard, data: dict, epochs: int, lr: float, seed: int, p
             idx = order[i:i + BATCH]
             if len(idx) < 2:
                 continue
+            idx = idx.to(on)
             xb, yb = x[idx].clone(), one_hot(y[idx], card.classes)
-            flip = torch.rand(len(idx), generator=generator) < 0.5
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).to(on)
             xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
-            xb = xb * (0.9 + 0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator)) \
-                + (0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator) - 0.1)
-            with autocast(precision, torch.device("cpu")):
+            xb = xb * (0.9 + 0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator)).to(on) \
+                + (0.2 * torch.rand(len(idx), 1, 1, 1, generator=generator) - 0.1).to(on)
+            with autocast(precision, on):
                 loss = loss_fn(model(xb).float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             schedule.step()
             images += len(idx)
+        synchronize(device)  # the GPU's queued work is part of the epoch
         seconds += time.perf_counter() - started
     dice = validation_dice(model, *data["val"], card.classes, precision)
     return {"train_seconds": seconds, "images": images, "images_per_s": images / seconds, "val_dice": dice}
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def validation_dice(model, x: torch.Tensor, y: torch.Tensor, classes: int, precision: str) -> float:
+    """Mean Dice of `model` (on its own device) on prepared images `x` and class maps `y` (on the CPU)."""
     model.eval()
+    device = next(model.parameters()).device
     scores = []
     for i in range(0, len(x), BATCH):
-        with autocast(precision, torch.device("cpu")):
-            predicted = model(x[i:i + BATCH]).float().argmax(1)
+        with autocast(precision, device):
+            predicted = model(x[i:i + BATCH].to(device)).float().argmax(1).cpu()
         scores += [case_scores(p.numpy(), t.numpy(), classes, hd95=False)["dice"]
                    for p, t in zip(predicted, y[i:i + BATCH])]
     return float(np.mean(scores))
 
 
-def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: int, **options) -> dict:
-    """`nakt.train` (defaults unless `options`): training images/s (validation left out) and final Dice."""
-    out = work / f"nakt_{seed}_{options.get('precision', 'default')}"
+def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: int, device: str = "cpu",
+             **options) -> dict:
+    """`nakt.train` on `device` (defaults unless `options`): training images/s (validation left out) and final
+    Dice."""
+    out = work / f"nakt_{device}_{seed}_{options.get('precision', 'default')}"
     nakt.train(model=MODEL, images=str(DATA / "images"), masks=str(DATA / "masks"), cases=lists["train"],
                val_images=str(DATA / "images"), val_masks=str(DATA / "masks"), val_cases=lists["val"], size=[size],
                epochs=epochs, batch_size=BATCH, lr=lr, seed=seed, out=str(out), overwrite=True, progress=False,
-               device="cpu", **options)
+               device=device, **options)
     metrics = rundir.read_metrics(out)
     history = metrics["history"]
     seconds = sum(h["seconds"] - h["val_seconds"] for h in history)
@@ -263,11 +286,12 @@ def memory_targets(rss: list[dict]) -> dict:
     return {f"memory_{r['arm']}": max(r["growth"], r["growth_tree_pss"]) < 0.10 for r in rss}
 
 
-def machine(load_before: tuple) -> dict:
+def machine(load_before: tuple, device: str = "cpu") -> dict:
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__,
-            "device": f"CPU ({os.cpu_count()} cores)",
+            "device": f"GPU {gpu}" if gpu else f"CPU ({os.cpu_count()} cores)", "gpu": gpu,
             "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}}
 
 
@@ -287,8 +311,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(ROOT / "runs" / "training_throughput"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-rss", action="store_true", help="leave out the peak-RSS runs")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: nakt.train and the plain loop on the GPU, written as training_throughput_cuda."
+                        "{json,md}; the memory runs (CPU process memory) are left out")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and args.rss_only:
+        parser.error("--rss-only measures CPU training memory: leave out --device cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("training_throughput: --device cuda: no CUDA GPU here (torch.cuda.is_available() is false)")
     if args.rss_child:
         folder, size, cache_gb, out = args.rss_child
         rss_child(Path(folder), int(size), None if cache_gb == "None" else float(cache_gb), Path(out))
@@ -304,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_cases = splits["teacher_train"][:args.train_cases or (8 if args.quick else None)]
     lists = {"train": case_list(work, "train", train_cases), "val": case_list(work, "val", splits["teacher_val"])}
     card = ModelCard(MODEL, 1, 2, label_values=[0, 255], size=[size])
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision("auto", torch.device(device))
     command = " ".join(["python", "benchmarks/training_throughput.py", *(sys.argv[1:] if argv is None else argv)])
     started, load_before = time.time(), os.getloadavg()
     config = {"size": size, "epochs": epochs, "seeds": seeds, "train_cases": len(train_cases),
@@ -320,11 +352,13 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     data = {"train": prepared(train_cases, card), "val": prepared(splits["teacher_val"], card)}
     per_seed = {}
+    if device == "cuda":  # CUDA's start-up and cuDNN's first algorithm searches, outside every timed arm
+        plain_loop(card, data, 1, args.lr, 0, precision, device)
     for seed in seeds:  # interleaved per seed, so that the machine's slow moments touch every arm
-        runs = {"nakt defaults": nakt_run(work, lists, size, epochs, args.lr, seed),
-                "plain fp32": plain_loop(card, data, epochs, args.lr, seed, "fp32"),
-                "nakt fp32": nakt_run(work, lists, size, epochs, args.lr, seed, precision="fp32")}
-        runs[f"plain {precision} (compute only)"] = plain_loop(card, data, epochs, args.lr, seed, precision)
+        runs = {"nakt defaults": nakt_run(work, lists, size, epochs, args.lr, seed, device),
+                "plain fp32": plain_loop(card, data, epochs, args.lr, seed, "fp32", device),
+                "nakt fp32": nakt_run(work, lists, size, epochs, args.lr, seed, device, precision="fp32")}
+        runs[f"plain {precision} (compute only)"] = plain_loop(card, data, epochs, args.lr, seed, precision, device)
         per_seed[str(seed)] = runs
         print(f"[seed {seed}] " + ", ".join(f"{k}: {v['images_per_s']:.2f} img/s, Dice {v['val_dice']:.4f}"
                                            for k, v in runs.items()), flush=True)
@@ -340,16 +374,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for r in per_seed.values()),
                "overhead": statistics.median(r[compute]["images_per_s"] / r["nakt defaults"]["images_per_s"] - 1
                                              for r in per_seed.values())}
-    rss = [] if args.no_rss else [peak_rss(work, train_cases, scale_sizes, size, arm) for arm in args.rss_arms]
+    rss = [] if args.no_rss or device == "cuda" else [peak_rss(work, train_cases, scale_sizes, size, arm)
+                                                      for arm in args.rss_arms]
     targets = {"speedup": summary["speedup"] >= 1.5, "dice_gap": summary["dice_gap_abs"] <= 0.005,
                "overhead": summary["overhead"] < 0.15, **memory_targets(rss)}
     result = {"mode": "quick" if args.quick else "full", "command": command, "precision_auto": precision,
-              "config": config, "machine": machine(load_before),
+              "config": config, "machine": machine(load_before, device), "device": device,
               "per_seed": per_seed, "summary": summary, "targets": targets, "rss": rss,
               "total_wall_s": time.time() - started}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training_throughput.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (out / "training_throughput.md").write_text(markdown(result), encoding="utf-8")
+    name = "training_throughput" if device == "cpu" else f"training_throughput_{device}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
     return result
 

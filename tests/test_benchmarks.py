@@ -173,6 +173,33 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     assert "(defaults)" in (tmp_path / "out" / "training_throughput_memory.md").read_text()
 
 
+def test_training_throughput_on_cuda_without_a_gpu_is_one_line(monkeypatch):
+    import torch
+    import training_throughput
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^training_throughput: --device cuda: no CUDA GPU here"):
+        training_throughput.main(["--device", "cuda"])
+
+
+def test_gpu_script_without_a_gpu_says_so_in_one_line_and_runs_nothing(tmp_path):
+    """benchmarks/gpu.sh with no nvidia-smi, then with one (a stand-in) but no GPU torch can see."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "CUDA_VISIBLE_DEVICES": "",
+           "PATH": f"{fake}:/usr/bin:/bin"}
+    for expected in ("nvidia-smi not found", "torch.cuda.is_available() is false"):
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
+        (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (fake / "nvidia-smi").chmod(0o755)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pool_benchmark_smoke(tmp_path):
     """benchmarks/pool_transfer.py end to end: teachers on a few cxr_lungs cases label a pool of Kermany images,
     students of two sizes train on the pool's labels only, everything scored on cxr_lungs test."""
