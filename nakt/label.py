@@ -47,7 +47,14 @@ from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
 from nakt.sharding import Share, current_share, on_first_part, process_group
-from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder, runs_own_inference
+from nakt.teachers import (
+    NetTeacher,
+    common_label_values,
+    load_teacher,
+    reading_orientation,
+    reorder,
+    runs_own_inference,
+)
 from nakt.version import __version__
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
@@ -212,8 +219,9 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     orientation = reading_orientation(teachers)
     weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
                               if opts.fusion == "weighted" else (None, "unused"))
-    records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
-               for i, t in enumerate(opts.teacher)]
+    records = [{"spec": str(spec), "sha256": _checksum(str(spec)), "weight": None if weights is None else weights[i],
+                "batchnorm_folded": t.batchnorm_folded if isinstance(t, NetTeacher) else None}
+               for i, (spec, t) in enumerate(zip(opts.teacher, teachers))]
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
               "fusion": opts.fusion, "sharpen": opts.sharpen, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation,

@@ -20,7 +20,7 @@ from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
-from nakt.teachers import Teacher, load_teacher
+from nakt.teachers import NetTeacher, Teacher, load_teacher
 
 __all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
 
@@ -63,15 +63,16 @@ def load_checked(spec: str, task: str | None, device: str, trust: bool = False) 
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
     teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+    info = {"batchnorm_folded": teacher.batchnorm_folded} if isinstance(teacher, NetTeacher) else None
     if teacher.card.task == "classification":
-        return predict_classification(opts, teacher.model)
+        return predict_classification(opts, teacher.model, info)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
-    out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite)
+    out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite, info)
     with (tqdm(total=len(cases), desc="predict", unit="case", disable=not opts.progress) as bar,
           BackgroundWriter() as writer):
         for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
             writer.submit(_write_case, out, item, probs, teacher, opts.save_probs, bar)
-    end_predictions(out, opts.model, [c.name for c in cases])
+    end_predictions(out, opts.model, [c.name for c in cases], info)
     return out
 
 
