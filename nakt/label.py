@@ -33,6 +33,7 @@ from nakt.fusion import (
     agreement_map,
     default_fusion,
     fuse,
+    hard_labels,
     sharpen,
     staple_estimates,
     staple_weights,
@@ -302,7 +303,7 @@ def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: 
     """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
     its record: a case counts as done only once its files are complete."""
     fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen)
-    mask = decode_labels(fused.argmax(0), values)
+    mask = decode_labels(hard_labels(fused, 0), values)
     mask_path = write_label(mask, image, out / "masks" / name)
     agreement = agreement_map(teacher_probs, fused) if len(teacher_probs) > 1 else None
     labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None, agreement)

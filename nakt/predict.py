@@ -12,6 +12,7 @@ from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, L
 from nakt.classify.stages import predict_classification
 from nakt.config import check_device, check_options, option
 from nakt.errors import NaktError
+from nakt.fusion import hard_labels
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
@@ -49,7 +50,7 @@ class PredictOptions(InferenceOptions):
 
 def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
     """Label map ``[*spatial]`` in the model's label values for a raw image ``[C, *spatial]``."""
-    return decode_labels(infer_probs(model, image).argmax(0), model.card.label_values)
+    return decode_labels(hard_labels(infer_probs(model, image), 0), model.card.label_values)
 
 
 def load_checked(spec: str, task: str | None, device: str, trust: bool = False) -> Teacher:
@@ -78,7 +79,7 @@ def predict(opts: PredictOptions) -> Path:
 
 def _write_case(out: Path, item: LoadedCase, probs: np.ndarray, teacher: Teacher, save_probs: bool, bar: tqdm) -> None:
     """Write a case's label map (and probabilities), on the background writer's thread."""
-    write_label(decode_labels(probs.argmax(0), teacher.card.label_values), item.image, out / item.case.name)
+    write_label(decode_labels(hard_labels(probs, 0), teacher.card.label_values), item.image, out / item.case.name)
     if save_probs:
         labelset.write_probs(out, item.case.name, probs)
     bar.update(1)
