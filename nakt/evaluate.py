@@ -17,6 +17,7 @@ from nakt.classify.robustness import ATTACKS
 from nakt.classify.stages import evaluate_classification
 from nakt.config import at_least, check_device, check_options, option
 from nakt.errors import NaktError
+from nakt.fusion import hard_labels
 from nakt.inference import pick_device
 from nakt.io import labelset, outputs
 from nakt.io.dataset import Case, discover_cases
@@ -138,7 +139,7 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
             values = list(teacher.card.label_values)
             with BackgroundWriter() as scorer:  # scoring (HD95 above all) overlaps the next batch's inference
                 for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
-                    pred = decode_labels(probs.argmax(0), teacher.card.label_values)
+                    pred = decode_labels(hard_labels(probs, 0), teacher.card.label_values)
                     scorer.submit(score, item.case, item.image, pred, values)
                     scorer.submit(bar.update, 1)
         else:

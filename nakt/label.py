@@ -33,6 +33,7 @@ from nakt.fusion import (
     agreement_map,
     default_fusion,
     fuse,
+    hard_labels,
     sharpen,
     staple_estimates,
     staple_weights,
@@ -47,7 +48,14 @@ from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
 from nakt.sharding import Share, current_share, on_first_part, process_group
-from nakt.teachers import common_label_values, load_teacher, reading_orientation, reorder, runs_own_inference
+from nakt.teachers import (
+    NetTeacher,
+    common_label_values,
+    load_teacher,
+    reading_orientation,
+    reorder,
+    runs_own_inference,
+)
 from nakt.version import __version__
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
@@ -212,8 +220,9 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     orientation = reading_orientation(teachers)
     weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
                               if opts.fusion == "weighted" else (None, "unused"))
-    records = [{"spec": str(t), "sha256": _checksum(str(t)), "weight": None if weights is None else weights[i]}
-               for i, t in enumerate(opts.teacher)]
+    records = [{"spec": str(spec), "sha256": _checksum(str(spec)), "weight": None if weights is None else weights[i],
+                "batchnorm_folded": t.batchnorm_folded if isinstance(t, NetTeacher) else None}
+               for i, (spec, t) in enumerate(zip(opts.teacher, teachers))]
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
               "fusion": opts.fusion, "sharpen": opts.sharpen, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation,
@@ -294,7 +303,7 @@ def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: 
     """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
     its record: a case counts as done only once its files are complete."""
     fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen)
-    mask = decode_labels(fused.argmax(0), values)
+    mask = decode_labels(hard_labels(fused, 0), values)
     mask_path = write_label(mask, image, out / "masks" / name)
     agreement = agreement_map(teacher_probs, fused) if len(teacher_probs) > 1 else None
     labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None, agreement)

@@ -12,6 +12,7 @@ from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, L
 from nakt.classify.stages import predict_classification
 from nakt.config import check_device, check_options, option
 from nakt.errors import NaktError
+from nakt.fusion import hard_labels
 from nakt.inference import infer_probs, pick_device
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
@@ -20,7 +21,7 @@ from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
-from nakt.teachers import Teacher, load_teacher
+from nakt.teachers import NetTeacher, Teacher, load_teacher
 
 __all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
 
@@ -49,7 +50,7 @@ class PredictOptions(InferenceOptions):
 
 def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
     """Label map ``[*spatial]`` in the model's label values for a raw image ``[C, *spatial]``."""
-    return decode_labels(infer_probs(model, image).argmax(0), model.card.label_values)
+    return decode_labels(hard_labels(infer_probs(model, image), 0), model.card.label_values)
 
 
 def load_checked(spec: str, task: str | None, device: str, trust: bool = False) -> Teacher:
@@ -63,21 +64,22 @@ def load_checked(spec: str, task: str | None, device: str, trust: bool = False) 
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
     teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+    info = {"batchnorm_folded": teacher.batchnorm_folded} if isinstance(teacher, NetTeacher) else None
     if teacher.card.task == "classification":
-        return predict_classification(opts, teacher.model)
+        return predict_classification(opts, teacher.model, info)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
-    out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite)
+    out = begin_predictions(opts.out, opts.model, [c.name for c in cases], opts.overwrite, info)
     with (tqdm(total=len(cases), desc="predict", unit="case", disable=not opts.progress) as bar,
           BackgroundWriter() as writer):
         for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
             writer.submit(_write_case, out, item, probs, teacher, opts.save_probs, bar)
-    end_predictions(out, opts.model, [c.name for c in cases])
+    end_predictions(out, opts.model, [c.name for c in cases], info)
     return out
 
 
 def _write_case(out: Path, item: LoadedCase, probs: np.ndarray, teacher: Teacher, save_probs: bool, bar: tqdm) -> None:
     """Write a case's label map (and probabilities), on the background writer's thread."""
-    write_label(decode_labels(probs.argmax(0), teacher.card.label_values), item.image, out / item.case.name)
+    write_label(decode_labels(hard_labels(probs, 0), teacher.card.label_values), item.image, out / item.case.name)
     if save_probs:
         labelset.write_probs(out, item.case.name, probs)
     bar.update(1)

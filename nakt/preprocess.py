@@ -102,8 +102,15 @@ def encode_labels(mask: np.ndarray, label_values: list[int], path: Path | None =
 
 
 def decode_labels(classes: np.ndarray, label_values: list[int]) -> np.ndarray:
-    """Class indices -> the label values written to files."""
-    return np.asarray(label_values, dtype=np.int64)[classes]
+    """Class indices ``[*spatial]`` -> the label values written to files ``[*spatial]``, in the narrowest integer
+    type that holds them (uint8 for values 0..255, what `nakt.io.images.write_label` stores them as anyway).
+
+    >>> decode_labels(np.array([0, 1, 1]), [0, 255])
+    array([  0, 255, 255], dtype=uint8)
+    """
+    values = np.asarray(label_values, dtype=np.int64)
+    narrow = np.result_type(np.min_scalar_type(values.min()), np.min_scalar_type(values.max()))
+    return values.astype(narrow)[classes]
 
 
 def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nakt.errors import NaktError
+from nakt.fold import fold_batchnorm
 from nakt.inference import infer_probs
 from nakt.io.dataset import Case
 from nakt.io.images import Image
@@ -44,11 +45,13 @@ class Teacher(Protocol):
 
 
 class NetTeacher:
-    """A network nakt feeds: its card's preprocessing, sliding windows or resizing, probabilities mapped back."""
+    """A network nakt feeds: its card's preprocessing, sliding windows or resizing, probabilities mapped back.
+    `batchnorm_folded`: how many BatchNorms `load_teacher` folded into convolutions (`nakt.fold`)."""
 
-    def __init__(self, spec: str, model: NaktModel):
+    def __init__(self, spec: str, model: NaktModel, batchnorm_folded: int = 0):
         self.spec, self.model, self.card = spec, model, model.card
         self.orientation = model.card.orientation
+        self.batchnorm_folded = batchnorm_folded
 
     def case_probs(self, case: Case, image: Image) -> np.ndarray:
         return infer_probs(self.model, image.array, case.images[0])
@@ -57,10 +60,16 @@ class NetTeacher:
 def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = False) -> Teacher:
     """A teacher from any spec `nakt label` accepts: a run directory, ``torchscript:``, ``onnx:``, ``bundle:``,
     ``nnunet:``, ``masks:`` or ``probs:``. `trust` lets pickled checkpoints (nnU-Net's) load types beyond the
-    allow-list (``--trust-checkpoint``)."""
+    allow-list (``--trust-checkpoint``).
+
+    A network's BatchNorms are folded into its convolutions (`nakt.fold.fold_batchnorm`): a teacher only
+    infers, in eval mode, and is never trained or saved, so the folded model gives the same probabilities for
+    less work."""
     entry, rest = spec_scheme(str(spec))
     if entry.teacher is None:
-        return NetTeacher(str(spec), load(spec).to(device))
+        model = load(spec)
+        folded = fold_batchnorm(model)
+        return NetTeacher(str(spec), model.to(device), folded)
     if trust and entry.name == "nnunet":
         rest += ("&" if "?" in rest else "?") + "trust=1"
     return entry.teacher(rest, str(spec), torch.device(device))

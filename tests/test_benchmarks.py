@@ -150,6 +150,17 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert written["targets"] == result["targets"] and "images/s" in (tmp_path / "out" / "throughput.md").read_text()
 
 
+def test_fold_bench_smoke(tmp_path):
+    """benchmarks/fold_bench.py at 64 px: both models timed, folded exactly, the CPU recorded."""
+    import fold_bench
+
+    result = fold_bench.main(["--size", "64", "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert result["batchnorm_folded"] == 30 and result["precisions"]["fp32"]["max_abs_prob_diff"] <= 1e-5
+    assert all(m["seconds_per_batch"]["folded"] > 0 for m in result["precisions"].values())
+    written = json.loads((tmp_path / "fold_bench.json").read_text())
+    assert set(written["cpu"]["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+
+
 def test_training_throughput_benchmark_smoke(tmp_path):
     """benchmarks/training_throughput.py end to end on a few real X-rays at 64 px: every measure is present."""
     shared_dataset("cxr_lungs")

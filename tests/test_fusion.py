@@ -165,3 +165,18 @@ def test_pairwise_dice_equals_the_dice_of_each_pair_and_class():
                 expected[a, b] = np.mean(per_class)
     for chunk in (7, 64, 1 << 22):
         np.testing.assert_allclose(_pairwise_dice(hard, 4, chunk=chunk), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_hard_labels_are_argmax_in_uint8(classes):
+    """`hard_labels` is `np.argmax` exactly (first maximum on ties, a NaN wins) in uint8, on either axis."""
+    from nakt.fusion import hard_labels
+    from nakt.preprocess import decode_labels
+
+    rng = np.random.default_rng(classes)
+    probs = np.round(rng.random((3, classes, 6, 5)) * 4).astype(np.float32) / 4  # many exact ties
+    probs[0, 1, :2, :2], probs[1, 0, 0, :3], probs[2, :, 5, 4] = np.nan, np.nan, np.nan
+    for axis, array in ((1, probs), (0, probs[0])):
+        hard = hard_labels(array, axis)
+        assert hard.dtype == np.uint8 and np.array_equal(hard, array.argmax(axis))
+    assert decode_labels(hard_labels(probs[1], 0), [0, 255, 7][:classes]).dtype == np.uint8

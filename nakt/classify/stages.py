@@ -11,6 +11,7 @@ from nakt.classify.metrics import classification_scores
 from nakt.classify.prepared import load_images, predict_probs
 from nakt.classify.robustness import attack_images
 from nakt.errors import NaktError
+from nakt.fold import fold_batchnorm
 from nakt.fusion import fuse
 from nakt.inference import pick_device
 from nakt.io import labelset, outputs
@@ -64,17 +65,20 @@ def label_classification(opts, weights: list[float] | None) -> Path:
     if opts.fusion == "staple":
         raise NaktError(None, "STAPLE fuses segmentations", "use --fusion mean, weighted or vote")
     device = pick_device(opts.device)
-    models = [load(t).to(device) for t in opts.teacher]
+    models = [load(t) for t in opts.teacher]
+    folded = [fold_batchnorm(m) for m in models]  # teachers only infer: BatchNorms folded (nakt.fold)
+    models = [m.to(device) for m in models]
     names = models[0].card.class_names
     for model, spec in zip(models[1:], opts.teacher[1:]):
         if model.card.class_names != names:
             raise NaktError(spec, f"classes {model.card.class_names} differ from {opts.teacher[0]}'s {names}")
     table = _unlabelled(opts.images, opts.cases)
     with outputs.fresh_output(opts.out, outputs.LABEL_SET, opts.overwrite):  # written at the end, in one go
-        return _write_label_table(opts, models, table, weights)
+        return _write_label_table(opts, models, table, weights, folded)
 
 
-def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights: list[float] | None) -> Path:
+def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights: list[float] | None,
+                       folded: list[int]) -> Path:
     names = models[0].card.class_names
     teacher_probs = _teacher_probs(models, table, opts.progress)  # [K, N, C]
     if len(models) > 1:  # fusion rules take [K, C, *spatial]: the images play the role of the spatial axis
@@ -86,22 +90,23 @@ def _write_label_table(opts, models: list[NaktModel], table: LabelTable, weights
     write_class_table(out / LABELS_CSV, table.keys, names, fused)
     labelset.write_manifest(out, {
         "nakt_version": __version__, "task": "classification", "images": str(opts.images), "fusion": opts.fusion,
-        "teachers": [{"spec": str(t), "weight": None if weights is None else weights[i]}
-                     for i, t in enumerate(opts.teacher)],
+        "teachers": [{"spec": str(t), "weight": None if weights is None else weights[i],
+                      "batchnorm_folded": folded[i]} for i, t in enumerate(opts.teacher)],
         "classes": len(names), "class_names": names, "label_values": list(range(len(names))),
         "teacher_agreement": float(agree.mean()), "cases": len(table.keys)})
     return out
 
 
-def predict_classification(opts, model: NaktModel) -> Path:
-    """``predictions.csv``: one probability column per class and the predicted class."""
+def predict_classification(opts, model: NaktModel, info: dict | None = None) -> Path:
+    """``predictions.csv``: one probability column per class and the predicted class (`info` goes into
+    ``predictions.json``)."""
     table = _unlabelled(opts.images, opts.cases)
-    begin_predictions(opts.out, opts.model, [], opts.overwrite)
+    begin_predictions(opts.out, opts.model, [], opts.overwrite, info)
     probs = table_probs(model, table, opts.progress)
     names = model.card.class_names
     decided = [names[i] for i in probs.argmax(1)]
     write_class_table(Path(opts.out) / "predictions.csv", table.keys, names, probs, {"prediction": decided})
-    end_predictions(opts.out, opts.model, [])
+    end_predictions(opts.out, opts.model, [], info)
     return Path(opts.out)
 
 
