@@ -14,7 +14,10 @@ smp U-Net/ResNet-18, smp FPN/ResNet-34, MONAI SegResNet, trained here on the tea
 - ``torchrun --nproc-per-node 2`` against one process on the same work;
 - a ``torch.profiler`` summary of one labeling run (where the time goes).
 
-Writes ``benchmarks/results/throughput.json`` and ``benchmarks/results/throughput.md``.
+Writes ``benchmarks/results/throughput_<kind>.json`` and ``.md``, one pair per machine kind (`result_name`:
+the CPU's ISA level from ``nakt.machine``, or ``cuda``); ``throughput.json`` holds the first AVX512-BF16 run.
+A CPU without AVX-512 can be stood in for on one that has it by capping PyTorch's kernels:
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` (recorded as ``isa_caps``).
 
     python benchmarks/throughput.py [--quick] [--work runs/throughput]
 """
@@ -37,11 +40,12 @@ from PIL import Image as PILImage
 from torch.utils.flop_counter import FlopCounterMode
 
 import nakt
-from nakt.inference import cpu_has_bf16, infer_probs, resolve_precision
+from nakt.inference import resolve_precision, to_image_grid
 from nakt.io import labelset
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask, write_label
 from nakt.io.rundir import is_complete
+from nakt.machine import this_machine
 from nakt.preprocess import decode_labels, prepare_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,18 +85,20 @@ def case_list(work: Path, limit: int | None) -> Path:
 
 
 def naive_label(runs: list[Path], cases: Path, out: Path, device: str = "cpu") -> float:
-    """The baseline: per image, per teacher, decode again and run a batch of one (fp32 on a CPU; nakt's
-    inference core autocasts to bf16 on a GPU); returns seconds."""
+    """The baseline a user writes by hand: per image, per teacher, decode again and run the network on a batch
+    of one, NCHW, fp32, under ``torch.no_grad`` (nakt's preprocessing and its mapping back to the image grid, so
+    that the labels are comparable); fuse by the mean and write the same mask and probabilities. Returns seconds.
+    """
     started = time.perf_counter()
-    models = [nakt.load(str(run)).to(device) for run in runs]
-    for model in models:
-        model.eval()
+    models = [nakt.load(str(run)).to(device).eval() for run in runs]
     values = list(models[0].card.label_values)
     for case in discover_cases(DATA / "images", cases=cases):
         teacher_probs = []
         for model in models:
             image = read_image(case.images)
-            teacher_probs.append(infer_probs(model, image.array, case.images[0]))
+            with torch.no_grad():
+                probs = model.predict_proba(prepare_image(image.array, model.card, case.images[0])[None].to(device))
+            teacher_probs.append(to_image_grid(probs[0].float().cpu(), image.spatial_shape))
         fused = np.mean(teacher_probs, axis=0)
         write_label(decode_labels(fused.argmax(0), values), image, out / "masks" / case.name)
         labelset.write_probs(out, case.name, fused)  # the same file writer as nakt's, so only the loop differs
@@ -233,16 +239,24 @@ def torchrun_run(runs: list[Path], cases: Path, out: Path, processes: int) -> fl
 
 
 def machine(device: str) -> dict:
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    """The machine measured: CPU model, its ISA flags and effective level (`nakt.machine`), threads, the GPU."""
+    return {**this_machine().to_json(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "nakt": nakt.__version__,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                                    "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}}
+
+
+def result_name(device: str) -> str:
+    """One results file per machine kind (``throughput_avx2``, ``throughput_avx512_bf16``, ``throughput_cuda``),
+    so a run on one kind never overwrites another kind's numbers."""
+    return f"throughput_{device}" if device != "cpu" else f"throughput_{this_machine().isa}"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(ROOT / "runs" / "throughput"))
-    parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.json and throughput.md")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for throughput_<kind>.json and .md")
     parser.add_argument("--quick", action="store_true", help="few images, short training, small scale sweep")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the timed runs")
     parser.add_argument("--epochs", type=int, help="teacher training epochs (default 15, quick 2)")
@@ -325,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["targets"]["peak RSS at the largest size within 10%"] = results["scale_ratio_rss"] <= 1.10
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "throughput" if device == "cpu" else f"throughput_{device}"
+    name = result_name(device)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out / f"{name}.md").write_text(table(results), encoding="utf-8")
     print(table(results))

@@ -14,9 +14,9 @@ One script run, the same model (smp U-Net/ResNet-18), batch (8), image size and 
   use here, since after fork + exec it starts from the parent's RSS) and the peak PSS of the process and its
   DataLoader workers together (sampled every 0.2 s; shared pages counted once).
 
-Writes ``benchmarks/results/training_throughput.json`` and ``.md``; with ``--device cuda`` (everything on the GPU,
-the memory runs left out: they measure the CPU process) ``training_throughput_cuda.json`` and ``.md``, so that the
-CPU results are never overwritten.
+Writes ``benchmarks/results/training_throughput_<kind>.json`` and ``.md``, one pair per machine kind
+(`result_name`: the CPU's ISA level, or ``cuda``: everything on the GPU, the memory runs left out since they
+measure the CPU process), so that one kind's results never overwrite another's.
 
     python benchmarks/training_throughput.py [--quick] [--device cuda] [--work runs/training_throughput]
 """
@@ -42,6 +42,7 @@ import nakt
 from nakt.inference import autocast, cpu_has_bf16, resolve_precision
 from nakt.io import rundir
 from nakt.io.images import read_image, read_mask
+from nakt.machine import this_machine
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, build_model
 from nakt.preprocess import encode_labels, one_hot, prepare_image, resize
@@ -287,12 +288,20 @@ def memory_targets(rss: list[dict]) -> dict:
 
 
 def machine(load_before: tuple, device: str = "cpu") -> dict:
+    """The machine measured: CPU model, its ISA flags and effective level (`nakt.machine`), threads, the GPU."""
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {**this_machine().to_json(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(), "nakt": nakt.__version__,
+            "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                                    "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
             "device": f"GPU {gpu}" if gpu else f"CPU ({os.cpu_count()} cores)", "gpu": gpu,
             "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}}
+
+
+def result_name(device: str) -> str:
+    """One results file per machine kind (``training_throughput_avx2``, ``..._avx512_bf16``, ``..._cuda``), so a
+    run on one kind never overwrites another's; ``training_throughput.json`` holds the first AVX512-BF16 run."""
+    return f"training_throughput_{device}" if device != "cpu" else f"training_throughput_{this_machine().isa}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
               "per_seed": per_seed, "summary": summary, "targets": targets, "rss": rss,
               "total_wall_s": time.time() - started}
     out.mkdir(parents=True, exist_ok=True)
-    name = "training_throughput" if device == "cpu" else f"training_throughput_{device}"
+    name = result_name(device)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"{name}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))

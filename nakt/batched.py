@@ -22,7 +22,7 @@ import torch
 
 from nakt.config import at_least, option
 from nakt.errors import NaktError
-from nakt.inference import PRECISIONS, TTAS, net_probs, resolve_precision, to_image_grid
+from nakt.inference import LAYOUTS, PRECISIONS, TTAS, net_probs, resolve_layout, resolve_precision, to_image_grid
 from nakt.io.dataset import Case
 from nakt.io.images import Image, read_image
 from nakt.models import ModelCard
@@ -45,6 +45,9 @@ class InferenceOptions:
     precision: str = option("auto", "network arithmetic: auto is bf16 on GPUs (fp16 before Ampere) and on CPUs "
                             "with AVX512-BF16 or AMX, else fp32", group="performance", choices=PRECISIONS)
     tta: str = option("none", "flip: mean of each image and its mirror", group="performance", choices=TTAS)
+    layout: str = option("auto", "memory layout of 2D inputs and weights: auto is channels-last on GPUs and on "
+                         "CPUs with AVX2 or better (nakt.machine), else contiguous", group="performance",
+                         choices=LAYOUTS)
 
 
 INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0)}
@@ -123,24 +126,26 @@ def case_probs(teacher: Teacher, cases: list[Case], opts: InferenceOptions,
     precision = resolve_precision(opts.precision, device)
     chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
     for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
-        yield from zip(block, block_probs(teacher, block, precision, opts.tta))
+        yield from zip(block, block_probs(teacher, block, precision, opts.tta, opts.layout))
 
 
 def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp32",
-                tta: str = "none") -> list[np.ndarray]:
+                tta: str = "none", layout: str = "auto") -> list[np.ndarray]:
     """One teacher's probabilities ``[C, *spatial]`` for each case of a block, on each image's grid.
 
-    Networks run on batches of same-shape prepared inputs; other teachers case by case."""
+    Networks run on batches of same-shape prepared inputs, in the memory `layout` (`resolve_layout`); other
+    teachers case by case."""
     if not isinstance(teacher, NetTeacher):
         return [teacher.case_probs(item.case, item.image) for item in block]
     teacher.model.eval()
-    if teacher.card.spatial_dims == 2:
-        teacher.model.to(memory_format=torch.channels_last)  # once per teacher; a no-op afterwards
+    channels_last = resolve_layout(layout, next(teacher.model.parameters()).device, teacher.card.spatial_dims)
+    teacher.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # no-op after
     key = _prep_key(teacher.card)
     out: list[np.ndarray | None] = [None] * len(block)
     for shape in dict.fromkeys(tuple(item.prepared[key].shape) for item in block):
         members = [k for k, item in enumerate(block) if tuple(item.prepared[key].shape) == shape]
-        probs = net_probs(teacher.model, torch.stack([block[k].prepared[key] for k in members]), precision, tta)
+        probs = net_probs(teacher.model, torch.stack([block[k].prepared[key] for k in members]), precision, tta,
+                          channels_last)
         for k, p in zip(members, probs):
             out[k] = to_image_grid(p, block[k].image.spatial_shape)
     return out

@@ -97,7 +97,7 @@ def evaluate(opts: EvaluateOptions) -> dict:
     is removed again when scoring fails."""
     teacher = None
     if opts.model is not None:
-        teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+        teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint, opts.precision)
     if (teacher is None or teacher.card.task == "segmentation") and opts.masks is None:
         raise NaktError(None, "missing option 'masks'", "give --masks DIR")
     with outputs.fresh_output(opts.out, outputs.EVALUATION, opts.overwrite):

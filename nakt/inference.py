@@ -9,21 +9,22 @@ however it is run.
 
 from __future__ import annotations
 
-import functools
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nakt.machine import channels_last_pays, cpu_has_bf16
 from nakt.models.registry import NaktModel
 from nakt.preprocess import prepare_image, resize
 
-__all__ = ["PRECISIONS", "TTAS", "autocast", "cpu_has_bf16", "infer_probs", "net_probs", "pick_device",
-           "probs_on_grid", "probs_to_grid", "resolve_precision", "to_image_grid"]
+__all__ = ["LAYOUTS", "PRECISIONS", "TTAS", "autocast", "cpu_has_bf16", "infer_probs", "net_probs", "pick_device",
+           "probs_on_grid", "probs_to_grid", "resolve_layout", "resolve_precision", "to_image_grid"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTAS = ("none", "flip")
+LAYOUTS = ("auto", "channels-last", "contiguous")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -32,21 +33,6 @@ def pick_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16, or AMX tiles on Sapphire Rapids and later)."""
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,6 +49,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def resolve_layout(layout: str, device: torch.device, spatial_dims: int) -> bool:
+    """True for channels-last (NHWC) inputs and weights: ``auto`` asks `nakt.machine.channels_last_pays`;
+    ``channels-last`` and ``contiguous`` force it (3D inputs always stay contiguous).
+
+    >>> resolve_layout("contiguous", torch.device("cpu"), 2)
+    False
+    """
+    if spatial_dims != 2:
+        return False
+    return channels_last_pays(device, spatial_dims) if layout == "auto" else layout == "channels-last"
 
 
 def autocast(precision: str, device: torch.device):
@@ -90,9 +88,11 @@ def probs_on_grid(model: NaktModel, x: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
-def net_probs(model: NaktModel, x: torch.Tensor, precision: str = "fp32", tta: str = "none") -> torch.Tensor:
+def net_probs(model: NaktModel, x: torch.Tensor, precision: str = "fp32", tta: str = "none",
+              channels_last: bool | None = None) -> torch.Tensor:
     """Probabilities ``[B, C, *grid]`` (float32, CPU) for prepared inputs ``[B, C_in, *grid]`` of one shape, under
-    a resolved `precision` (`resolve_precision`).
+    a resolved `precision` (`resolve_precision`), with 2D inputs channels-last when `channels_last` (None: the
+    machine's choice, `resolve_layout`); the model's weights should be in the same layout.
 
     ``tta="flip"`` averages the image and its mirror along the last axis, both in one batch of ``2B``.
     """
@@ -100,7 +100,9 @@ def net_probs(model: NaktModel, x: torch.Tensor, precision: str = "fp32", tta: s
     x = x.to(device)
     if tta == "flip":
         x = torch.cat([x, x.flip(-1)])
-    if x.ndim == 4:  # NHWC: cuDNN's and oneDNN's fast convolutions (measured 1.5x on CPU, batch 8 fp32)
+    if channels_last is None:
+        channels_last = resolve_layout("auto", device, x.ndim - 2)
+    if channels_last and x.ndim == 4:  # NHWC: cuDNN's and oneDNN's fast convolutions
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(precision, device):
         probs = probs_on_grid(model, x)

@@ -40,10 +40,11 @@ from nakt.fusion import (
     teacher_agreement,
     trimmed_vote,
 )
-from nakt.inference import infer_probs, pick_device, resolve_precision
+from nakt.inference import infer_probs, pick_device, resolve_layout, resolve_precision
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
+from nakt.machine import this_machine
 from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
@@ -51,6 +52,7 @@ from nakt.sharding import Share, current_share, on_first_part, process_group
 from nakt.teachers import (
     NetTeacher,
     common_label_values,
+    fold_pays,
     load_teacher,
     reading_orientation,
     reorder,
@@ -215,7 +217,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     out = Path(opts.out)
     cases = discover_cases(opts.images, cases=opts.cases, channels=opts.channels)
     device = share.device(pick_device(opts.device))
-    teachers = [load_teacher(t, device, trust=opts.trust_checkpoint) for t in opts.teacher]
+    fold = fold_pays(opts.precision, device)
+    teachers = [load_teacher(t, device, trust=opts.trust_checkpoint, fold=fold) for t in opts.teacher]
     values = common_label_values(teachers)
     orientation = reading_orientation(teachers)
     weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
@@ -227,7 +230,10 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
               "fusion": opts.fusion, "sharpen": opts.sharpen, "weights_from": weight_source, "teachers": records,
               "classes": len(values), "label_values": values, "orientation": orientation,
               "precision": resolve_precision(opts.precision, device), "tta": opts.tta,
-              "batch_size": opts.batch_size or default_batch_size(teachers)}
+              "batch_size": opts.batch_size or default_batch_size(teachers),
+              "channels_last": any(resolve_layout(opts.layout, device, t.card.spatial_dims) for t in teachers
+                                   if isinstance(t, NetTeacher)),
+              "machine": this_machine().kind()}
     if share.parts > 1 and not share.distributed:
         _wait_for_sibling_claim(out)
     on_first_part(share, lambda: _claim_label_set(out, opts, header))
@@ -244,7 +250,7 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
           BackgroundWriter() as writer):
         for block in load_blocks(cases, chosen, orientation, teachers, opts.num_workers):
             with torch.profiler.record_function("nakt.label: networks"):  # named stages in torch.profiler tables
-                per_teacher = [block_probs(t, block, header["precision"], opts.tta) for t in teachers]
+                per_teacher = [block_probs(t, block, header["precision"], opts.tta, opts.layout) for t in teachers]
             writer.submit(_write_block, out, block, per_teacher, teachers, values, opts, weights, bar)
     share.barrier()
     if share.part == 0 or not share.distributed:
@@ -263,6 +269,9 @@ def _wait_for_sibling_claim(out: Path, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+LAYOUT_NAMES = {True: "channels-last", False: "contiguous"}
+
+
 def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bool = False) -> None:
     """Claim `out`: a new label set gets its manifest (header, no cases) first, so that even one interrupted in
     its first case is recognised and resumed; an existing one must come from the same teachers and fusion.
@@ -274,10 +283,13 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        for key in ("precision", "tta", "batch_size", "sharpen"):  # older label sets resume with any
+        for key in ("precision", "tta", "batch_size", "sharpen", "channels_last"):  # older sets resume with any
             if previous.get(key, header[key]) != header[key]:
-                raise NaktError(out, f"holds a label set made with --{key} {previous[key]}, not {header[key]}",
-                                f"pass --{key} {previous[key]} to resume it, or choose a new --out folder")
+                flag, was, now = f"--{key.replace('_', '-')}", previous[key], header[key]
+                if key == "channels_last":  # a machine choice: --layout forces it
+                    flag, was, now = "--layout", *(LAYOUT_NAMES[v] for v in (was, now))
+                raise NaktError(out, f"holds a label set made with {flag} {was}, not {now}",
+                                f"pass {flag} {was} to resume it, or choose a new --out folder")
         return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
     labelset.write_manifest(out, {**header, "cases": {}})
 

@@ -21,7 +21,7 @@ from nakt.io.predictions import begin_predictions, end_predictions
 from nakt.models import NaktModel
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
-from nakt.teachers import NetTeacher, Teacher, load_teacher
+from nakt.teachers import NetTeacher, Teacher, fold_pays, load_teacher
 
 __all__ = ["PredictOptions", "load_checked", "predict", "predict_array"]
 
@@ -53,9 +53,10 @@ def predict_array(model: NaktModel, image: np.ndarray) -> np.ndarray:
     return decode_labels(hard_labels(infer_probs(model, image), 0), model.card.label_values)
 
 
-def load_checked(spec: str, task: str | None, device: str, trust: bool = False) -> Teacher:
-    """Any model spec `label` accepts, as a `Teacher`; a given `task` must be its own."""
-    teacher = load_teacher(spec, pick_device(device), trust=trust)
+def load_checked(spec: str, task: str | None, device: str, trust: bool = False, precision: str = "auto") -> Teacher:
+    """Any model spec `label` accepts, as a `Teacher` to run at `precision` (its BatchNorms folded in fp32:
+    `nakt.teachers.fold_pays`); a given `task` must be its own."""
+    teacher = load_teacher(spec, pick_device(device), trust=trust, fold=fold_pays(precision, pick_device(device)))
     if task is not None and task != teacher.card.task:
         raise NaktError(spec, f"is a {teacher.card.task} model, not {task}", f"use --task {teacher.card.task}")
     return teacher
@@ -63,7 +64,7 @@ def load_checked(spec: str, task: str | None, device: str, trust: bool = False) 
 
 def predict(opts: PredictOptions) -> Path:
     """Write ``out/<case>.<ext>`` for every image (and ``out/probs/<case>.npz`` with `save_probs`)."""
-    teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint)
+    teacher = load_checked(opts.model, opts.task, opts.device, opts.trust_checkpoint, opts.precision)
     info = {"batchnorm_folded": teacher.batchnorm_folded} if isinstance(teacher, NetTeacher) else None
     if teacher.card.task == "classification":
         return predict_classification(opts, teacher.model, info)

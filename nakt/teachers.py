@@ -19,13 +19,13 @@ import torch
 
 from nakt.errors import NaktError
 from nakt.fold import fold_batchnorm
-from nakt.inference import infer_probs
+from nakt.inference import infer_probs, resolve_precision
 from nakt.io.dataset import Case
 from nakt.io.images import Image
 from nakt.models import ModelCard, NaktModel, load, spec_scheme
 
-__all__ = ["NetTeacher", "Teacher", "common_label_values", "load_teacher", "reading_orientation", "reorder",
-           "runs_own_inference"]
+__all__ = ["NetTeacher", "Teacher", "common_label_values", "fold_pays", "load_teacher", "reading_orientation",
+           "reorder", "runs_own_inference"]
 
 
 class Teacher(Protocol):
@@ -57,22 +57,29 @@ class NetTeacher:
         return infer_probs(self.model, image.array, case.images[0])
 
 
-def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = False) -> Teacher:
+def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = False, fold: bool = False) -> Teacher:
     """A teacher from any spec `nakt label` accepts: a run directory, ``torchscript:``, ``onnx:``, ``bundle:``,
     ``nnunet:``, ``masks:`` or ``probs:``. `trust` lets pickled checkpoints (nnU-Net's) load types beyond the
     allow-list (``--trust-checkpoint``).
 
-    A network's BatchNorms are folded into its convolutions (`nakt.fold.fold_batchnorm`): a teacher only
-    infers, in eval mode, and is never trained or saved, so the folded model gives the same probabilities for
-    less work."""
+    With `fold` a network's BatchNorms are folded into its convolutions (`nakt.fold.fold_batchnorm`): for a
+    teacher that only infers in fp32 (`fold_pays`), never trained or saved, the folded model gives the same
+    probabilities (within 1e-5) for less work. Under bf16/fp16 the folded weights round differently (labels
+    would move with the trick), so those runs keep the network as trained."""
     entry, rest = spec_scheme(str(spec))
     if entry.teacher is None:
         model = load(spec)
-        folded = fold_batchnorm(model)
+        folded = fold_batchnorm(model) if fold else 0
         return NetTeacher(str(spec), model.to(device), folded)
     if trust and entry.name == "nnunet":
         rest += ("&" if "?" in rest else "?") + "trust=1"
     return entry.teacher(rest, str(spec), torch.device(device))
+
+
+def fold_pays(precision: str, device: torch.device | str) -> bool:
+    """Whether `load_teacher` should fold BatchNorms: only where it is exact, in fp32 (`precision` as given to
+    `nakt.inference.resolve_precision`)."""
+    return resolve_precision(precision, torch.device(device)) == "fp32"
 
 
 def runs_own_inference(spec: str) -> bool:

@@ -146,8 +146,10 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert [s["cases"] for s in result["scale"]] == [8, 16]
     assert len(list((tmp_path / "work" / "scale_16" / "labels" / "records").iterdir())) == 16
     assert result["torchrun_images_per_s"] is None  # left out: torchrun's labels are tested in test_label_scale
-    written = json.loads((tmp_path / "out" / "throughput.json").read_text())
-    assert written["targets"] == result["targets"] and "images/s" in (tmp_path / "out" / "throughput.md").read_text()
+    name = throughput.result_name("cpu")  # one file per machine kind, named by its ISA level
+    written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert written["targets"] == result["targets"] and "images/s" in (tmp_path / "out" / f"{name}.md").read_text()
+    assert written["machine"]["isa"] == name.removeprefix("throughput_") and written["machine"]["cpu_flags"]
 
 
 def test_fold_bench_smoke(tmp_path):
@@ -174,7 +176,9 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     for run in runs.values():
         assert run["images_per_s"] > 0 and 0.0 <= run["val_dice"] <= 1.0 and run["images"] >= 4
     assert result["rss"] == [] and set(result["targets"]) == {"speedup", "dice_gap", "overhead"}
-    assert "data-pipeline overhead" in (tmp_path / "out" / "training_throughput.md").read_text()
+    name = training_throughput.result_name("cpu")
+    assert "data-pipeline overhead" in (tmp_path / "out" / f"{name}.md").read_text()
+    assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["machine"]["isa"] in name
     memory = training_throughput.main(["--quick", "--rss-only", "--rss-arms", "defaults", "--train-cases", "6",
                                        "--scale-sizes", "4", "8", "--work", str(tmp_path / "work"),
                                        "--out", str(tmp_path / "out")])

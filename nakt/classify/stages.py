@@ -66,7 +66,7 @@ def label_classification(opts, weights: list[float] | None) -> Path:
         raise NaktError(None, "STAPLE fuses segmentations", "use --fusion mean, weighted or vote")
     device = pick_device(opts.device)
     models = [load(t) for t in opts.teacher]
-    folded = [fold_batchnorm(m) for m in models]  # teachers only infer: BatchNorms folded (nakt.fold)
+    folded = [fold_batchnorm(m) for m in models]  # teachers only infer, in fp32: BatchNorms folded exactly
     models = [m.to(device) for m in models]
     names = models[0].card.class_names
     for model, spec in zip(models[1:], opts.teacher[1:]):
