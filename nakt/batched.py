@@ -12,6 +12,8 @@ blocks in flight (the current one plus the loader's prefetch) are held.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +24,16 @@ import torch
 
 from nakt.config import at_least, option
 from nakt.errors import NaktError
-from nakt.inference import LAYOUTS, PRECISIONS, TTAS, net_probs, resolve_layout, resolve_precision, to_image_grid
+from nakt.inference import (
+    LAYOUTS,
+    PRECISIONS,
+    TTAS,
+    compile_for_inference,
+    net_probs,
+    resolve_layout,
+    resolve_precision,
+    to_image_grid,
+)
 from nakt.io.dataset import Case
 from nakt.io.images import Image, read_image
 from nakt.models import ModelCard
@@ -37,7 +48,8 @@ __all__ = ["INFERENCE_CHECKS", "BackgroundWriter", "InferenceOptions", "LoadedCa
 class InferenceOptions:
     """How the verbs that run models on many cases (label, predict, evaluate) batch them: `batch_size` cases per
     network batch (None: `default_batch_size`), `num_workers` loader processes decoding images, `precision`
-    (`resolve_precision`) and test-time augmentation `tta` (``none`` or ``flip``)."""
+    (`resolve_precision`), test-time augmentation `tta` (``none`` or ``flip``), the memory `layout`
+    (`nakt.inference.resolve_layout`) and whether networks are compiled (`compile`)."""
 
     batch_size: int | None = option(None, "cases per network batch (default: 8 for 2D models, 1 for 3D); for "
                                     "label also the unit of parts and resume", group="performance")
@@ -48,6 +60,9 @@ class InferenceOptions:
     layout: str = option("auto", "memory layout of 2D inputs and weights: auto is channels-last on GPUs and on "
                          "CPUs with AVX2 or better (nakt.machine), else contiguous", group="performance",
                          choices=LAYOUTS)
+    compile: bool = option(False, "run the networks through torch.compile (Inductor, weights frozen): the first "
+                           "batch of each shape compiles (its time is printed); pays only on long runs",
+                           group="performance")
 
 
 INFERENCE_CHECKS = {"batch_size": at_least(1), "num_workers": at_least(0)}
@@ -126,26 +141,34 @@ def case_probs(teacher: Teacher, cases: list[Case], opts: InferenceOptions,
     precision = resolve_precision(opts.precision, device)
     chosen = blocks(len(cases), opts.batch_size or default_batch_size([teacher]))
     for block in load_blocks(cases, chosen, reading_orientation([teacher]), [teacher], opts.num_workers):
-        yield from zip(block, block_probs(teacher, block, precision, opts.tta, opts.layout))
+        yield from zip(block, block_probs(teacher, block, precision, opts.tta, opts.layout, opts.compile))
 
 
-def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp32",
-                tta: str = "none", layout: str = "auto") -> list[np.ndarray]:
+def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp32", tta: str = "none",
+                layout: str = "auto", compile: bool = False) -> list[np.ndarray]:
     """One teacher's probabilities ``[C, *spatial]`` for each case of a block, on each image's grid.
 
-    Networks run on batches of same-shape prepared inputs, in the memory `layout` (`resolve_layout`); other
-    teachers case by case."""
+    Networks run on batches of same-shape prepared inputs, in the memory `layout` (`resolve_layout`), compiled
+    on their first batch with `compile` (`nakt.inference.compile_for_inference`); other teachers case by case."""
     if not isinstance(teacher, NetTeacher):
         return [teacher.case_probs(item.case, item.image) for item in block]
     teacher.model.eval()
     channels_last = resolve_layout(layout, next(teacher.model.parameters()).device, teacher.card.spatial_dims)
     teacher.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # no-op after
+    compiling = compile and teacher.compile_seconds is None
+    if compiling:
+        compile_for_inference(teacher.model)
+    start = time.perf_counter()
     key = _prep_key(teacher.card)
     out: list[np.ndarray | None] = [None] * len(block)
     for shape in dict.fromkeys(tuple(item.prepared[key].shape) for item in block):
         members = [k for k, item in enumerate(block) if tuple(item.prepared[key].shape) == shape]
         probs = net_probs(teacher.model, torch.stack([block[k].prepared[key] for k in members]), precision, tta,
                           channels_last)
+        if compiling:  # the compile time, amortised over the run: reported so a user can weigh it
+            teacher.compile_seconds = time.perf_counter() - start
+            print(f"nakt: compiled {teacher.spec} (first batch {teacher.compile_seconds:.1f} s)", file=sys.stderr)
+            compiling = False
         for k, p in zip(members, probs):
             out[k] = to_image_grid(p, block[k].image.spatial_shape)
     return out

@@ -19,8 +19,9 @@ from nakt.machine import channels_last_pays, cpu_has_bf16
 from nakt.models.registry import NaktModel
 from nakt.preprocess import prepare_image, resize
 
-__all__ = ["LAYOUTS", "PRECISIONS", "TTAS", "autocast", "cpu_has_bf16", "infer_probs", "net_probs", "pick_device",
-           "probs_on_grid", "probs_to_grid", "resolve_layout", "resolve_precision", "to_image_grid"]
+__all__ = ["LAYOUTS", "PRECISIONS", "TTAS", "autocast", "compile_for_inference", "cpu_has_bf16", "infer_probs",
+           "net_probs", "pick_device", "probs_on_grid", "probs_to_grid", "resolve_layout", "resolve_precision",
+           "to_image_grid"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTAS = ("none", "flip")
@@ -66,6 +67,14 @@ def resolve_layout(layout: str, device: torch.device, spatial_dims: int) -> bool
 def autocast(precision: str, device: torch.device):
     """The autocast context of a resolved `precision` (``fp32``: none) on `device`'s type."""
     return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def compile_for_inference(model: NaktModel) -> None:
+    """Compile `model`'s network in place with Inductor (``torch.compile``), its weights frozen into the graph
+    as constants (``freezing``: inference only; folds BatchNorms and pre-packs convolution weights). Each new
+    input shape compiles on its first call (tens of seconds on a CPU), so it pays only on long runs: measure it
+    with benchmarks/compile_bench.py. State dict keys stay as they were."""
+    model.net.compile(dynamic=False, options={"freezing": True})
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -233,7 +233,7 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
               "batch_size": opts.batch_size or default_batch_size(teachers),
               "channels_last": any(resolve_layout(opts.layout, device, t.card.spatial_dims) for t in teachers
                                    if isinstance(t, NetTeacher)),
-              "machine": this_machine().kind()}
+              "compile": opts.compile, "machine": this_machine().kind()}
     if share.parts > 1 and not share.distributed:
         _wait_for_sibling_claim(out)
     on_first_part(share, lambda: _claim_label_set(out, opts, header))
@@ -250,7 +250,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
           BackgroundWriter() as writer):
         for block in load_blocks(cases, chosen, orientation, teachers, opts.num_workers):
             with torch.profiler.record_function("nakt.label: networks"):  # named stages in torch.profiler tables
-                per_teacher = [block_probs(t, block, header["precision"], opts.tta, opts.layout) for t in teachers]
+                per_teacher = [block_probs(t, block, header["precision"], opts.tta, opts.layout, opts.compile)
+                               for t in teachers]
             writer.submit(_write_block, out, block, per_teacher, teachers, values, opts, weights, bar)
     share.barrier()
     if share.part == 0 or not share.distributed:
@@ -270,6 +271,17 @@ def _wait_for_sibling_claim(out: Path, timeout: float = 60.0) -> None:
 
 
 LAYOUT_NAMES = {True: "channels-last", False: "contiguous"}
+# choices that change a label set's bytes: a set is resumed only with the ones it was made with
+RESUME_CHOICES = ("precision", "tta", "batch_size", "sharpen", "channels_last", "compile")
+
+
+def _choice(key: str, value) -> str:
+    """A label set's recorded choice as the flag that makes it: ``with --layout contiguous``."""
+    if key == "channels_last":  # a machine choice: --layout forces it
+        return f"with --layout {LAYOUT_NAMES[value]}"
+    if key == "compile":
+        return "with --compile" if value else "without --compile"
+    return f"with --{key.replace('_', '-')} {value}"
 
 
 def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bool = False) -> None:
@@ -283,13 +295,11 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        for key in ("precision", "tta", "batch_size", "sharpen", "channels_last"):  # older sets resume with any
+        for key in RESUME_CHOICES:  # older sets, without some of these keys, resume with any
             if previous.get(key, header[key]) != header[key]:
-                flag, was, now = f"--{key.replace('_', '-')}", previous[key], header[key]
-                if key == "channels_last":  # a machine choice: --layout forces it
-                    flag, was, now = "--layout", *(LAYOUT_NAMES[v] for v in (was, now))
-                raise NaktError(out, f"holds a label set made with {flag} {was}, not {now}",
-                                f"pass {flag} {was} to resume it, or choose a new --out folder")
+                was, now = _choice(key, previous[key]), _choice(key, header[key])
+                raise NaktError(out, f"holds a label set made {was}, not {now}",
+                                f"run it {was} to resume it, or choose a new --out folder")
         return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
     labelset.write_manifest(out, {**header, "cases": {}})
 
