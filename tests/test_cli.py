@@ -13,10 +13,10 @@ from nakt.config import GROUPS, OptionError, option_info
 from nakt.fusion import FUSIONS
 from nakt.train import TrainOptions
 
-# The flags of the hand-written parser (commit 0320c6e), dumped before the CLI was generated, plus those added since
-# (--layout): ``name:kind``, the dest being the name without ``no-`` and with underscores; kinds: a value type
-# (``+``: several values, ``*``: with choices), ``append`` (repeatable), ``true`` (store_true) and ``false``
-# (``--no-x``, store_false). finetune and distill have train's flags.
+# The flags of the hand-written parser (commit 0320c6e), dumped before the CLI was generated, plus those added
+# since (--layout, --compile): ``name:kind``, the dest being the name without ``no-`` and with underscores;
+# kinds: a value type (``+``: several values, ``*``: with choices), ``append`` (repeatable), ``true``
+# (store_true) and ``false`` (``--no-x``, store_false). finetune and distill have train's flags.
 FLAGS = {
     "train": ("alpha:float balance-classes:true batch-size:int cache-gb:float cases:str channels:str+ "
               "compile:true config:str device:str ema:float epochs:int freeze-encoder-epochs:int fusion:str* "
@@ -28,17 +28,17 @@ FLAGS = {
               "seed:int size:int+ spatial-augment:true subset-fraction:float subsets:int task:str* "
               "teacher:append teacher-mode:str* temperature:float unfreeze-every:int val-cases:str "
               "val-fraction:float val-images:str val-labels:str val-masks:str weight-decay:float"),
-    "label": ("batch-size:int cases:str channels:str+ config:str device:str fusion:str* images:str layout:str* "
-              "no-progress:false num-parts:int num-workers:int out:str overwrite:true part-id:int "
+    "label": ("batch-size:int cases:str channels:str+ compile:true config:str device:str fusion:str* images:str "
+              "layout:str* no-progress:false num-parts:int num-workers:int out:str overwrite:true part-id:int "
               "precision:str* save-teacher-probs:true sharpen:float task:str* teacher:append "
               "trust-checkpoint:true tta:str* weighting:str* weights:float+"),
-    "predict": ("batch-size:int cases:str channels:str+ config:str device:str images:str layout:str* model:str "
-                "no-progress:false num-workers:int out:str overwrite:true precision:str* save-probs:true "
+    "predict": ("batch-size:int cases:str channels:str+ compile:true config:str device:str images:str layout:str* "
+                "model:str no-progress:false num-workers:int out:str overwrite:true precision:str* save-probs:true "
                 "task:str* trust-checkpoint:true tta:str*"),
-    "evaluate": ("attack:str* batch-size:int cases:str channels:str+ config:str device:str eps:float graded:true "
-                 "images:str label-column:str labels:str layout:str* mask-file:str masks:str model:str no-hd95:false "
-                 "no-progress:false num-workers:int out:str overwrite:true precision:str* pred:str roi:str "
-                 "steps:int task:str* trust-checkpoint:true tta:str*"),
+    "evaluate": ("attack:str* batch-size:int cases:str channels:str+ compile:true config:str device:str eps:float "
+                 "graded:true images:str label-column:str labels:str layout:str* mask-file:str masks:str model:str "
+                 "no-hd95:false no-progress:false num-workers:int out:str overwrite:true precision:str* "
+                 "pred:str roi:str steps:int task:str* trust-checkpoint:true tta:str*"),
     "report": ("cases:str channels:str+ config:str images:str labels:str mask-file:str masks:str "
                "no-progress:false out:str overwrite:true queue:int runs:str+"),
     "export": "atol:float config:str device:str format:str* images:str model:str opset:int out:str overwrite:true",
