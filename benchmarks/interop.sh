@@ -41,6 +41,15 @@ WALL[prepare]=$(( $(secs) - t ))
 t=$(secs)
 $NAKT label --teacher masks:$D/masks --images $D/images --cases $S:teacher_train --out $WORK/truth_train --overwrite --no-progress
 $NAKT export-nnunet --labels $WORK/truth_train --images $D/images --out $nnUNet_raw/Dataset501_CxrLungs --overwrite
+# as nnU-Net datasets are usually made: labels 0/1 named in dataset.json, nothing of nakt's 0/255 left in it, so
+# step 4 fuses an nnU-Net on 0/1 with nakt runs on the original 0/255 masks (nakt maps them: one foreground each)
+$PY - "$nnUNet_raw/Dataset501_CxrLungs/dataset.json" <<'PY'
+import json, sys
+data = json.load(open(sys.argv[1]))
+data.pop("nakt_label_values", None)
+data["labels"] = {"background": 0, "lungs": 1}
+json.dump(data, open(sys.argv[1], "w"), indent=1)
+PY
 $BIN/nnUNetv2_plan_and_preprocess -d 501 -c 2d -np 2 --verify_dataset_integrity
 $BIN/nnUNetv2_train 501 2d all -tr $TRAINER -device cpu
 NNUNET=nnunet:$nnUNet_results/Dataset501_CxrLungs/${TRAINER}__nnUNetPlans__2d?folds=all

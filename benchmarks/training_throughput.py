@@ -253,6 +253,12 @@ def table(rows: list[tuple]) -> list[str]:
         f"| {a} | {b} | {c} | {'' if d is None else 'yes' if d else '**no**'} |" for a, b, c, d in rows]
 
 
+def speedup_target(auto: str) -> float:
+    """Training's target against the plain fp32 loop: 1.8x where reduced precision is native, 1.3x in fp32
+    (layout and the data pipeline alone)."""
+    return 1.3 if auto == "fp32" else 1.8
+
+
 def memory_markdown(result: dict) -> str:
     """The table of a ``--rss-only`` run."""
     return "\n".join([f"# Training memory ({result['machine']['device']})", "", f"Command: `{result['command']}`  ",
@@ -262,8 +268,8 @@ def memory_markdown(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     s, t, load = result["summary"], result["targets"], result["machine"]["load_average_1min"]
-    rows = [("nakt train (defaults) vs plain fp32 loop, training images/s", f"{s['speedup']:.2f}x", ">= 1.5x",
-             t["speedup"]),
+    rows = [("nakt train (defaults) vs plain fp32 loop, training images/s", f"{s['speedup']:.2f}x",
+             f">= {speedup_target(result['precision_auto'])}x", t["speedup"]),
             ("final validation Dice, \\|nakt defaults - plain fp32\\| (mean over seeds; signed mean "
              f"{s['dice_gap']:+.4f})", f"{s['dice_gap_abs']:.4f}", "<= 0.005", t["dice_gap"]),
             (f"final validation Dice, nakt {result['precision_auto']} - nakt fp32 (mean over seeds)",
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              for r in per_seed.values())}
     rss = [] if args.no_rss or device == "cuda" else [peak_rss(work, train_cases, scale_sizes, size, arm)
                                                       for arm in args.rss_arms]
-    targets = {"speedup": summary["speedup"] >= 1.5, "dice_gap": summary["dice_gap_abs"] <= 0.005,
+    targets = {"speedup": summary["speedup"] >= speedup_target(precision), "dice_gap": summary["dice_gap_abs"] <= 0.005,
                "overhead": summary["overhead"] < 0.15, **memory_targets(rss)}
     result = {"mode": "quick" if args.quick else "full", "command": command, "precision_auto": precision,
               "config": config, "machine": machine(load_before, device), "device": device,

@@ -19,7 +19,8 @@ from nakt.errors import NaktError
 from nakt.io.images import orientation_code
 
 __all__ = ["COMMON", "GROUPS", "OptionError", "at_least", "between", "check_device", "check_options",
-           "check_orientation", "gather_values", "make_options", "one_of", "option", "option_info"]
+           "check_orientation", "gather_values", "make_options", "one_of", "option", "option_info",
+           "read_yaml_mapping"]
 
 T = TypeVar("T")
 
@@ -208,26 +209,33 @@ def check_options(opts, checks: dict[str, Check]) -> None:
             raise OptionError(name, problem)
 
 
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
+    """A YAML file holding one mapping; a missing file, bad YAML or another shape is one line naming `path`
+    (`what`: "config file"; `shape`: what the mapping should be)."""
+    import yaml
+
+    if not path.is_file():
+        raise NaktError(path, f"{what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise NaktError(path, f"invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise NaktError(path, shape)
+    return data
+
+
 def gather_values(cls: type, config: str | Path | None = None, **given) -> tuple[dict, set[str]]:
     """The option values for `cls`: a YAML file's keys overridden by `given` values that are not None.
 
     Returns ``(values, keys that came from the file)``. Unknown keys are an error naming the file and the valid
     keys.
     """
-    import yaml
-
     valid = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
     if config is not None:
         path = Path(config)
-        if not path.is_file():
-            raise NaktError(path, "config file not found")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise NaktError(path, f"invalid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise NaktError(path, "a config is a mapping of option: value")
+        values = read_yaml_mapping(path, "config file", "a config is a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - valid)
         if unknown:

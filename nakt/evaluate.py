@@ -124,6 +124,7 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
     rois = {c.name: c.mask for c in discover_cases(opts.images, opts.roi, opts.cases, opts.channels,
                                                    require_masks=True)} if opts.roi else {}
     per_case: list[dict] = []
+    names: list[str] | None = None
 
     def score(case: Case, image: Image, pred: np.ndarray, values: list[int]) -> None:
         truth = read_label_map(case.mask, like=image)
@@ -136,7 +137,7 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
 
     with tqdm(total=len(cases), desc="evaluate", unit="case", disable=not opts.progress) as bar:
         if teacher is not None:
-            values = list(teacher.card.label_values)
+            values, names = list(teacher.card.label_values), list(teacher.card.class_names)
             with BackgroundWriter() as scorer:  # scoring (HD95 above all) overlaps the next batch's inference
                 for item, probs in case_probs(teacher, cases, opts, pick_device(opts.device)):
                     pred = decode_labels(hard_labels(probs, 0), teacher.card.label_values)
@@ -150,7 +151,9 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
                 pred = read_label_map(pred_file, like=image)
                 score(case, image, pred if recode_to is None else np.where(pred > 0, recode_to, 0), values)
                 bar.update(1)
-    return write_summary(opts.out, {**summarize(per_case), "label_values": values, "model": opts.model,
+    # dice_per_class lists the foreground classes: these are their values and names
+    return write_summary(opts.out, {**summarize(per_case), "label_values": values,
+                                    "class_names": names or [str(v) for v in values], "model": opts.model,
                                     "pred": opts.pred, "roi": opts.roi})
 
 

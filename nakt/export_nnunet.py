@@ -80,7 +80,8 @@ def _label_names(manifest: dict, values: list[int]) -> dict[str, int]:
     by_value = dict(zip(own, names)) if isinstance(names, list) and len(names) == len(own) else {}
     labels: dict[str, int] = {}
     for index, value in enumerate(values):
-        name = "background" if index == 0 else str(by_value.get(value, f"label_{value}"))
+        named = str(by_value.get(value, value)) != str(value)  # an unnamed class carries its value as name
+        name = "background" if index == 0 else str(by_value[value]) if named else f"label_{value}"
         if name in labels or (index > 0 and name == "background"):  # names are keys: keep them distinct
             name = f"{name}_{value}"
         labels[name] = index

@@ -14,6 +14,7 @@ __all__ = [
     "fuse",
     "fuse_confidence",
     "fuse_mean",
+    "fuse_partial",
     "fuse_staple",
     "fuse_staple_weighted",
     "fuse_trimmed_vote",
@@ -22,6 +23,7 @@ __all__ = [
     "agreement_map",
     "hard_labels",
     "outlier_teacher",
+    "pairwise_dice",
     "sharpen",
     "staple_estimates",
     "staple_weights",
@@ -190,7 +192,7 @@ def outlier_teacher(probs: np.ndarray) -> int | None:
     k, c = probs.shape[:2]
     if k < 3:
         return None
-    agreement = (_pairwise_dice(hard_labels(probs, 1), c).sum(axis=1) - 1) / (k - 1)
+    agreement = (pairwise_dice(hard_labels(probs, 1), c).sum(axis=1) - 1) / (k - 1)
     lowest = np.flatnonzero(np.isclose(agreement, agreement.min()))
     return int(lowest[0]) if len(lowest) == 1 else None
 
@@ -247,24 +249,54 @@ def fuse(probs: np.ndarray, method: str = "mean", weights=None) -> np.ndarray:
     return FUSIONS[look_up_option(method, FUSIONS, "fusion")](probs, weights)
 
 
+def fuse_partial(probs: np.ndarray, known: np.ndarray, method: str = "mean",
+                 weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse teachers that know only some of the C classes: ``probs [K, C, *spatial]`` (zeros where a teacher
+    does not know a class), ``known [K, C]`` bool. Each foreground class c is fused one against the rest with
+    `method` over the teachers that know it alone (a teacher that does not know c says nothing about it,
+    neither "present" nor "background"); a pixel takes the class of highest fused probability, background where
+    none exceeds 0.5 (a tie is background, as in every rule's argmax).
+
+    Returns ``(fused [C, *spatial], per_class [C, *spatial])``: `per_class[c]` is class c's fused probability
+    (row 0 unused); `fused` is ``[1 - max_c per_class, per_class[1:]]`` normalised, whose argmax is that rule.
+
+    >>> probs = np.array([[[0.2], [0.8], [0.0]], [[0.7], [0.0], [0.3]]])  # A knows class 1, B class 2
+    >>> fused, per_class = fuse_partial(probs, np.array([[1, 1, 0], [1, 0, 1]], bool))
+    >>> [round(float(p), 2) for p in per_class[1:].ravel()], int(fused.argmax())
+    ([0.8, 0.3], 1)
+    """
+    per_class = np.zeros(probs.shape[1:], dtype=np.float32)
+    for c in range(1, probs.shape[1]):
+        knowing = np.flatnonzero(known[:, c])
+        if not len(knowing):
+            continue
+        binary = np.stack([1 - probs[knowing, c], probs[knowing, c]], axis=1)
+        single = "vote" if method in ("vote", "trimmed-vote", "staple") else "mean"  # what K rules do with one
+        rule = method if len(knowing) > 1 else single
+        per_class[c] = fuse(binary, rule, None if weights is None else [weights[k] for k in knowing])[1]
+    fused = per_class.copy()
+    fused[0] = 1 - per_class[1:].max(axis=0)
+    return fused / np.maximum(fused.sum(axis=0, keepdims=True), 1e-12), per_class
+
+
 def teacher_agreement(probs: np.ndarray) -> dict:
     """How much K teachers agree on one case: the fraction of pixels where all hard labels match, and the mean
     pairwise foreground Dice (1.0 when both teachers see no foreground)."""
     hard = hard_labels(probs, 1)
     k = hard.shape[0]
     all_agree = float((hard == hard[0]).all(axis=0).mean())
-    pairs = _pairwise_dice((hard > 0).view(np.uint8), 2)[np.triu_indices(k, 1)]  # foreground against background
+    pairs = pairwise_dice((hard > 0).view(np.uint8), 2)[np.triu_indices(k, 1)]  # foreground against background
     return {"pixel_agreement": all_agree, "pairwise_dice": float(pairs.mean()) if k > 1 else 1.0}
 
 
-def _pairwise_dice(hard: np.ndarray, classes: int, chunk: int = 1 << 22) -> np.ndarray:
+def pairwise_dice(hard: np.ndarray, classes: int, chunk: int = 1 << 22) -> np.ndarray:
     """``[K, K]`` Dice between K hard label maps ``[K, *spatial]``, the mean over foreground classes
     ``1 .. classes - 1`` (1.0 for a class neither map has); 1.0 on the diagonal.
 
     All pairs at once: per class, the overlaps are one matrix product of the K membership masks, taken over
     `chunk` pixels at a time (float32 counts stay exact below 2**24 per chunk; summed in float64).
 
-    >>> _pairwise_dice(np.array([[0, 1, 1, 0], [0, 1, 0, 0], [2, 2, 2, 2]]), 2).round(3).tolist()
+    >>> pairwise_dice(np.array([[0, 1, 1, 0], [0, 1, 0, 0], [2, 2, 2, 2]]), 2).round(3).tolist()
     [[1.0, 0.667, 0.0], [0.667, 1.0, 0.0], [0.0, 0.0, 1.0]]
     """
     k = hard.shape[0]

@@ -33,6 +33,7 @@ from nakt.fusion import (
     agreement_map,
     default_fusion,
     fuse,
+    fuse_partial,
     hard_labels,
     sharpen,
     staple_estimates,
@@ -44,20 +45,13 @@ from nakt.inference import infer_probs, pick_device, resolve_layout, resolve_pre
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import write_label
+from nakt.labelspace import Unified, base_spec
 from nakt.machine import this_machine
 from nakt.models import NaktModel, load, parse_spec
 from nakt.models.card import TASKS
 from nakt.preprocess import decode_labels
 from nakt.sharding import Share, current_share, on_first_part, process_group
-from nakt.teachers import (
-    NetTeacher,
-    common_label_values,
-    fold_pays,
-    load_teacher,
-    reading_orientation,
-    reorder,
-    runs_own_inference,
-)
+from nakt.teachers import NetTeacher, fold_pays, load_teacher, reading_orientation, runs_own_inference, teacher_space
 from nakt.version import __version__
 
 __all__ = ["LabelOptions", "fuse_probs", "label", "label_arrays", "model_task", "teacher_weights"]
@@ -71,7 +65,9 @@ class LabelOptions(InferenceOptions):
     set of the same teachers and fusion in `out` is resumed; `overwrite` replaces it instead."""
 
     teacher: list[str] = option(help="run directory, torchscript:FILE, onnx:FILE, nnunet:DIR, bundle:DIR, "
-                                "masks:DIR or probs:DIR (repeat for several)", group="teachers", repeat=True)
+                                "masks:DIR or probs:DIR (repeat for several); any of them takes "
+                                "?labels=0:background,255:lesion (its classes' values and names), "
+                                "?classes=NAME,... or ?map=1:255", group="teachers", repeat=True)
     images: str = option(help="folder of images (files, or one folder per case)", group="data")
     out: str = option(help="label-set folder (masks/, probs/, manifest.json)", group="output")
     fusion: str | None = option(None, "mean, weighted (validation Dice), vote, staple, staple-weighted (mean "
@@ -85,6 +81,10 @@ class LabelOptions(InferenceOptions):
     weights: list[float] | None = option(None, "teacher weights for --fusion weighted", group="teachers")
     weighting: str = option("dice", "weights from validation Dice: the Dice itself or 1 / (1 - Dice)",
                             group="teachers", choices=WEIGHTINGS)
+    label_map: str | None = option(None, "YAML file mapping the teachers' classes onto one target space "
+                                   "(classes:, map:, teachers:; see nakt.labelspace); by default teachers fuse "
+                                   "when their values agree, by name when all name their classes, or when each "
+                                   "has one foreground", group="teachers")
     cases: str | None = None
     channels: list[str] | None = None
     save_teacher_probs: bool = option(False, "keep every teacher's probabilities in the label set (for nakt "
@@ -116,13 +116,14 @@ class LabelOptions(InferenceOptions):
 
 def _checksum(spec: str) -> str:
     """SHA-256 of a teacher's weights file, or of a folder teacher's file listing (`outputs.checksum`)."""
-    scheme, rest = parse_spec(spec)
+    scheme, rest = parse_spec(base_spec(spec))
     return outputs.checksum(Path(rest) / rundir.WEIGHTS if scheme == "run" else Path(rest.split("?")[0]))
 
 
 def model_task(spec: str) -> str:
     """The task of a trained model: a run directory's card, a network file's contract; teachers that are not
     networks nakt feeds (nnU-Net, bundles, predictions on disk) segment."""
+    spec = base_spec(spec)
     scheme, rest = parse_spec(spec)
     if scheme == "run":
         return rundir.read_config(Path(rest))[0].task
@@ -155,7 +156,7 @@ def teacher_weights(specs: list[str], weights: list[float] | None = None,
         return [float(w) for w in weights], "given"
     scores = []
     for spec in specs:
-        scheme, rest = parse_spec(spec)
+        scheme, rest = parse_spec(base_spec(spec))
         metrics = rundir.read_metrics(Path(rest)) if scheme == "run" else {}
         scores.append(rundir.best_score(metrics)[0])
     if any(s is None for s in scores):
@@ -175,12 +176,16 @@ def label_arrays(models: list[NaktModel], image: np.ndarray, fusion: str = "mean
 
 
 def fuse_probs(teacher_probs: np.ndarray, fusion: str = "mean", weights: list[float] | None = None,
-               sharpen_temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
+               sharpen_temperature: float = 1.0,
+               known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fuse K teachers' probabilities ``[K, C, *spatial]``, then sharpen the result at `sharpen_temperature`;
     returns ``(fused [C, *spatial], teacher_probs, info)`` where `info` holds the teachers' agreement and, for
-    the STAPLE rules, each teacher's estimated sensitivity and specificity, for trimmed-vote the dropped teacher."""
+    the STAPLE rules, each teacher's estimated sensitivity and specificity, for trimmed-vote the dropped teacher.
+    `known` ``[K, C]`` (bool): which teacher knows which class, when some know only some (`fuse_partial`)."""
     info = {"agreement": teacher_agreement(teacher_probs)} if len(teacher_probs) > 1 else {}
-    if fusion in ("staple", "staple-weighted"):
+    if known is not None and not known.all():
+        fused = fuse_partial(teacher_probs, known, fusion, weights)[0]
+    elif fusion in ("staple", "staple-weighted"):
         fused, quality = staple_estimates(teacher_probs)
         info["staple"] = quality
         if fusion == "staple-weighted":
@@ -219,7 +224,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
     device = share.device(pick_device(opts.device))
     fold = fold_pays(opts.precision, device)
     teachers = [load_teacher(t, device, trust=opts.trust_checkpoint, fold=fold) for t in opts.teacher]
-    values = common_label_values(teachers)
+    space = teacher_space(teachers, opts.label_map)
+    values = space.values
     orientation = reading_orientation(teachers)
     weights, weight_source = (teacher_weights(opts.teacher, opts.weights, opts.weighting)
                               if opts.fusion == "weighted" else (None, "unused"))
@@ -228,7 +234,8 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
                for i, (spec, t) in enumerate(zip(opts.teacher, teachers))]
     header = {"nakt_version": __version__, "task": "segmentation", "images": str(opts.images),
               "fusion": opts.fusion, "sharpen": opts.sharpen, "weights_from": weight_source, "teachers": records,
-              "classes": len(values), "label_values": values, "orientation": orientation,
+              "classes": len(values), "label_values": values, "class_names": space.names,
+              "label_mapping": space.record(), "orientation": orientation,
               "precision": resolve_precision(opts.precision, device), "tta": opts.tta,
               "batch_size": opts.batch_size or default_batch_size(teachers),
               "channels_last": any(resolve_layout(opts.layout, device, t.card.spatial_dims) for t in teachers
@@ -252,7 +259,7 @@ def _label_segmentation(opts: LabelOptions, share: Share) -> Path:
             with torch.profiler.record_function("nakt.label: networks"):  # named stages in torch.profiler tables
                 per_teacher = [block_probs(t, block, header["precision"], opts.tta, opts.layout, opts.compile)
                                for t in teachers]
-            writer.submit(_write_block, out, block, per_teacher, teachers, values, opts, weights, bar)
+            writer.submit(_write_block, out, block, per_teacher, space, opts, weights, bar)
     share.barrier()
     if share.part == 0 or not share.distributed:
         _consolidate_if_done(out, header, [c.name for c in cases])
@@ -304,28 +311,23 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
     labelset.write_manifest(out, {**header, "cases": {}})
 
 
-def _write_block(out: Path, block: list, per_teacher: list[list[np.ndarray]], teachers: list, values: list[int],
-                 opts: LabelOptions, weights: list[float] | None, bar: tqdm) -> None:
+def _write_block(out: Path, block: list, per_teacher: list[list[np.ndarray]], space: Unified, opts: LabelOptions,
+                 weights: list[float] | None, bar: tqdm) -> None:
     """Fuse and write every case of a block (on the background writer's thread)."""
     with torch.profiler.record_function("nakt.label: fuse and write"):
-        _write_cases(out, block, per_teacher, teachers, values, opts, weights)
+        for j, item in enumerate(block):
+            teacher_probs = np.stack([space.to_target(k, probs[j]) for k, probs in enumerate(per_teacher)])
+            _write_case(out, item.case.name, item.image, teacher_probs, space, opts, weights)
     bar.update(len(block))
 
 
-def _write_cases(out: Path, block: list, per_teacher: list[list[np.ndarray]], teachers: list, values: list[int],
-                 opts: LabelOptions, weights: list[float] | None) -> None:
-    for k, item in enumerate(block):
-        teacher_probs = np.stack([reorder(probs[k], t.card.label_values, values)
-                                  for t, probs in zip(teachers, per_teacher)])
-        _write_case(out, item.case.name, item.image, teacher_probs, values, opts, weights)
-
-
-def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, values: list[int], opts: LabelOptions,
+def _write_case(out: Path, name: str, image, teacher_probs: np.ndarray, space: Unified, opts: LabelOptions,
                 weights: list[float] | None) -> None:
-    """Fuse one case's teacher probabilities ``[K, C, *spatial]`` and write its mask, probabilities and, last,
-    its record: a case counts as done only once its files are complete."""
-    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen)
-    mask = decode_labels(hard_labels(fused, 0), values)
+    """Fuse one case's teacher probabilities ``[K, C, *spatial]`` (in the target space) and write its mask,
+    probabilities and, last, its record: a case counts as done only once its files are complete."""
+    fused, teacher_probs, info = fuse_probs(teacher_probs, opts.fusion, weights, opts.sharpen,
+                                            space.known if space.partial else None)
+    mask = decode_labels(hard_labels(fused, 0), space.values)
     mask_path = write_label(mask, image, out / "masks" / name)
     agreement = agreement_map(teacher_probs, fused) if len(teacher_probs) > 1 else None
     labelset.write_probs(out, name, fused, teacher_probs if opts.save_teacher_probs else None, agreement)

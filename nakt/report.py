@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nakt.config import at_least, check_options, option
 from nakt.errors import NaktError
-from nakt.fusion import agreement_map, staple_estimates
+from nakt.fusion import agreement_map, pairwise_dice, staple_estimates
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask
@@ -97,11 +97,37 @@ def report(opts: ReportOptions) -> Path:
     plots = _plots(summaries, runs, out / "plots")
     quality = _teacher_quality(summaries, teachers)
     result = {"format": "nakt.report/1", "label_set": str(label_set), "images": str(opts.images),
-              "truth": opts.masks, "teachers": quality, "queue": queue, "plots": plots, "cases": summaries}
+              "truth": opts.masks, "teachers": quality, "classes": _class_table(manifest, label_set, queue),
+              "queue": queue, "plots": plots, "cases": summaries}
     with outputs.atomic_path(out / "index.html") as tmp:
         tmp.write_text(_page(result, opts.queue), encoding="utf-8")
     rundir.write_json(out / "report.json", result)
     return out
+
+
+def _class_table(manifest: dict, label_set: Path, names: list[str]) -> list[dict]:
+    """Per class of the label set: its value and name, the teachers that know it (all of them unless the set
+    fused partial teachers, `nakt.labelspace`) and, where teacher probabilities are stored, the knowing
+    teachers' mean pairwise Dice on it over the cases `names`."""
+    values = [int(v) for v in manifest["label_values"]]
+    class_names = manifest.get("class_names") or [str(v) for v in values]
+    specs = [t["spec"] for t in manifest.get("teachers", [])]
+    by_teacher = (manifest.get("label_mapping") or {}).get("by_teacher")
+    knows = [set(t["classes"].values()) for t in by_teacher] if by_teacher else [set(values) for _ in specs]
+    dice: dict[int, list[float]] = {c: [] for c in range(len(values))}
+    for name in names:
+        teacher_probs = labelset.read_probs(label_set, name, "teacher_probs")
+        if teacher_probs is None:
+            break  # stored for every case or for none
+        hard = teacher_probs.argmax(1)
+        for c, value in enumerate(values):
+            knowing = [k for k, known in enumerate(knows) if value in known]
+            if len(knowing) > 1:
+                pairs = pairwise_dice((hard[knowing] == c).view(np.uint8), 2)
+                dice[c].append(float(pairs[np.triu_indices(len(knowing), 1)].mean()))
+    return [{"value": v, "name": n, "known_by": [s for s, known in zip(specs, knows) if v in known],
+             "teachers_dice": float(np.mean(dice[c])) if dice[c] else None}
+            for c, (v, n) in enumerate(zip(values, class_names))]
 
 
 def _case_summary(case, record: dict, label_set: Path, values: list[int], orientation: str) -> dict:
@@ -246,6 +272,9 @@ def _page(result: dict, shown: int) -> str:
         rows.append(f"<tr id='case-{rank}'><td>{rank}</td><td>{e(name)}</td><td>{1 - s['disagreement']:.3f}</td>"
                     f"<td>{s['pixel_agreement']:.4f}</td><td>{truth}</td><td>{pictures}</td></tr>")
     plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in result["plots"])
+    classes = "".join(f"<tr><td>{c['value']}</td><td>{e(c['name'])}</td><td>{e(', '.join(c['known_by']))}</td>"
+                      f"<td>{'-' if c['teachers_dice'] is None else format(c['teachers_dice'], '.3f')}</td></tr>"
+                      for c in result["classes"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>nakt report: {e(result['label_set'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -255,6 +284,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} img{{margin:2p
 beside each image, the share of teachers agreeing with the fused label (dark: disagreement).</p>
 <h2>Teachers (label-free quality, STAPLE)</h2>
 <table><tr><th>teacher</th><th>sensitivity</th><th>specificity</th></tr>{quality}</table>
+<h2>Classes: which teacher knew what</h2>
+<table><tr><th>value</th><th>name</th><th>known by</th><th>knowing teachers' pairwise Dice</th></tr>{classes}</table>
 <h2>Plots</h2>{plots}
 <h2>Review queue: most disputed first</h2>
 <table><tr><th>rank</th><th>case</th><th>teachers' pairwise Dice</th><th>pixel agreement</th>

@@ -5,13 +5,14 @@ A nakt run, a TorchScript or ONNX file and a MONAI bundle are networks (`NaktMod
 ``probs:DIR``) are looked up by case name. They all meet in one small interface, `Teacher`, so that `label`,
 `predict` and `evaluate` never ask what kind of teacher they hold, and teachers of any framework fuse.
 
-Label spaces are reconciled by value: each teacher declares its label values (``card.label_values``, the
-integers written in mask files); `common_label_values` checks that all teachers share one set and
-`reorder` puts each teacher's probability channels into that common order.
+Label spaces: each teacher declares its classes by value (``card.label_values``, the integers written in mask
+files) and by name (``card.class_names``), or has them declared on its spec (``?labels=0:background,255:lesion``,
+``?classes=background,lesion``); `teacher_space` maps them onto one target space (`nakt.labelspace`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import numpy as np
@@ -22,10 +23,14 @@ from nakt.fold import fold_batchnorm
 from nakt.inference import infer_probs, resolve_precision
 from nakt.io.dataset import Case
 from nakt.io.images import Image
+from nakt.labelspace import Unified, parse_labels, parse_map, read_label_map, split_label_options, unify
 from nakt.models import ModelCard, NaktModel, load, spec_scheme
 
-__all__ = ["NetTeacher", "Teacher", "common_label_values", "fold_pays", "load_teacher", "reading_orientation",
-           "reorder", "runs_own_inference"]
+__all__ = ["NetTeacher", "Teacher", "common_label_values", "declare_classes", "fold_pays", "load_teacher",
+           "reading_orientation", "runs_own_inference", "teacher_space"]
+
+# teachers that read their label values themselves from ``?labels=`` (as values only)
+READS_LABELS = ("masks", "probs", "bundle")
 
 
 class Teacher(Protocol):
@@ -68,14 +73,55 @@ def load_teacher(spec: str, device: torch.device | str = "cpu", trust: bool = Fa
     teacher that only infers in fp32 (`fold_pays`), never trained or saved, the folded model gives the same
     probabilities (within 1e-5) for less work. Under bf16/fp16 the folded weights round differently (labels
     would move with the trick), so those runs keep the network as trained."""
-    entry, rest = spec_scheme(str(spec))
+    base, label_options = split_label_options(str(spec))
+    entry, rest = spec_scheme(base)
     if entry.teacher is None:
-        model = load(spec)
+        model = load(base)
         folded = fold_batchnorm(model) if fold else 0
-        return NetTeacher(str(spec), model.to(device), folded)
+        return declare_classes(NetTeacher(str(spec), model.to(device), folded), label_options)
     if trust and entry.name == "nnunet":
         rest += ("&" if "?" in rest else "?") + "trust=1"
-    return entry.teacher(rest, str(spec), torch.device(device))
+    if "labels" in label_options and entry.name in READS_LABELS:
+        values = ",".join(str(v) for v in parse_labels(label_options["labels"], str(spec))[0])
+        rest += ("&" if "?" in rest else "?") + f"labels={values}"
+    return declare_classes(entry.teacher(rest, str(spec), torch.device(device)), label_options)
+
+
+def declare_classes(teacher: Teacher, label_options: dict[str, str]) -> Teacher:
+    """`teacher` with the classes its spec declares: ``labels=VALUE:NAME,...`` (the values of its classes in
+    class order, and their names) or ``classes=NAME,...`` (names in class order)."""
+    card, spec = teacher.card, teacher.spec
+    values, names = list(card.label_values), list(card.class_names)
+    if "labels" in label_options:
+        given, given_names = parse_labels(label_options["labels"], spec)
+        if sorted(given) != sorted(values):
+            if len(given) != card.classes:
+                raise NaktError(spec, f"?labels= gives {len(given)} classes, the teacher has {card.classes} "
+                                f"(values {values})", "give one VALUE:NAME per class, in class order")
+            values, names = given, [str(v) for v in given]
+        if given_names:
+            by_value = dict(zip(given, given_names))
+            names = [by_value.get(v, n) for v, n in zip(values, names)]
+    if "classes" in label_options:
+        names = [n.strip() for n in label_options["classes"].split(",") if n.strip()]
+        if len(names) != card.classes:
+            raise NaktError(spec, f"?classes= names {len(names)} classes, the teacher has {card.classes}",
+                            "name every class, in class order")
+    if (values, names) != (list(card.label_values), list(card.class_names)):
+        teacher.card = dataclasses.replace(card, label_values=values, class_names=names)
+    return teacher
+
+
+def teacher_space(teachers: list[Teacher], label_map: str | None = None) -> Unified:
+    """The one label space `teachers` are fused in, and each teacher's mapping onto it (`nakt.labelspace.unify`):
+    from ``--label-map`` (`label_map`, a YAML file), each spec's ``?map=``, and the teachers' values and names."""
+    first = teachers[0]
+    for other in teachers[1:]:
+        if other.card.spatial_dims != first.card.spatial_dims:
+            raise NaktError(other.spec, f"is {other.card.spatial_dims}D, {first.spec} is {first.card.spatial_dims}D")
+    spaces = [(t.spec, [int(v) for v in t.card.label_values], list(t.card.class_names)) for t in teachers]
+    spec_maps = [parse_map(split_label_options(t.spec)[1].get("map", ""), t.spec) for t in teachers]
+    return unify(spaces, read_label_map(label_map) if label_map else None, spec_maps)
 
 
 def fold_pays(precision: str, device: torch.device | str) -> bool:
@@ -112,15 +158,3 @@ def reading_orientation(teachers: list[Teacher]) -> str:
         (a, oa), (b, ob) = list(needed.items())[:2]
         raise NaktError(b, f"reads volumes in orientation {ob}, {a} in {oa}", "fused 3D teachers must share one")
     return next(iter(needed.values()), "RAS")
-
-
-def reorder(probs: np.ndarray, own_values: list[int], values: list[int]) -> np.ndarray:
-    """Probability channels ``[C, ...]`` in the order of `own_values` -> the order of `values` (same set).
-
-    >>> reorder(np.array([[0.2], [0.8]]), [1, 0], [0, 1]).ravel().tolist()
-    [0.8, 0.2]
-    """
-    own = [int(v) for v in own_values]
-    if own == list(values):
-        return probs
-    return probs[[own.index(v) for v in values]]

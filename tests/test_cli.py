@@ -29,8 +29,8 @@ FLAGS = {
               "teacher:append teacher-mode:str* temperature:float unfreeze-every:int val-cases:str "
               "val-fraction:float val-images:str val-labels:str val-masks:str weight-decay:float"),
     "label": ("batch-size:int cases:str channels:str+ compile:true config:str device:str fusion:str* images:str "
-              "layout:str* no-progress:false num-parts:int num-workers:int out:str overwrite:true part-id:int "
-              "precision:str* save-teacher-probs:true sharpen:float task:str* teacher:append "
+              "label-map:str layout:str* no-progress:false num-parts:int num-workers:int out:str overwrite:true "
+              "part-id:int precision:str* save-teacher-probs:true sharpen:float task:str* teacher:append "
               "trust-checkpoint:true tta:str* weighting:str* weights:float+"),
     "predict": ("batch-size:int cases:str channels:str+ compile:true config:str device:str images:str layout:str* "
                 "model:str no-progress:false num-workers:int out:str overwrite:true precision:str* save-probs:true "

@@ -148,7 +148,7 @@ def test_trimmed_vote_drops_the_teacher_the_others_contradict():
 def test_pairwise_dice_equals_the_dice_of_each_pair_and_class():
     """The vectorised pairwise Dice (all pairs by matrix products, chunked) against a plain per-pair,
     per-class count, on random 3D maps with a class some maps lack, over several chunk sizes."""
-    from nakt.fusion import _pairwise_dice
+    from nakt.fusion import pairwise_dice
 
     rng = np.random.default_rng(0)
     hard = rng.integers(0, 3, size=(4, 6, 7, 5))
@@ -164,7 +164,7 @@ def test_pairwise_dice_equals_the_dice_of_each_pair_and_class():
                     per_class.append(1.0 if total == 0 else 2 * (fa & fb).sum() / total)
                 expected[a, b] = np.mean(per_class)
     for chunk in (7, 64, 1 << 22):
-        np.testing.assert_allclose(_pairwise_dice(hard, 4, chunk=chunk), expected, atol=1e-12)
+        np.testing.assert_allclose(pairwise_dice(hard, 4, chunk=chunk), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("classes", [2, 3])

@@ -461,3 +461,49 @@ def test_3d_nnunet_teacher_equals_nnunet_predict_on_any_storage_order(nnunet_roo
         theirs = nib.load(str(tmp_path / "pred" / f"{name}.nii.gz"))
         np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-5)  # written in the file's own geometry
         assert (np.asarray(ours.dataobj) == np.asarray(theirs.dataobj)).mean() > 0.999
+
+
+def test_three_frameworks_with_different_label_values_fuse_and_teach_without_a_map(nnunet_root, tmp_path):
+    """nnU-Net trained on 0/1 labels (named background/blob), a nakt run and an ONNX export trained on the same
+    volumes with 0/255 masks: they fuse with no mapping given (one foreground each), the manifest records the
+    mapping, each case's fused probabilities are the mean of the three teachers' own (nnU-Net's class 1 counted
+    as 255, not as background), and a student trains on the label set."""
+    import nibabel as nib
+
+    import nakt
+
+    pytest.importorskip("onnxruntime")
+    raw = nnunet_root / "raw" / "Dataset902_Tiny3d"
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for label in sorted((raw / "labelsTr").glob("*.nii.gz")):
+        name = label.name.replace(".nii.gz", "")
+        shutil.copy(raw / "imagesTr" / f"{name}_0000.nii.gz", images / label.name)
+        img = nib.load(str(label))
+        binary = (np.asarray(img.dataobj) * 255).astype(np.uint8)
+        nib.save(nib.Nifti1Image(binary, img.affine), str(masks / label.name))
+    common = dict(images=str(images), masks=str(masks), patch=[32], epochs=2, batch_size=2, val_fraction=0,
+                  progress=False, precision="fp32")
+    run = nakt.train(model="monai:UNet", out=str(tmp_path / "unet"), **common)
+    exported = nakt.export(model=str(nakt.train(model="monai:SegResNet", out=str(tmp_path / "seg"), **common)),
+                           format="onnx", out=str(tmp_path / "seg.onnx"))
+    folder = nnunet_root / "res" / "Dataset902_Tiny3d" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    specs = [f"nnunet:{folder}", str(run), f"onnx:{exported}"]
+    fused = nakt.label(teacher=specs, images=str(images), out=str(tmp_path / "labels"), fusion="mean",
+                       precision="fp32", progress=False)
+    manifest = json.loads((fused / "manifest.json").read_text())
+    assert manifest["label_values"] == [0, 255] and manifest["class_names"] == ["background", "blob"]
+    own_to_target = [t["classes"] for t in manifest["label_mapping"]["by_teacher"]]
+    assert own_to_target == [{"0": 0, "1": 255}, {"0": 0, "255": 255}, {"0": 0, "255": 255}]
+    teachers = [load_teacher(spec) for spec in specs]
+    for name in ("vol00", "vol03"):
+        files = [images / f"{name}.nii.gz"]
+        image = read_image(files, orientation="RAS")
+        expected = np.mean([t.case_probs(Case(name, files), image) for t in teachers], axis=0)
+        written = np.load(fused / "probs" / f"{name}.npz")["probs"].astype(np.float32)
+        assert written.shape == expected.shape and np.abs(written - expected).mean() < 0.01
+    student = nakt.train(model="monai:UNet", images=str(images), masks=str(fused), out=str(tmp_path / "student"),
+                         patch=[32], epochs=1, batch_size=2, val_fraction=0, progress=False, precision="fp32")
+    card = json.loads((student / "config.json").read_text())
+    assert card["label_values"] == [0, 255] and card["class_names"] == ["background", "blob"]

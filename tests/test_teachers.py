@@ -51,20 +51,35 @@ def test_three_kinds_of_teacher_fuse_with_staple(net_run, synthetic2d, tmp_path)
     assert set(np.unique(mask)) <= {0, 255}
 
 
-def test_label_spaces_are_reconciled_by_value_or_refused(net_run, synthetic2d, tmp_path, capsys):
-    ones = tmp_path / "masks01"
+def test_label_spaces_are_mapped_by_value_or_refused(net_run, synthetic2d, tmp_path, capsys):
+    ones, three = tmp_path / "masks01", tmp_path / "masks012"
     ones.mkdir()
+    three.mkdir()
     for path in sorted((synthetic2d / "masks").glob("*.png")):
-        Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8)).save(ones / path.name)
-    code = main(["label", "--teacher", str(net_run), "--teacher", f"masks:{ones}", "--images",
+        binary = (np.asarray(Image.open(path)) > 0).astype(np.uint8)
+        Image.fromarray(binary).save(ones / path.name)
+        binary[:2, :2] = 2
+        Image.fromarray(binary).save(three / path.name)
+    # one foreground each: {0, 255} and {0, 1} fuse with no map, 1 counted as 255 (the target takes the value
+    # most teachers use, the first teacher's on a tie); two teachers that agree give the 0/255 masks back
+    cases = _cases(synthetic2d, "test")
+    labels = nakt.label(teacher=[f"masks:{synthetic2d / 'masks'}", f"masks:{ones}"], cases=cases, fusion="mean",
+                        images=str(synthetic2d / "images"), out=str(tmp_path / "binary"), progress=False)
+    manifest = json.loads((labels / "manifest.json").read_text())
+    assert manifest["label_values"] == [0, 255]
+    assert manifest["label_mapping"]["by_teacher"][1]["classes"] == {"0": 0, "1": 255}
+    for mask in sorted((labels / "masks").glob("*.png")):
+        truth = np.asarray(Image.open(synthetic2d / "masks" / mask.name))
+        np.testing.assert_array_equal(np.asarray(Image.open(mask)), truth)
+    # {0, 1, 2} against {0, 255}, no names: ambiguous, refused in one line naming both sides, nothing written
+    code = main(["label", "--teacher", str(net_run), "--teacher", f"masks:{three}", "--images",
                  str(synthetic2d / "images"), "--out", str(tmp_path / "l"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "[0, 1]" in err and "[0, 255]" in err, err
+    assert code == 2 and "\n" not in err and "[0, 1, 2]" in err and "[0, 255]" in err and str(three) in err, err
     assert not (tmp_path / "l").exists()
     # declared values in another order are the same space
     labels = nakt.label(teacher=[f"masks:{synthetic2d / 'masks'}?labels=255,0", str(net_run)],
-                        images=str(synthetic2d / "images"), cases=_cases(synthetic2d, "test"),
-                        out=str(tmp_path / "ok"), progress=False)
+                        images=str(synthetic2d / "images"), cases=cases, out=str(tmp_path / "ok"), progress=False)
     assert json.loads((labels / "manifest.json").read_text())["label_values"] == [0, 255]
 
 

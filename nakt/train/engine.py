@@ -28,6 +28,7 @@ from nakt.classify.roskd import ema_model
 from nakt.classify.transfer import apply_unfreezing, make_optimizer
 from nakt.inference import autocast, resolve_precision
 from nakt.io import rundir
+from nakt.machine import channels_last_pays
 from nakt.models.registry import NaktModel
 from nakt.sharding import collective_device
 from nakt.train.checkpoint import BestEpoch, TrainingState
@@ -108,10 +109,13 @@ class Task(Protocol):
 
 
 def uses_channels_last(model: NaktModel, device: torch.device) -> bool:
-    """NHWC for 2D networks on GPUs, where cuDNN's (tensor-core) convolutions want it. On the CPU training stays
-    NCHW: per-step timings of UNet/ResNet training on 2 shared cores went both ways (unlike inference, where
-    `nakt.batched` measured NHWC 1.5x faster), so nothing showed it helps there."""
-    return model.card.spatial_dims == 2 and device.type == "cuda"
+    """NHWC for 2D segmentation networks wherever `nakt.machine.channels_last_pays` (GPUs, CPUs with AVX2 or
+    better): a Unet/resnet18 training step at 128 px, batch 8, ran 1.13-1.3x faster channels-last than NCHW with
+    the ISA capped to AVX2, on AVX-512 in fp32 and under bf16 autocast (benchmarks/training_throughput.py
+    measures the whole run). Classifiers train NCHW on the CPU (on GPUs NHWC): not measured for them there."""
+    if model.card.task != "segmentation":
+        return model.card.spatial_dims == 2 and device.type == "cuda"
+    return channels_last_pays(device, model.card.spatial_dims)
 
 
 def freeze(model: nn.Module, names: set[str]) -> None:

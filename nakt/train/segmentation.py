@@ -16,6 +16,7 @@ from nakt.errors import NaktError
 from nakt.inference import autocast, probs_on_grid
 from nakt.io import labelset, rundir
 from nakt.io.dataset import discover_cases
+from nakt.machine import channels_last_pays
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
 from nakt.preprocess import target_size
@@ -105,7 +106,7 @@ class SegmentationTask:
             for case, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
                 scores.append(case_scores(predicted, hard_target(case["target"]).numpy(), self.card.classes,
                                           hd95=False)["dice"])
-        if nhwc and device.type != "cuda":  # the engine trains NCHW on the CPU (`engine.uses_channels_last`)
+        if nhwc and not channels_last_pays(device, 2):  # back to the layout the engine trains in
             model.to(memory_format=torch.contiguous_format)
         return float(np.mean(scores))
 
@@ -224,10 +225,13 @@ def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
             raise NaktError(info.case.images[0], f"{info.channels} channel(s), {len(info.spatial_shape)}D; "
                             f"{first.case.name} has {first.channels}, {len(first.spatial_shape)}D")
     spatial_dims = len(first.spatial_shape)
+    names_by_value: dict[int, str] = {}
     if teacher_values is not None:
         values = list(teacher_values)
     elif label_set is not None:
-        values = [int(v) for v in labelset.read_manifest(label_set)["label_values"]]
+        manifest = labelset.read_manifest(label_set)
+        values = [int(v) for v in manifest["label_values"]]
+        names_by_value = dict(zip(values, manifest.get("class_names", [])))  # the teachers' names for the classes
         extra = sorted(set(label_values_of(infos)) - set(values))
         if extra:
             raise NaktError(label_set, f"masks hold label values {extra} missing from the manifest")
@@ -245,6 +249,7 @@ def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
         size, patch = ([256] if spatial_dims == 2 else None), (None if spatial_dims == 2 else [96])
     card = ModelCard(spec=opts.model, in_channels=opts.in_channels or first.channels, classes=len(values),
                      spatial_dims=spatial_dims, label_values=values, size=size, patch=patch,
+                     class_names=[names_by_value.get(v, str(v)) for v in values],
                      normalization=opts.normalization, model_kwargs=dict(opts.model_kwargs),
                      orientation=opts.orientation)
     return card, None
