@@ -82,9 +82,9 @@ class LabelOptions(InferenceOptions):
     weighting: str = option("dice", "weights from validation Dice: the Dice itself or 1 / (1 - Dice)",
                             group="teachers", choices=WEIGHTINGS)
     label_map: str | None = option(None, "YAML file mapping the teachers' classes onto one target space "
-                                   "(classes:, map:, teachers:; see nakt.labelspace); by default teachers fuse "
-                                   "when their values agree, by name when all name their classes, or when each "
-                                   "has one foreground", group="teachers")
+                                   "(classes:, map:, teachers:; README: teachers with different label spaces); "
+                                   "by default teachers fuse when their values agree, by name when all name their "
+                                   "classes, or when each has one foreground", group="teachers")
     cases: str | None = None
     channels: list[str] | None = None
     save_teacher_probs: bool = option(False, "keep every teacher's probabilities in the label set (for nakt "

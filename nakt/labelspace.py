@@ -105,6 +105,8 @@ def split_label_options(spec: str) -> tuple[str, dict[str, str]]:
         return spec, {}
     pairs = parse_qs(query, keep_blank_values=True)
     options = {k: v[-1] for k, v in pairs.items() if k in LABEL_OPTIONS}
+    if not options:
+        return spec, {}  # untouched: its own kind reads the query
     rest = urlencode([(k, v) for k, vs in pairs.items() if k not in LABEL_OPTIONS for v in vs], safe=",:/")
     return base + ("?" + rest if rest else ""), options
 
