@@ -5,12 +5,13 @@ brats6 as 2D axial slices (`segmentation_transfer.prepare_brats_slices`: FLAIR +
 3 non-enhancing tumour, 4 enhancing tumour). Per seed:
 - teacher A (smp Unet/resnet18) learns necrosis + edema from `teacher_train` (the other classes are background in
   its masks, as in a dataset that never annotated them), values 1/2;
-- teacher B (smp DeepLabV3Plus/mobilenet_v2) learns edema + non-enhancing + enhancing, coded 20/30/40;
-- `nakt label` fuses them on `transferal`, matching classes by the names the specs declare
+- teacher B (smp FPN/resnet34) learns edema + non-enhancing + enhancing, coded 20/30/40;
+- `nakt label` fuses them on `teacher_train` + `transferal` (the teachers' own images and the pool: 114 slices,
+  as partial annotations are merged in practice), matching classes by the names the specs declare
   (``?labels=0:background,20:edema,...``): edema is fused over both teachers, every other class over the one
   that knows it;
-- the union student (smp FPN/mobilenet_v2) learns from that label set alone, and a control of the same
-  architecture from `transferal`'s full true masks.
+- the union student (smp Unet/resnet34, one network) learns from that label set alone, and a control of the
+  same architecture from the same slices' full true masks.
 Every model is scored on `test` per class, as Dice pooled over the test slices (a teacher on the classes it knows).
 
     python benchmarks/partial_teachers.py            # 3 seeds, 128 px, 20 epochs -> results/partial_teachers.*
@@ -40,9 +41,9 @@ DATA = ROOT.parent / "shared" / "data" / "brats6"
 CLASSES = {"necrosis": 1, "edema": 2, "non-enhancing": 3, "enhancing": 4}  # the true masks' values
 TEACHERS = {  # name -> (architecture, {class: the value this teacher's masks use})
     "A": ("smp:Unet/resnet18", {"necrosis": 1, "edema": 2}),
-    "B": ("smp:DeepLabV3Plus/mobilenet_v2", {"edema": 20, "non-enhancing": 30, "enhancing": 40}),
+    "B": ("smp:FPN/resnet34", {"edema": 20, "non-enhancing": 30, "enhancing": 40}),
 }
-STUDENT = "smp:FPN/mobilenet_v2"
+STUDENT = "smp:Unet/resnet34"
 CHANNELS = ["flair*", "t1c*"]
 
 
@@ -94,7 +95,10 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float) 
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(work / f"s{seed}" / f"pred_{name}"), overwrite=True, progress=False)
         scores[f"teacher {name}"] = pooled_dice(pred, data / "masks", test, codes)
-    labels = nakt.label(teacher=specs, images=str(data / "images"), cases=f"{splits}:transferal", channels=CHANNELS,
+    pool = work / "pool.txt"  # teacher_train + transferal: the slices the union student learns from
+    names = json.loads(splits.read_text())
+    pool.write_text("\n".join(names["teacher_train"] + names["transferal"]) + "\n")
+    labels = nakt.label(teacher=specs, images=str(data / "images"), cases=str(pool), channels=CHANNELS,
                         out=str(work / f"s{seed}" / "union_labels"), overwrite=True, progress=False)
     manifest = json.loads((labels / "manifest.json").read_text())
     union_values = dict(zip(manifest["class_names"][1:], manifest["label_values"][1:]))
@@ -102,7 +106,7 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float) 
                 "control student (full true masks)": (str(data / "masks"), CLASSES)}
     for row, (masks, values) in students.items():
         out = work / f"s{seed}" / ("union_student" if "union" in row else "control_student")
-        run = nakt.train(model=STUDENT, masks=masks, cases=f"{splits}:transferal", out=str(out), val_fraction=0,
+        run = nakt.train(model=STUDENT, masks=masks, cases=str(pool), out=str(out), val_fraction=0,
                          **{**common, "lr": student_lr})
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(out.with_name(out.name + "_pred")), overwrite=True, progress=False)
@@ -131,7 +135,7 @@ def markdown(result: dict) -> str:
     s = result["summary"]
     lines = [f"# Partial teachers on brats6 ({result['mode']} mode, seeds {result['config']['seeds']})", "",
              f"Command: `{result['command']}`  ", "",
-             "| class | teacher A (necrosis, edema) | teacher B (edema, non-enh., enh.) | union student | "
+             f"| class | teacher A ({TEACHERS['A'][0]}) | teacher B ({TEACHERS['B'][0]}) | union student ({STUDENT}) | "
              "union / best knowing teacher | control student (full true masks) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for c, p in s["per_class"].items():
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     per_seed = {}
     for seed in seeds:
-        per_seed[str(seed)] = run_seed(seed, data, work, train, student_lr=3e-3)
+        per_seed[str(seed)] = run_seed(seed, data, work, train, student_lr=1e-3)
         print(f"[seed {seed}] " + json.dumps(per_seed[str(seed)]["scores"]), flush=True)
     result = {"mode": "quick" if args.quick else "full", "command": command,
               "config": {**train, "seeds": seeds, "teachers": TEACHERS, "student": STUDENT},
