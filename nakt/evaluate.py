@@ -118,6 +118,16 @@ def _scored_values(pred_paths: list[Path], truth_paths: list[Path]) -> tuple[lis
     return sorted({0} | pred_values | truth_values), None
 
 
+def _binary_as(truth: np.ndarray, foreground: int) -> np.ndarray:
+    """A binary truth whose foreground has another value than a binary model's (0/255 masks, a model trained on
+    0/1) recoded to the model's: one foreground each is the same class, as `nakt label` fuses such teachers
+    (`nakt.labelspace`). Multi-class truths are left alone (scoring then names the value it does not know)."""
+    others = np.unique(truth[truth != 0])
+    if len(others) == 1 and others[0] != foreground:
+        return np.where(truth != 0, foreground, 0).astype(truth.dtype)
+    return truth
+
+
 def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
     cases = discover_cases(opts.images, opts.masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=True)
@@ -128,6 +138,8 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
 
     def score(case: Case, image: Image, pred: np.ndarray, values: list[int]) -> None:
         truth = read_label_map(case.mask, like=image)
+        if teacher is not None and len(values) == 2 and values[0] == 0:
+            truth = _binary_as(truth, values[1])
         if rois:
             outside = read_mask(rois[case.name], like=image) == 0
             pred, truth = np.where(outside, 0, pred), np.where(outside, 0, truth)

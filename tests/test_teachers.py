@@ -124,3 +124,16 @@ def test_trimmed_vote_names_the_dropped_teacher(synthetic2d, tmp_path):
         assert record["dropped_teacher"] == 2, case
         fused = np.asarray(Image.open(tmp_path / "l" / "masks" / f"{case}.png"))
         assert np.array_equal(fused, np.asarray(Image.open(synthetic2d / "masks" / f"{case}.png"))), case
+
+
+def test_a_binary_model_is_scored_against_masks_with_another_foreground_value(synthetic2d, tmp_path):
+    """A 0/1 model (here predictions on disk) against the 0/255 truth it copies: Dice 1, not 0 (the two
+    foregrounds are one class, as in labelling)."""
+    ones = tmp_path / "masks01"
+    ones.mkdir()
+    for path in sorted((synthetic2d / "masks").glob("*.png")):
+        Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8)).save(ones / path.name)
+    summary = nakt.evaluate(model=f"masks:{ones}?labels=0,1", images=str(synthetic2d / "images"),
+                            masks=str(synthetic2d / "masks"), cases=_cases(synthetic2d, "test"),
+                            out=str(tmp_path / "eval"), progress=False)
+    assert summary["mean"]["dice"] == 1.0 and summary["label_values"] == [0, 1]
