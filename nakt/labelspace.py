@@ -93,7 +93,8 @@ class Unified:
         if m.target_index == list(range(len(self.values))):
             return probs
         out = np.zeros((len(self.values), *probs.shape[1:]), dtype=probs.dtype)
-        np.add.at(out, m.target_index, probs)
+        for own, target in enumerate(m.target_index):  # a loop: np.add.at is unbuffered, slow on volumes
+            out[target] += probs[own]
         return out
 
 
@@ -193,20 +194,35 @@ def unify(spaces: list[tuple[str, list[int], list[str]]], label_map: LabelMap | 
                                           for s, v, _ in spaces])
     elif all(_named(v, n) for _, v, n in spaces):
         unified = _by_name(spaces)
-    elif all(len(v) == 2 and 0 in v for _, v, _ in spaces):
+    elif all(len(v) == 2 and 0 in v for _, v, _ in spaces) and len(_foreground_names(spaces)) <= 1:
         unified = _binary(spaces)
     else:
-        (a, va, _), (b, vb, _) = _first_differing(spaces)
-        raise NaktError(b, f"label values {sorted(vb)} cannot be matched with {a}'s {sorted(va)} (no class names "
-                        "on both sides, and not one foreground each)",
+        (a, va, na), (b, vb, nb) = _first_differing(spaces)
+        raise NaktError(b, f"label values {_shown_space(vb, nb)} cannot be matched with {a}'s "
+                        f"{_shown_space(va, na)} (not the same values, not named on every teacher, not one "
+                        "foreground of one name each)",
                         "name the classes (?labels=0:background,1:liver on each spec) or map them (--label-map "
                         "FILE.yaml, or ?map=1:255)")
     return unified
 
 
+def _shown_space(values: list[int], names: list[str]) -> str:
+    """``[0, 255]``, or with names ``[0 background, 1 liver]``."""
+    if not _named(values, names):
+        return str(sorted(values))
+    return "[" + ", ".join(f"{v} {n}" for v, n in sorted(zip(values, names))) + "]"
+
+
 def _first_differing(spaces):
-    first = spaces[0]
-    return first, next(s for s in spaces[1:] if sorted(s[1]) != sorted(first[1]) or not _names_agree([first, s]))
+    """The first two teachers whose spaces cannot be matched as they are."""
+    pairs = [(a, b) for i, a in enumerate(spaces) for b in spaces[i + 1:]]
+    return next(((a, b) for a, b in pairs if sorted(a[1]) != sorted(b[1]) or not _names_agree([a, b])
+                 or len(_foreground_names([a, b])) > 1), pairs[0])
+
+
+def _foreground_names(spaces) -> set[str]:
+    """The names teachers that name their classes give their foregrounds."""
+    return {n.lower() for _, vs, ns in spaces if _named(vs, ns) for v, n in zip(vs, ns) if v != 0}
 
 
 def _names_agree(spaces) -> bool:

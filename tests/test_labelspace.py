@@ -44,6 +44,9 @@ def test_ambiguous_spaces_are_refused_naming_both_sides():
         unify([("run_a", [0, 1, 2], ["0", "1", "2"]), ("run_b", [0, 255], ["0", "255"])])
     text = str(err.value)
     assert "\n" not in text and "run_a" in text and "run_b" in text and "[0, 255]" in text and "[0, 1, 2]" in text
+    with pytest.raises(NaktError, match="spleen"):  # one foreground each, but named as two different classes
+        unify([("a", [0, 1], ["0", "1"]), ("b", [0, 1], ["background", "liver"]),
+               ("c", [0, 255], ["background", "spleen"])])
     with pytest.raises(NaktError, match=r"class 3 \(kidney\) has no place in the target classes \{0: background, "
                                         r"1: liver\}"):
         unify([("b", [0, 3], ["background", "kidney"])], LabelMap(classes={0: "background", 1: "liver"}))
