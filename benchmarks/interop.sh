@@ -92,7 +92,8 @@ for name in ("nnunet", "nakt", "onnx", "student", "fused_labels"):
 manifest = json.loads((work / "labels" / "manifest.json").read_text(encoding="utf-8"))
 sens = [c["staple"]["sensitivity"] for c in manifest["cases"].values()]
 rows["staple_mean_sensitivity"] = [round(sum(s[k] for s in sens) / len(sens), 4) for k in range(3)]
-result = {"rows": rows, "wall_seconds": {k: int(v) for k, v in wall.items()}}
+result = {"rows": rows, "wall_seconds": {k: int(v) for k, v in wall.items()},
+          "label_values": manifest["label_values"], "label_mapping": manifest.get("label_mapping")}
 (work / "interop.json").write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
 PY
