@@ -302,6 +302,10 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
+        if any(previous.get(key, header[key]) != header[key] for key in ("label_values", "class_names",
+                                                                          "label_mapping")):
+            raise NaktError(out, "holds a label set whose teachers' classes were mapped or named otherwise",
+                            "give the same --label-map and ?map=/?labels= to resume it, or choose a new --out")
         for key in RESUME_CHOICES:  # older sets, without some of these keys, resume with any
             if previous.get(key, header[key]) != header[key]:
                 was, now = _choice(key, previous[key]), _choice(key, header[key])

@@ -31,7 +31,7 @@ _ATEN_CAPS = {"default": "default", "avx2": "avx2", "avx512": "amx"}  # ATen has
 def isa_level(flags: set[str], env: dict[str, str] | None = None) -> str:
     """The fastest of `ISA_LEVELS` that the CPU `flags` provide and the caps in `env` allow.
 
-    >>> isa_level({"avx2", "fma", "avx512f", "avx512_bf16"})
+    >>> isa_level({"avx2", "fma", "avx512f", "avx512_bf16"}, env={})
     'avx512_bf16'
     >>> isa_level({"avx2", "fma", "avx512f", "avx512_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
     'avx2'

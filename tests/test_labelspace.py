@@ -203,3 +203,13 @@ def test_label_map_file_through_the_cli(tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert unnamed_b in lines[0] and "class 10" in lines[0] and "{0: background, 1: liver, 2: spleen}" in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_label_set_is_not_resumed_with_another_mapping(tmp_path):
+    rng = np.random.default_rng(4)
+    images, specs, _ = write_partial_teachers(tmp_path, rng)
+    out = tmp_path / "labels"
+    nakt.label(teacher=[specs["A"]], images=str(images), out=str(out), progress=False)
+    renamed = specs["A"].replace("liver", "hepar")  # the same teacher (same files), its class 1 named otherwise
+    with pytest.raises(NaktError, match="mapped or named otherwise"):
+        nakt.label(teacher=[renamed], images=str(images), out=str(out), progress=False)

@@ -93,3 +93,24 @@ def test_label_compile_gives_the_eager_labels_and_is_recorded(unet_teacher, synt
     assert json.loads((compiled / "manifest.json").read_text())["compile"] is True
     with pytest.raises(NaktError, match="made with --compile, not without --compile"):
         nakt.label(**common, out=str(compiled))
+
+
+def test_a_compiled_graph_that_disagrees_with_eager_is_dropped(unet_teacher, synthetic2d, tmp_path, capfd,
+                                                               monkeypatch):
+    """A compiled graph is trusted only once its first batch agrees with the eager network: one that gives other
+    probabilities (here a stand-in for a miscompiled graph: the logits negated) is dropped with a line, and the
+    labels are the eager ones."""
+    import nakt.batched
+
+    def miscompile(model):
+        net = model.net
+        net._compiled_call_impl = lambda *args, **kwargs: -net.forward(*args, **kwargs)
+
+    monkeypatch.setattr(nakt.batched, "compile_for_inference", miscompile)
+    common = dict(teacher=[str(unet_teacher)], images=str(synthetic2d / "images"), precision="fp32",
+                  cases=f"{synthetic2d / 'splits.json'}:transferal", progress=False, batch_size=4)
+    compiled = nakt.label(**common, out=str(tmp_path / "compiled"), compile=True)
+    assert "disagrees with the eager network" in capfd.readouterr().err
+    eager = nakt.label(**common, out=str(tmp_path / "eager"))
+    for mask in sorted((eager / "masks").iterdir()):
+        np.testing.assert_array_equal(read_mask(mask), read_mask(compiled / "masks" / mask.name))
