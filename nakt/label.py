@@ -302,8 +302,7 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
         if not same or previous.get("fusion") != opts.fusion:
             raise NaktError(out, "holds a label set made by other teachers or another fusion",
                             "choose a new --out folder, or --overwrite to replace it")
-        if any(previous.get(key, header[key]) != header[key] for key in ("label_values", "class_names",
-                                                                          "label_mapping")):
+        if _class_mapping(previous, header) != _class_mapping(header, header):
             raise NaktError(out, "holds a label set whose teachers' classes were mapped or named otherwise",
                             "give the same --label-map and ?map=/?labels= to resume it, or choose a new --out")
         for key in RESUME_CHOICES:  # older sets, without some of these keys, resume with any
@@ -313,6 +312,14 @@ def _claim_label_set(out: Path, opts: LabelOptions, header: dict, check_only: bo
                                 f"run it {was} to resume it, or choose a new --out folder")
         return  # its manifest stays as it is until consolidation: rewriting it per run would race other parts
     labelset.write_manifest(out, {**header, "cases": {}})
+
+
+def _class_mapping(manifest: dict, default: dict) -> tuple:
+    """What a label set's classes are: values, names and each teacher's own value -> target value (the specs'
+    spelling aside, as teachers are matched by checksum); keys an older set lacks read as `default`'s."""
+    mapping = manifest.get("label_mapping", default["label_mapping"])
+    return (manifest.get("label_values", default["label_values"]), manifest.get("class_names", default["class_names"]),
+            [t["classes"] for t in mapping["by_teacher"]])
 
 
 def _write_block(out: Path, block: list, per_teacher: list[list[np.ndarray]], space: Unified, opts: LabelOptions,
