@@ -257,3 +257,16 @@ def test_classify_does_not_import_train():
             todo.append(dep)
     assert not {m for m in seen if m.startswith("nakt.train")}
     assert "nakt.classify.transfer" in graph["nakt.train.engine"]  # the check sees imports at all
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(synthetic2d, tmp_path):
+    """A diverged run (here lr 1e12) is an error naming the epoch and what to try, not a 'finished' run whose
+    weights are whatever the last finite epoch left."""
+    import nakt
+    from nakt.errors import NaktError
+
+    with pytest.raises(NaktError, match=r"training loss became nan in epoch \d") as err:
+        nakt.train(model="monai:UNet", images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                   cases=f"{synthetic2d / 'splits.json'}:teacher_train", size=[32], epochs=3, lr=1e12,
+                   val_fraction=0, precision="fp32", progress=False, out=str(tmp_path / "run"))
+    assert "\n" not in str(err.value) and "a lower --lr" in str(err.value)

@@ -26,6 +26,7 @@ from torch import nn
 
 from nakt.classify.roskd import ema_model
 from nakt.classify.transfer import apply_unfreezing, make_optimizer
+from nakt.errors import NaktError
 from nakt.inference import autocast, resolve_precision
 from nakt.io import rundir
 from nakt.machine import channels_last_pays
@@ -234,9 +235,16 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Onl
         frozen, unfrozen = _trainable(model, epoch, opts, encoder)
         plan = plan_epoch(task.order(rng), opts.batch_size, rng, world)
         losses = [step(batch) for batch in loader.epoch(plan)]
+        train_loss = _mean_over_ranks(losses, world)
+        if train_loss is not None and not math.isfinite(train_loss):  # every rank sees the same mean
+            remedies = ["a lower --lr"] + (["--precision fp32"] if precision != "fp32" else []) + (
+                ["no --compile"] if opts.compile else [])
+            raise NaktError(run, f"the training loss became {train_loss} in epoch {epoch} (precision {precision}"
+                            f"{', compiled' if opts.compile else ''}); the run keeps its earlier epochs",
+                            "rerun with " + ", ".join(remedies))
         t_val = time.time()
         score = task.validate(scored, precision, opts.batch_size) if rank == 0 else None
-        log.update(scored, {"epoch": epoch, "train_loss": _mean_over_ranks(losses, world), "val_score": score,
+        log.update(scored, {"epoch": epoch, "train_loss": train_loss, "val_score": score,
                             "lr": schedule.get_last_lr()[-1], "encoder_frozen": frozen,
                             "unfrozen_groups": unfrozen, "samples": sum(len(b) for b in plan),
                             "seconds": round(time.time() - t0, 2), "val_seconds": round(time.time() - t_val, 2)},
