@@ -18,9 +18,9 @@ from nakt.train import TrainOptions
 # kinds: a value type (``+``: several values, ``*``: with choices), ``append`` (repeatable), ``true``
 # (store_true) and ``false`` (``--no-x``, store_false). finetune and distill have train's flags.
 FLAGS = {
-    "train": ("alpha:float balance-classes:true batch-size:int cache-gb:float cases:str channels:str+ "
-              "compile:true config:str device:str ema:float epochs:int freeze-encoder-epochs:int fusion:str* "
-              "hard-labels:true head:str* images:str in-channels:int init:str label-column:str "
+    "train": ("alpha:float annotated-classes:str balance-classes:true batch-size:int cache-gb:float cases:str "
+              "channels:str+ compile:true config:str device:str ema:float epochs:int freeze-encoder-epochs:int "
+              "fusion:str* hard-labels:true head:str* images:str in-channels:int init:str label-column:str "
               "label-noise:float label-values:int+ labels:str lr:float mask-file:str masks:str "
               "min-confidence:float model:str no-augment:false no-disk-cache:false no-progress:false "
               "normalization:str* num-workers:int orientation:str out:str overwrite:true patch:int+ "

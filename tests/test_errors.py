@@ -95,6 +95,8 @@ MATRIX = [
     (SEG_TRAIN + " --out {new} --resume --overwrite", "--resume", "{new}"),
     (SEG_TRAIN + " --out {new} --pretrained {pickled}", "pickled.pt: holds pickled Python objects", "{new}"),
     (SEG_TRAIN + " --out {new} --init {unfinished}", "did not finish", "{new}"),
+    (SEG_TRAIN + " --out {new} --annotated-classes {root}/absent.csv", "absent.csv: cannot read the annotated",
+     "{new}"),
     ("finetune --model smp:Unet/resnet18 --images {data}/images --masks {data}/masks --out {new}",
      "continues a run directory", "{new}"),
     ("finetune --model {unfinished} --images {data}/images --masks {data}/masks --out {new} --no-progress",

@@ -127,6 +127,10 @@ class TrainOptions:
                                    "probability is below this out of the loss", group="teachers")
     pixel_weights: str = option("none", "weigh each pixel's loss by the label set's teacher agreement there, or by "
                                 "the target's confidence", group="segmentation", choices=segmentation.PIXEL_WEIGHTS)
+    annotated_classes: str | None = option(None, "CSV case,classes: the classes each listed case's mask "
+                                           "annotates (values or names; the others lie in it as background), "
+                                           "learnt with the marginal loss; unlisted cases: all",
+                                           group="segmentation")
     augment: bool = option(True, "no flips or intensity jitter of the training images", group="schedule")
     spatial_augment: bool = option(False, "also rotate (up to 15 degrees) and scale (0.85-1.15) images with their "
                                    "targets", group="segmentation")

@@ -274,10 +274,13 @@ class TrainingSamples(torch.utils.data.Dataset):
     """Training samples for the engine's DataLoader: ``samples[(index, seed)]`` is the prepared case `index`
     of `cases` (a `cached_cases` dataset), cropped to `patch` if given and augmented, all drawn from `seed`:
     ``{"image": [C_in, *grid], "target": [C, *grid]}`` (probabilities summing to 1), with ``"weight"``
-    ``[1, *grid]`` (per-pixel loss weights) when the cases have it."""
+    ``[1, *grid]`` (per-pixel loss weights) when the cases have it, and ``"known"`` ``[C]`` (bool: the classes
+    the case's mask annotates) when `known` (one per case) is given."""
 
-    def __init__(self, cases, classes: int, augmentation: Augmentation, patch: tuple[int, ...] | None = None):
+    def __init__(self, cases, classes: int, augmentation: Augmentation, patch: tuple[int, ...] | None = None,
+                 known: list[torch.Tensor] | None = None):
         self.cases, self.classes, self.augmentation, self.patch = cases, classes, augmentation, patch
+        self.known = known
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -298,4 +301,5 @@ class TrainingSamples(torch.utils.data.Dataset):
             sample["weight"] = prepared["weight"].float()
         if self.patch:
             sample = _crop(sample, self.patch, sample_rng(seed))
-        return self.augmentation(sample, seed)
+        sample = self.augmentation(sample, seed)
+        return sample if self.known is None else {**sample, "known": self.known[index]}

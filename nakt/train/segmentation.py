@@ -14,7 +14,7 @@ import torch
 
 from nakt.errors import NaktError
 from nakt.inference import autocast, probs_on_grid
-from nakt.io import labelset, rundir
+from nakt.io import labelset, rundir, tables
 from nakt.io.dataset import discover_cases
 from nakt.machine import channels_last_pays
 from nakt.metrics import case_scores
@@ -31,7 +31,7 @@ __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
-           "spatial_augment", "orientation", "pixel_weights", "disk_cache")
+           "spatial_augment", "orientation", "pixel_weights", "disk_cache", "annotated_classes")
 PIXEL_WEIGHTS = ("none", "agreement", "confidence")
 
 
@@ -45,20 +45,27 @@ class SegmentationTask:
     ``agreement``, by the fraction of teachers agreeing with the fused label there (the samples' ``"weight"``,
     from the label set), ``confidence``, by the target's top probability rescaled from 1/C..1 to 0..1. The
     score is the mean foreground Dice of the `val` cases on the network's grid, read by `num_workers` processes
-    unless all of them are cached."""
+    unless all of them are cached. Partially annotated cases (`annotated`: per case name, the classes ``[C]``
+    bool its mask annotates) train with the marginal loss (`SoftDiceCELoss.marginal`) and are scored on their
+    annotated classes only."""
 
     metric = "dice"
 
     def __init__(self, card: ModelCard, train, val, *, patch: tuple[int, ...] | None = None,
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
                  min_confidence: float = 0.0, alpha: float = 0.5, pixel_weights: str = "none",
-                 num_workers: int = 0):
+                 num_workers: int = 0, annotated: dict[str, np.ndarray] | None = None,
+                 train_names: list[str] = (), val_names: list[str] = ()):
         self.card, self.val, self.alpha, self.pixel_weights = card, val, alpha, pixel_weights
+        known = None
+        if annotated:
+            known = [torch.from_numpy(annotated.get(name, np.ones(card.classes, bool))) for name in train_names]
+        self.val_known = [annotated.get(name) for name in val_names] if annotated else [None] * len(val)
         self.patch, self.patches_per_case = patch, patches_per_case
         self.min_confidence = min_confidence
         augmentation = Augmentation(card.spatial_dims, ("target", "weight"), flip=augment, intensity=augment,
                                     spatial=spatial_augment)
-        self.samples = TrainingSamples(train, card.classes, augmentation, patch)
+        self.samples = TrainingSamples(train, card.classes, augmentation, patch, known)
         streamed = getattr(val, "streamed", False)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=None, num_workers=num_workers if streamed else 0,
                                                       persistent_workers=streamed and num_workers > 0)
@@ -84,7 +91,7 @@ class SegmentationTask:
         if self.min_confidence > 0:
             keep = (top >= self.min_confidence).float()
             weight = keep if weight is None else weight * keep
-        return self.loss_fn(logits, y, weight)
+        return self.loss_fn(logits, y, weight, batch.get("known"))
 
     @torch.no_grad()
     def validate(self, model: NaktModel, precision: str = "fp32", batch_size: int = 8) -> float | None:
@@ -104,6 +111,9 @@ class SegmentationTask:
             with autocast(precision, device):
                 probs = probs_on_grid(model, x)
             for case, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
+                known = self.val_known[len(scores)]
+                if known is not None:  # an unannotated class is background in the mask: not scored
+                    predicted = np.where(known[predicted], predicted, 0)
                 scores.append(case_scores(predicted, hard_target(case["target"]).numpy(), self.card.classes,
                                           hd95=False)["dice"])
         if nhwc and not channels_last_pays(device, 2):  # back to the layout the engine trains in
@@ -150,6 +160,10 @@ def train_segmentation(opts) -> Path:
         raise NaktError(opts.masks, "--pixel-weights agreement needs a label set as --masks (its teachers' "
                         "agreement maps)", "label with nakt label, or use --pixel-weights confidence")
     weights_from = label_set if opts.pixel_weights == "agreement" else None
+    if opts.annotated_classes is not None and (label_set is not None or opts.teacher):
+        raise NaktError(opts.annotated_classes, "--annotated-classes marks partially annotated true masks; "
+                        f"{'a label set' if label_set is not None else 'an online teacher'} speaks for every class",
+                        "give a masks folder, without --teacher")
     cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=masks is not None)
     infos = survey_cases(cases, orientation, opts.progress, soft_from, classes, weights_from)
@@ -165,6 +179,9 @@ def train_segmentation(opts) -> Path:
     net_teachers = load_net_teachers(opts.teacher or [])  # once: without masks their label values are the student's
     card, init_run = _card_for(opts, train_infos + val_infos, label_set,
                                common_label_values(net_teachers) if masks is None else None)
+    annotated = None
+    if opts.annotated_classes is not None:
+        annotated = annotated_classes(Path(opts.annotated_classes), card, train_infos + val_infos)
     model = build_student(opts, card, init_run)
     card = model.card  # with the network's size divisor
     teachers = online_teachers(net_teachers, card, next(model.parameters()).device, opts.teacher_mode,
@@ -185,13 +202,44 @@ def train_segmentation(opts) -> Path:
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
     record = record_of(opts)
-    record.update(continued_from=init_run, soft_targets=soft_from is not None,
-                  trained_on=[i.case.name for i in train_infos], validated_on=[i.case.name for i in val_infos])
+    train_names, val_names = [i.case.name for i in train_infos], [i.case.name for i in val_infos]
+    record.update(continued_from=init_run, soft_targets=soft_from is not None, trained_on=train_names,
+                  validated_on=val_names, partially_annotated=len(annotated or {}))
     task = SegmentationTask(card, train, val, patch=patch, patches_per_case=opts.patches_per_case,
                             augment=opts.augment, spatial_augment=opts.spatial_augment,
                             min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
-                            num_workers=opts.num_workers)
+                            num_workers=opts.num_workers, annotated=annotated, train_names=train_names,
+                            val_names=val_names)
     return run_training(opts, card, model, task, record, teachers, started=started)
+
+
+def annotated_classes(path: Path, card: ModelCard, infos: list[CaseInfo]) -> dict[str, np.ndarray]:
+    """Per partially annotated case, the classes its mask annotates, ``[C]`` bool over `card`'s classes (read
+    by `nakt.io.tables.read_annotated_classes`; listed by value or name; background always). Refused: a listed
+    case that is not among `infos`, a class the card does not have, a mask holding a class its row leaves
+    out."""
+    rows = tables.read_annotated_classes(path)
+    by_name = {info.case.name: info for info in infos}
+    index = {str(v): i for i, v in enumerate(card.label_values)}
+    index.update({name: i for i, name in enumerate(card.class_names or [])})
+    annotated = {}
+    for case, listed in rows.items():
+        if case not in by_name:
+            raise NaktError(path, f"case {case!r} is not among the training or validation cases")
+        known = np.ones(card.classes, bool)
+        if listed is not None:
+            missing = [c for c in listed if c not in index]
+            if missing:
+                raise NaktError(path, f"case {case!r}: class {missing[0]!r} is not one of the model's "
+                                f"{card.label_values}", "list label values (or names) the masks use")
+            known[:] = False
+            known[[0, *(index[c] for c in listed)]] = True
+            stray = [v for v in by_name[case].label_values if not known[card.label_values.index(v)]]
+            if stray:
+                raise NaktError(by_name[case].case.mask, f"holds label value {stray[0]}, which {path.name} "
+                                f"does not list as annotated for {case!r}")
+        annotated[case] = known
+    return annotated
 
 
 def _orientation(opts, label_set: Path | None) -> str:
