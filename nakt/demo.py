@@ -1,5 +1,5 @@
-"""`nakt demo`: the whole pipeline on generated data: two teachers, fused labels, a third-architecture
-student, and a Dice table on a held-out test split."""
+"""`nakt demo`: the whole pipeline on generated data: two teachers, fused labels, a smaller third-architecture
+student, and a table of Dice on a held-out test split beside each model's cost per case."""
 
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ import numpy as np
 
 import nakt
 from nakt.config import at_least, check_device, check_options, option
+from nakt.cost import case_cost
 from nakt.io import outputs
+from nakt.io.dataset import discover_cases
 from nakt.io.rundir import write_json
+from nakt.predict import load_checked
 
-__all__ = ["DemoOptions", "demo", "make_synthetic_dataset"]
+__all__ = ["DemoOptions", "cost_table", "demo", "make_synthetic_dataset"]
 
 SPLITS = {"teacher_train": 32, "teacher_val": 8, "transferal": 48, "test": 16}
+TEACHERS = {"teacher 1 (smp:Unet/resnet18)": "smp:Unet/resnet18", "teacher 2 (monai:SegResNet)": "monai:SegResNet"}
+ENSEMBLE_ROW = "ensemble (both teachers, fused)"
+STUDENT = "monai:UNet"
+STUDENT_ROW = f"student ({STUDENT}, fused labels only)"
 
 
 def make_synthetic_dataset(out: str | Path, size: int = 64, seed: int = 0, splits: dict | None = None) -> Path:
@@ -72,7 +79,10 @@ class DemoOptions:
 
 
 def demo(opts: DemoOptions | None = None) -> dict:
-    """Run the pipeline on generated data and print the Dice table; returns ``{row: test Dice}``."""
+    """Run the pipeline on generated data and print each model's test Dice beside its cost per case (parameters,
+    FLOPs, latency on this machine): two teachers, their ensemble as ``nakt label`` runs it (the fused labels
+    of the test split), and a student of a third, smaller architecture that learnt from the fused labels of
+    the transferal split alone. Returns ``{row: {"dice", "cost"}}`` and writes it to ``out/results.json``."""
     opts = opts or DemoOptions()
     work = Path(opts.out)
     outputs.claim_output(work, outputs.DEMO, overwrite=True)  # an earlier demo is replaced; nothing else is
@@ -82,32 +92,55 @@ def demo(opts: DemoOptions | None = None) -> dict:
     common = dict(images=str(data / "images"), size=[64], epochs=opts.epochs, batch_size=8, seed=opts.seed,
                   device=opts.device, progress=opts.progress)
     started = time.time()
-    teachers = {"teacher 1 (smp:Unet/resnet18)": "smp:Unet/resnet18", "teacher 2 (monai:UNet)": "monai:UNet"}
     runs = {}
-    for i, (row, spec) in enumerate(teachers.items(), 1):
+    for i, (row, spec) in enumerate(TEACHERS.items(), 1):
         print(f"training {row} ...", flush=True)
         runs[row] = nakt.train(model=spec, masks=str(data / "masks"), out=str(work / f"teacher{i}"),
                                cases=f"{splits}:teacher_train", val_images=str(data / "images"),
                                val_masks=str(data / "masks"), val_cases=f"{splits}:teacher_val", lr=3e-3,
                                **common)
-    print("labelling the transferal split with both teachers (weighted fusion) ...", flush=True)
-    labels = nakt.label(teacher=[str(r) for r in runs.values()], images=str(data / "images"),
-                        cases=f"{splits}:transferal", out=str(work / "labels"), fusion="weighted",
-                        progress=opts.progress)
-    row = "student (smp:FPN/mobilenet_v2, fused labels only)"
-    print(f"training {row} ...", flush=True)
-    runs[row] = nakt.train(model="smp:FPN/mobilenet_v2", masks=str(labels), out=str(work / "student"),
-                           cases=f"{splits}:transferal", lr=3e-3, **common)
+    print("labelling the transferal and test splits with both teachers (weighted fusion) ...", flush=True)
+    labels = {split: nakt.label(teacher=[str(r) for r in runs.values()], images=str(data / "images"),
+                                cases=f"{splits}:{split}", out=str(work / f"labels_{split}"), fusion="weighted",
+                                device=opts.device, progress=opts.progress)
+              for split in ("transferal", "test")}
+    print(f"training {STUDENT_ROW} ...", flush=True)
+    student = nakt.train(model=STUDENT, masks=str(labels["transferal"]), out=str(work / "student"),
+                         cases=f"{splits}:transferal", lr=1e-2, **common)
+    print("scoring on the test split and measuring each model's cost per case ...", flush=True)
+    scored = {**runs, ENSEMBLE_ROW: None, STUDENT_ROW: student}
     results = {}
-    for row, run in runs.items():
-        summary = nakt.evaluate(model=str(run), images=str(data / "images"), masks=str(data / "masks"),
-                                cases=f"{splits}:test", out=str(work / "eval" / Path(run).name),
-                                progress=opts.progress)
-        results[row] = summary["mean"]["dice"]
-    width = max(map(len, results))
-    print(f"\n{'model':<{width}}  test Dice")
-    for row, dice in results.items():
-        print(f"{row:<{width}}  {dice:.3f}")
-    print(f"\n({len(SPLITS)} splits of generated 64x64 images, {opts.epochs} epochs each, "
-          f"{time.time() - started:.0f} s; outputs in {work}/)")
+    for row, run in scored.items():
+        evaluation = dict(images=str(data / "images"), masks=str(data / "masks"), cases=f"{splits}:test",
+                          out=str(work / "eval" / (Path(run).name if run else "ensemble")), device=opts.device,
+                          hd95=False, progress=opts.progress)
+        if run is None:  # the ensemble: its fused test labels, and its teachers' cost as nakt label runs them
+            summary = nakt.evaluate(pred=str(labels["test"]), **evaluation)
+            case = discover_cases(str(data / "images"), cases=f"{splits}:test")[0]
+            cost = case_cost([load_checked(str(r), None, opts.device) for r in runs.values()], case, "auto").to_json()
+        else:
+            summary = nakt.evaluate(model=str(run), cost=True, **evaluation)
+            cost = summary["cost"]
+        results[row] = {"dice": summary["mean"]["dice"], "cost": cost}
+    write_json(work / "results.json", results)
+    print("\n" + cost_table(results, ENSEMBLE_ROW))
+    best = max(results[row]["dice"] for row in runs)
+    ratio = results[STUDENT_ROW]["cost"]["flops"] / results[ENSEMBLE_ROW]["cost"]["flops"]
+    print(f"\nThe student reaches {results[STUDENT_ROW]['dice'] / best:.2f}x the best teacher's Dice at "
+          f"{ratio:.2f}x the ensemble's FLOPs ({1 / ratio:.1f}x fewer).")
+    print(f"({len(SPLITS)} splits of generated 64x64 images, {opts.epochs} epochs each, {time.time() - started:.0f} "
+          f"s; outputs in {work}/)")
     return results
+
+
+def cost_table(results: dict, reference: str) -> str:
+    """A plain-text table of `results` (``{row: {"dice", "cost"}}``): Dice, parameters, GFLOPs and latency per
+    case, and FLOPs relative to the `reference` row."""
+    header = ["model", "test Dice", "parameters", "GFLOPs/case", "x " + reference.split(" (")[0] + " FLOPs",
+              "latency ms"]
+    base = results[reference]["cost"]["flops"]
+    lines = [[row, f"{r['dice']:.3f}", f"{r['cost']['parameters'] / 1e6:.2f} M", f"{r['cost']['gflops']:.3f}",
+              f"{r['cost']['flops'] / base:.2f}", f"{r['cost']['latency_ms']:.1f}"] for row, r in results.items()]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+    return "\n".join("  ".join(f"{x:<{w}}" if i == 0 else f"{x:>{w}}" for i, (x, w) in enumerate(zip(line, widths)))
+                     for line in [header, *lines])

@@ -1,11 +1,13 @@
 """`nakt evaluate`: Dice and HD95 per case and on average, from a model or from predictions on disk.
 
 Writes ``summary.json``: ``{"mean": {"dice", "hd95"}, "std": {...}, "per_case": [{"case", "dice", "hd95",
-"dice_per_class"}, ...]}``; ``mean.dice`` is the mean over cases of the foreground Dice.
+"dice_per_class"}, ...]}``; ``mean.dice`` is the mean over cases of the foreground Dice. With `cost`, also
+``"cost"``: the model's parameters, FLOPs and measured latency per case (`nakt.cost`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from nakt.batched import INFERENCE_CHECKS, BackgroundWriter, InferenceOptions, c
 from nakt.classify.robustness import ATTACKS
 from nakt.classify.stages import evaluate_classification
 from nakt.config import at_least, check_device, check_options, option
+from nakt.cost import case_cost, onnx_latency
 from nakt.errors import NaktError
 from nakt.fusion import hard_labels
 from nakt.inference import pick_device
@@ -24,6 +27,7 @@ from nakt.io.dataset import Case, discover_cases
 from nakt.io.images import Image, case_name, is_image_file, read_image, read_mask
 from nakt.io.summary import write_summary
 from nakt.metrics import case_scores
+from nakt.models import parse_spec
 from nakt.models.card import TASKS
 from nakt.predict import load_checked
 from nakt.preprocess import decode_labels, encode_labels
@@ -66,6 +70,8 @@ class EvaluateOptions(InferenceOptions):
     roi: str | None = option(None, "folder of region masks (e.g. a field of view); outside counts as background",
                              group="segmentation")
     hd95: bool = option(True, "skip the HD95 distances (Dice only)", group="segmentation")
+    cost: bool = option(False, "add the model's parameters, FLOPs and latency per case on this machine (and, for "
+                        "a run, through ONNX Runtime) to summary.json", group="model")
     trust_checkpoint: bool = False
     device: str = "auto"
     overwrite: bool = option(False, "replace an earlier nakt evaluation", group="output")
@@ -76,6 +82,8 @@ class EvaluateOptions(InferenceOptions):
                              **INFERENCE_CHECKS})
         if (self.model is None) == (self.pred is None):
             raise NaktError(None, "give either --model RUN or --pred DIR (one of them)")
+        if self.pred is not None and self.cost:
+            raise NaktError(None, "--cost measures a model", "give --model RUN (not --pred)")
         if self.pred is not None and self.task == "classification":
             raise NaktError(None, "--pred scores segmentation masks on disk", "for classification give --model RUN")
 
@@ -102,6 +110,8 @@ def evaluate(opts: EvaluateOptions) -> dict:
         raise NaktError(None, "missing option 'masks'", "give --masks DIR")
     with outputs.fresh_output(opts.out, outputs.EVALUATION, opts.overwrite):
         if teacher is not None and teacher.card.task == "classification":
+            if opts.cost:
+                raise NaktError(opts.model, "--cost measures segmentation models", "drop --cost")
             return evaluate_classification(opts, teacher.model)
         return _evaluate_masks(opts, teacher)
 
@@ -163,10 +173,24 @@ def _evaluate_masks(opts: EvaluateOptions, teacher: Teacher | None) -> dict:
                 pred = read_label_map(pred_file, like=image)
                 score(case, image, pred if recode_to is None else np.where(pred > 0, recode_to, 0), values)
                 bar.update(1)
+    extra = {"cost": _cost(teacher, cases[0], opts)} if opts.cost else {}
     # dice_per_class lists the foreground classes: these are their values and names
     return write_summary(opts.out, {**summarize(per_case), "label_values": values,
                                     "class_names": names or [str(v) for v in values], "model": opts.model,
-                                    "pred": opts.pred, "roi": opts.roi})
+                                    "pred": opts.pred, "roi": opts.roi, **extra})
+
+
+def _cost(teacher: Teacher, case: Case, opts: EvaluateOptions) -> dict:
+    """`nakt.cost.case_cost` of the evaluated model on the first case, in the run's precision; a nakt run is
+    also exported to ONNX and timed under ONNX Runtime."""
+    cost = case_cost([teacher], case, opts.precision)
+    note = {}
+    if parse_spec(opts.model)[0] == "run":
+        if importlib.util.find_spec("onnxruntime") is None:
+            note = {"onnx_note": 'onnxruntime is not installed: pip install "nakt[onnx]"'}
+        else:
+            cost.onnx_latency_s = onnx_latency(opts.model, case)
+    return {**cost.to_json(), "case": case.name, **note}
 
 
 def _prediction_files(pred: str, cases: list[Case]) -> list[Path]:

@@ -21,7 +21,8 @@ FLAGS = {
     "train": ("alpha:float annotated-classes:str balance-classes:true batch-size:int cache-gb:float cases:str "
               "channels:str+ compile:true config:str device:str ema:float epochs:int freeze-encoder-epochs:int "
               "fusion:str* hard-labels:true head:str* images:str in-channels:int init:str label-column:str "
-              "label-noise:float label-values:int+ labels:str lr:float mask-file:str masks:str "
+              "label-noise:float label-values:int+ labelled-cases:str labelled-images:str labelled-masks:str "
+              "labelled-ratio:float labels:str lr:float mask-file:str masks:str "
               "min-confidence:float model:str no-augment:false no-disk-cache:false no-progress:false "
               "normalization:str* num-workers:int orientation:str out:str overwrite:true patch:int+ "
               "patches-per-case:int pixel-weights:str* precision:str* pretrained:str recipe:str* resume:true "
@@ -35,7 +36,8 @@ FLAGS = {
     "predict": ("batch-size:int cases:str channels:str+ compile:true config:str device:str images:str layout:str* "
                 "model:str no-progress:false num-workers:int out:str overwrite:true precision:str* save-probs:true "
                 "task:str* trust-checkpoint:true tta:str*"),
-    "evaluate": ("attack:str* batch-size:int cases:str channels:str+ compile:true config:str device:str eps:float "
+    "evaluate": ("attack:str* batch-size:int cases:str channels:str+ compile:true config:str cost:true device:str "
+                 "eps:float "
                  "graded:true images:str label-column:str labels:str layout:str* mask-file:str masks:str model:str "
                  "no-hd95:false no-progress:false num-workers:int out:str overwrite:true precision:str* "
                  "pred:str roi:str steps:int task:str* trust-checkpoint:true tta:str*"),

@@ -33,7 +33,7 @@ TRAIN_CHECKS = {
     "size": at_least(1), "patch": at_least(1), "patches_per_case": at_least(1), "in_channels": at_least(1),
     "min_confidence": between(0, 1), "val_fraction": between(0, 1, high_open=True),
     "freeze_encoder_epochs": at_least(0), "seed": at_least(0), "orientation": check_orientation,
-    "num_workers": at_least(0), "cache_gb": at_least(0),
+    "num_workers": at_least(0), "cache_gb": at_least(0), "labelled_ratio": between(0, 1, low_open=True, high_open=True),
 }
 # the options only one task takes (each task adapter lists its own); `check_task_options` refuses the others
 TASK_OPTIONS = {"segmentation": segmentation.OPTIONS, "classification": classification.OPTIONS}
@@ -100,6 +100,11 @@ class TrainOptions:
     label_noise: float = option(0.0, "flip this fraction of training labels (experiments)", group="classification")
     balance_classes: bool = option(False, "sample each class equally often per epoch (imbalanced tasks)",
                                    group="classification")
+    labelled_images: str | None = option(None, "images with true masks trained beside the label set in --masks, "
+                                         "in every batch (semi-supervised)", group="data")
+    labelled_masks: str | None = option(None, "the true masks of --labelled-images", group="data")
+    labelled_cases: str | None = option(None, "case list of --labelled-images (as --cases)", group="data")
+    labelled_ratio: float = option(0.5, "share of each batch drawn from --labelled-images", group="data")
     val_images: str | None = option(None, "validation images (default: hold out --val-fraction of the cases)",
                                     group="data")
     val_masks: str | None = option(None, "validation masks (default: the --masks folder)", group="data")
@@ -172,6 +177,9 @@ class TrainOptions:
             raise NaktError(None, f"--patch takes 1, 2 or 3 numbers, got {len(self.patch)}")
         if self.resume and self.overwrite:
             raise NaktError(None, "--resume continues a run, --overwrite replaces it", "give one of them")
+        if self.labelled_ratio != 0.5 and self.labelled_images is None:
+            raise NaktError(None, "--labelled-ratio shares batches with --labelled-images, and none is given",
+                            "add --labelled-images and --labelled-masks, or drop it")
         alone = [f for f, default in (("alpha", 0.5), ("teacher_mode", "random"), ("fusion", "mean"))
                  if getattr(self, f) != default and not self.teacher]
         if alone:

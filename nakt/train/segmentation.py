@@ -24,6 +24,7 @@ from nakt.teachers import common_label_values
 from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
+from nakt.train.mixed import MixedSamples, mixed_epoch_size, mixed_order
 from nakt.train.online import load_net_teachers, online_teachers
 from nakt.train.setup import build_student, loader_workers, memory_cache_gb, prepare_out, record_of, run_training, split
 
@@ -31,7 +32,8 @@ __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
-           "spatial_augment", "orientation", "pixel_weights", "disk_cache", "annotated_classes")
+           "spatial_augment", "orientation", "pixel_weights", "disk_cache", "annotated_classes", "labelled_images",
+           "labelled_masks", "labelled_cases", "labelled_ratio")
 PIXEL_WEIGHTS = ("none", "agreement", "confidence")
 
 
@@ -47,7 +49,8 @@ class SegmentationTask:
     score is the mean foreground Dice of the `val` cases on the network's grid, read by `num_workers` processes
     unless all of them are cached. Partially annotated cases (`annotated`: per case name, the classes ``[C]``
     bool its mask annotates) train with the marginal loss (`SoftDiceCELoss.marginal`) and are scored on their
-    annotated classes only."""
+    annotated classes only. `labelled` (prepared cases with true masks) joins `train` (pseudo-labels) in every
+    batch of `batch_size`, `labelled_ratio` of it (`nakt.train.mixed`)."""
 
     metric = "dice"
 
@@ -55,7 +58,8 @@ class SegmentationTask:
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
                  min_confidence: float = 0.0, alpha: float = 0.5, pixel_weights: str = "none",
                  num_workers: int = 0, annotated: dict[str, np.ndarray] | None = None,
-                 train_names: list[str] = (), val_names: list[str] = ()):
+                 train_names: list[str] = (), val_names: list[str] = (), labelled=None,
+                 labelled_ratio: float = 0.5, batch_size: int = 8):
         self.card, self.val, self.alpha, self.pixel_weights = card, val, alpha, pixel_weights
         known = None
         if annotated:
@@ -66,17 +70,30 @@ class SegmentationTask:
         augmentation = Augmentation(card.spatial_dims, ("target", "weight"), flip=augment, intensity=augment,
                                     spatial=spatial_augment)
         self.samples = TrainingSamples(train, card.classes, augmentation, patch, known)
+        self.mixing = None  # (pseudo-labelled samples, batch size, labelled share) when mixed with `labelled`
+        if labelled is not None and len(labelled):
+            self.mixing = (len(self.samples), batch_size, labelled_ratio)
+            self.samples = MixedSamples(self.samples, TrainingSamples(labelled, card.classes, augmentation, patch),
+                                        weighted=pixel_weights == "agreement")
         streamed = getattr(val, "streamed", False)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=None, num_workers=num_workers if streamed else 0,
                                                       persistent_workers=streamed and num_workers > 0)
         self.loss_fn = SoftDiceCELoss()
 
     def epoch_size(self) -> int:
-        return len(self.samples) * (self.patches_per_case if self.patch else 1)
+        repeats = self.patches_per_case if self.patch else 1
+        if self.mixing:
+            pseudo, batch_size, ratio = self.mixing
+            return mixed_epoch_size(pseudo * repeats, batch_size, ratio)
+        return len(self.samples) * repeats
 
     def order(self, rng: np.random.Generator) -> np.ndarray:
-        return np.concatenate([rng.permutation(len(self.samples)) for _ in range(self.patches_per_case if self.patch
-                                                                                   else 1)])
+        pseudo = len(self.samples) if self.mixing is None else self.mixing[0]
+        order = np.concatenate([rng.permutation(pseudo) for _ in range(self.patches_per_case if self.patch else 1)])
+        if self.mixing:
+            _, batch_size, ratio = self.mixing
+            order = mixed_order(order, len(self.samples) - pseudo, pseudo, batch_size, ratio, rng)
+        return order
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         y, taught = batch.get("target"), batch.get("teacher_probs")
@@ -167,6 +184,7 @@ def train_segmentation(opts) -> Path:
     cases = discover_cases(opts.images, masks, opts.cases, opts.channels, opts.mask_file,
                            require_masks=masks is not None)
     infos = survey_cases(cases, orientation, opts.progress, soft_from, classes, weights_from)
+    labelled_infos = _labelled_infos(opts, orientation)
     if masks is None and (opts.val_images is None or opts.val_masks is None):
         train_infos, val_infos = infos, []  # nothing to score against: the last epoch is kept
     elif opts.val_images is not None:
@@ -179,6 +197,10 @@ def train_segmentation(opts) -> Path:
     net_teachers = load_net_teachers(opts.teacher or [])  # once: without masks their label values are the student's
     card, init_run = _card_for(opts, train_infos + val_infos, label_set,
                                common_label_values(net_teachers) if masks is None else None)
+    extra = sorted(set(label_values_of(labelled_infos)) - set(card.label_values)) if labelled_infos else []
+    if extra:
+        raise NaktError(opts.labelled_masks, f"hold label values {extra} the student does not predict "
+                        f"({card.label_values})", "store them with the label set's values")
     annotated = None
     if opts.annotated_classes is not None:
         annotated = annotated_classes(Path(opts.annotated_classes), card, train_infos + val_infos)
@@ -186,7 +208,7 @@ def train_segmentation(opts) -> Path:
     card = model.card  # with the network's size divisor
     teachers = online_teachers(net_teachers, card, next(model.parameters()).device, opts.teacher_mode,
                                opts.fusion, opts.seed) if net_teachers else None
-    _check_grid(card, [info.spatial_shape for info in train_infos])
+    _check_grid(card, [info.spatial_shape for info in train_infos + labelled_infos])
     prepare_out(opts)
     budget = int(memory_cache_gb(opts) * 2**30)  # validation cases first: they are read every epoch
     read = {"orientation": orientation, "workers": opts.num_workers or 1, "progress": opts.progress}
@@ -194,9 +216,11 @@ def train_segmentation(opts) -> Path:
         return rundir.prepared_cases(opts.out, part) if opts.disk_cache else None
 
     val, held = cached_cases(val_infos, card, budget, disk=disk("val"), **read)
-    train, _ = cached_cases(train_infos, card, budget - held, disk=disk("train"), soft_from=soft_from,
-                            weights_from=weights_from, **read)
-    workers = loader_workers(opts.num_workers, train.streamed or val.streamed)
+    train, train_held = cached_cases(train_infos, card, budget - held, disk=disk("train"), soft_from=soft_from,
+                                     weights_from=weights_from, **read)
+    labelled = cached_cases(labelled_infos, card, budget - held - train_held, disk=disk("labelled"),
+                            **read)[0] if labelled_infos else None
+    workers = loader_workers(opts.num_workers, train.streamed or val.streamed or bool(labelled and labelled.streamed))
     opts = dataclasses.replace(opts, num_workers=workers)
     patch = None
     if card.patch:
@@ -204,13 +228,28 @@ def train_segmentation(opts) -> Path:
     record = record_of(opts)
     train_names, val_names = [i.case.name for i in train_infos], [i.case.name for i in val_infos]
     record.update(continued_from=init_run, soft_targets=soft_from is not None, trained_on=train_names,
-                  validated_on=val_names, partially_annotated=len(annotated or {}))
+                  validated_on=val_names, partially_annotated=len(annotated or {}),
+                  labelled_on=[i.case.name for i in labelled_infos])
     task = SegmentationTask(card, train, val, patch=patch, patches_per_case=opts.patches_per_case,
                             augment=opts.augment, spatial_augment=opts.spatial_augment,
                             min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
                             num_workers=opts.num_workers, annotated=annotated, train_names=train_names,
-                            val_names=val_names)
+                            val_names=val_names, labelled=labelled, labelled_ratio=opts.labelled_ratio,
+                            batch_size=opts.batch_size)
     return run_training(opts, card, model, task, record, teachers, started=started)
+
+
+def _labelled_infos(opts, orientation: str) -> list[CaseInfo]:
+    """The surveyed cases of ``--labelled-images`` / ``--labelled-masks`` (none without them)."""
+    if opts.labelled_images is None and opts.labelled_masks is None and opts.labelled_cases is None:
+        return []
+    if opts.labelled_images is None or opts.labelled_masks is None:
+        raise NaktError(None, "--labelled-images and --labelled-masks come together", "give both, or neither")
+    if opts.masks is None:
+        raise NaktError(None, "--labelled-images trains beside --masks (a label set)", "give --masks LABELSET")
+    cases = discover_cases(opts.labelled_images, opts.labelled_masks, opts.labelled_cases, opts.channels,
+                           opts.mask_file, require_masks=True)
+    return survey_cases(cases, orientation, opts.progress)
 
 
 def annotated_classes(path: Path, card: ModelCard, infos: list[CaseInfo]) -> dict[str, np.ndarray]:
