@@ -9,8 +9,10 @@ The page (``out/index.html``, PNGs beside it in ``cases/`` and ``plots/``, every
   three orthogonal slices through the fused structure's centre;
 - per teacher, STAPLE's label-free sensitivity and specificity (from the manifest for ``--fusion staple``, else
   estimated from stored teacher probabilities);
-- plots: the distribution of teacher agreement, of the labels' Dice against `masks` when a truth is given, and the
-  training curves of `runs` (from their metrics.json).
+- plots: the distribution of teacher agreement, of the labels' Dice against `masks` when a truth is given, the
+  training curves of `runs` (from their metrics.json), and accuracy against cost per case (`nakt.cost`) for the
+  `runs` and the label set's ensemble of teachers: Dice against `masks` on the report's cases when a truth is
+  given (by ``nakt evaluate --cost``, its summaries kept under ``runs/``), else each run's validation score.
 
 Cases are read one at a time; only per-case numbers are kept, so the report scales with the number of cases.
 """
@@ -26,17 +28,21 @@ from PIL import Image as PILImage
 from tqdm import tqdm
 
 from nakt.config import at_least, check_options, option
+from nakt.cost import case_cost
 from nakt.errors import NaktError
+from nakt.evaluate import EvaluateOptions, evaluate
 from nakt.fusion import agreement_map, pairwise_dice, staple_estimates
 from nakt.io import labelset, outputs, rundir
 from nakt.io.dataset import discover_cases
 from nakt.io.images import read_image, read_mask
 from nakt.metrics import case_scores
+from nakt.predict import load_checked
 from nakt.preprocess import encode_labels
 
 __all__ = ["REPORT", "ReportOptions", "report"]
 
-REPORT = outputs.OutputKind("report", "report.json", "nakt.report/", ("report.json", "index.html", "cases", "plots"))
+REPORT = outputs.OutputKind("report", "report.json", "nakt.report/", ("report.json", "index.html", "cases", "plots",
+                                                                        "runs"))
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 FUSED = (255, 225, 25)
 PANEL = 240  # longest side of a case panel, in pixels
@@ -50,7 +56,8 @@ class ReportOptions:
     labels: str = option(help="label set written by nakt label", group="data")
     images: str = option(help="the label set's images", group="data")
     out: str = option(help="report folder (new or empty): index.html, cases/, plots/, report.json", group="output")
-    runs: list[str] | None = option(None, "run directories whose training curves to plot", group="data")
+    runs: list[str] | None = option(None, "run directories: their training curves, and their accuracy against cost "
+                                    "per case beside the teachers' ensemble", group="data")
     masks: str | None = option(None, "true masks, when there are any: the labels' Dice is plotted", group="data")
     cases: str | None = None
     channels: list[str] | None = None
@@ -94,11 +101,12 @@ def report(opts: ReportOptions) -> Path:
     for name in queue[:opts.queue]:
         summaries[name]["pictures"] = _draw_case(by_name[name], label_set, values, orientation, out / "cases",
                                                  len(teachers))
-    plots = _plots(summaries, runs, out / "plots")
+    costs = _cost_points(runs, manifest, label_set, [c for c in cases if c.mask is not None] or cases, opts, out)
+    plots = _plots(summaries, runs, out / "plots", costs)
     quality = _teacher_quality(summaries, teachers)
     result = {"format": "nakt.report/1", "label_set": str(label_set), "images": str(opts.images),
               "truth": opts.masks, "teachers": quality, "classes": _class_table(manifest, label_set, queue),
-              "queue": queue, "plots": plots, "cases": summaries}
+              "queue": queue, "plots": plots, "cost": costs, "cases": summaries}
     with outputs.atomic_path(out / "index.html") as tmp:
         tmp.write_text(_page(result, opts.queue), encoding="utf-8")
     rundir.write_json(out / "report.json", result)
@@ -203,8 +211,45 @@ def _draw_case(case, label_set: Path, values: list[int], orientation: str, folde
     return pictures
 
 
-def _plots(summaries: dict, runs: list[Path], folder: Path) -> list[str]:
-    """Agreement and Dice histograms, and the training curves of `runs`; returns their paths."""
+def _cost_points(runs: list[Path], manifest: dict, label_set: Path, cases: list, opts: ReportOptions,
+                 out: Path) -> list[dict]:
+    """Per run (and, with a truth, the label set's ensemble when all its teachers load here): its accuracy and
+    cost per case (`nakt.cost.Cost` as JSON). With `opts.masks` the accuracy is the mean Dice on `cases`, from
+    ``nakt evaluate --cost`` (the ensemble: its fused labels, and its teachers' cost as ``nakt label`` runs
+    them); without, a run's best validation score from its metrics.json."""
+    points = []
+    names = out / "runs" / "cases.txt"  # what the runs are scored on: the report's cases
+    if runs and opts.masks is not None:
+        names.parent.mkdir(parents=True, exist_ok=True)
+        names.write_text("".join(f"{c.name}\n" for c in cases), encoding="utf-8")
+    for run in runs:
+        if opts.masks is None:
+            cost = case_cost([load_checked(str(run), None, "auto")], cases[0], "auto").to_json()
+            points.append({"name": run.name, "accuracy": rundir.read_metrics(run).get("best_val_score"),
+                           "measure": "validation score", "cost": cost})
+            continue
+        summary = evaluate(EvaluateOptions(model=str(run), images=opts.images, masks=opts.masks, cases=str(names),
+                                           out=str(out / "runs" / run.name), channels=opts.channels, cost=True,
+                                           hd95=False, overwrite=True, progress=False))
+        points.append({"name": run.name, "accuracy": summary["mean"]["dice"], "measure": "Dice",
+                       "cost": summary["cost"]})
+    if opts.masks is None or not runs:
+        return points
+    try:
+        teachers = [load_checked(t["spec"], None, "auto") for t in manifest.get("teachers", [])]
+    except NaktError:  # a teacher made elsewhere (another framework, another machine's paths): no ensemble point
+        return points
+    summary = evaluate(EvaluateOptions(pred=str(label_set), images=opts.images, masks=opts.masks, cases=str(names),
+                                       out=str(out / "runs" / "ensemble"), channels=opts.channels, hd95=False,
+                                       overwrite=True, progress=False))
+    points.append({"name": f"ensemble ({len(teachers)} teachers)", "accuracy": summary["mean"]["dice"],
+                   "measure": "Dice", "cost": case_cost(teachers, cases[0], "auto").to_json()})
+    return points
+
+
+def _plots(summaries: dict, runs: list[Path], folder: Path, costs: list[dict]) -> list[str]:
+    """Agreement and Dice histograms, the training curves of `runs`, and accuracy against FLOPs per case
+    (`costs`); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +285,18 @@ def _plots(summaries: dict, runs: list[Path], folder: Path) -> list[str]:
         ax.set(xlabel="epoch", title=run.name)
         ax.legend()
         save(fig, f"training_{len(made)}_{run.name}.png")
+    counted = [p for p in costs if p["cost"]["gflops"] is not None and p["accuracy"] is not None]
+    if counted:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for point in counted:
+            ensemble = point["name"].startswith("ensemble")
+            ax.scatter(point["cost"]["gflops"], point["accuracy"], marker="*" if ensemble else "o",
+                       s=120 if ensemble else 40, color="#cc3311" if ensemble else "#4477aa")
+            ax.annotate(point["name"], (point["cost"]["gflops"], point["accuracy"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(xlabel="GFLOPs per case", ylabel=counted[0]["measure"], title="accuracy against cost")
+        save(fig, "accuracy_vs_cost.png")
     return made
 
 
@@ -257,6 +314,10 @@ def _teacher_quality(summaries: dict, teachers: list[str]) -> list[dict]:
     return out
 
 
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _page(result: dict, shown: int) -> str:
     e = html.escape
     quality = "".join(
@@ -272,6 +333,9 @@ def _page(result: dict, shown: int) -> str:
         rows.append(f"<tr id='case-{rank}'><td>{rank}</td><td>{e(name)}</td><td>{1 - s['disagreement']:.3f}</td>"
                     f"<td>{s['pixel_agreement']:.4f}</td><td>{truth}</td><td>{pictures}</td></tr>")
     plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in result["plots"])
+    costs = "".join(f"<tr><td>{e(p['name'])}</td><td>{_number(p['accuracy'], '.3f')} ({e(p['measure'])})</td>"
+                    f"<td>{_number(p['cost']['parameters'], ',')}</td><td>{_number(p['cost']['gflops'], '.3f')}</td>"
+                    f"<td>{p['cost']['latency_ms']:.1f}</td></tr>" for p in result["cost"])
     classes = "".join(f"<tr><td>{c['value']}</td><td>{e(c['name'])}</td><td>{e(', '.join(c['known_by']))}</td>"
                       f"<td>{'-' if c['teachers_dice'] is None else format(c['teachers_dice'], '.3f')}</td></tr>"
                       for c in result["classes"])
@@ -287,6 +351,8 @@ beside each image, the share of teachers agreeing with the fused label (dark: di
 <h2>Classes: which teacher knew what</h2>
 <table><tr><th>value</th><th>name</th><th>known by</th><th>knowing teachers' pairwise Dice</th></tr>{classes}</table>
 <h2>Plots</h2>{plots}
+{'<h2>Cost per case</h2><table><tr><th>model</th><th>accuracy</th><th>parameters</th><th>GFLOPs</th>' +
+ '<th>latency ms</th></tr>' + costs + '</table>' if costs else ''}
 <h2>Review queue: most disputed first</h2>
 <table><tr><th>rank</th><th>case</th><th>teachers' pairwise Dice</th><th>pixel agreement</th>
 <th>Dice vs truth</th><th>views</th></tr>{''.join(rows)}</table>

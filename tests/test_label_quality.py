@@ -1,6 +1,8 @@
 """Labels to trust: label sets keep the teachers' per-pixel agreement, and a student's loss can weigh pixels by
 that agreement or by the target's confidence instead of dropping them."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import nakt
 from nakt.cli import main
 from nakt.fusion import FUSIONS, agreement_map, fuse
 from nakt.io import labelset, rundir
+from nakt.io.images import read_mask
 from nakt.models import ModelCard
 
 
@@ -136,6 +139,19 @@ def test_report_ranks_cases_by_disagreement_and_draws_them(synthetic2d, two_teac
     assert sum(s.startswith("plots/training_") for s in sources) == 2
     assert all(0 <= t["sensitivity"] <= 1 for t in result["teachers"])  # STAPLE from the stored teacher probs
     assert all(0 <= result["cases"][n]["dice_vs_truth"] <= 1 for n in queue)
+    # accuracy against cost: each run, and the ensemble the label set's teachers (the same two runs) make
+    assert "plots/accuracy_vs_cost.png" in sources
+    points = {p["name"]: p for p in result["cost"]}
+    ensemble = points.pop("ensemble (2 teachers)")
+    assert sorted(points) == sorted(t.name for t in two_teachers)
+    assert ensemble["cost"]["flops"] == sum(p["cost"]["flops"] for p in points.values())
+    assert ensemble["cost"]["parameters"] == sum(p["cost"]["parameters"] for p in points.values())
+    assert ensemble["accuracy"] == pytest.approx(np.mean([result["cases"][n]["dice_vs_truth"] for n in queue]))
+    for teacher in two_teachers:
+        own = nakt.evaluate(model=str(teacher), images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"),
+                            cases=f"{split}:transferal", out=str(tmp_path / f"eval_{teacher.name}"), hd95=False,
+                            progress=False)
+        assert points[teacher.name]["accuracy"] == pytest.approx(own["mean"]["dice"])
 
 
 def test_report_of_a_folder_that_is_no_label_set_is_one_line(synthetic2d, tmp_path, capsys):
@@ -189,6 +205,36 @@ def test_self_training_rounds_add_the_last_student_to_the_teachers(synthetic2d, 
                   cases=f"{split}:transferal", label_options={"device": "cpu"},
                   train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
     assert (students[1] / "model.safetensors").stat().st_mtime_ns == weights  # finished rounds are kept
+
+
+def test_self_training_drops_unstable_and_disputed_cases(synthetic2d, two_teachers, tmp_path):
+    """Each round's student trains on the cases the filter keeps: not the quarter the teachers disagree on most,
+    nor (from round 1) those whose fused masks moved from the previous round's (foreground Dice below 0.9), both
+    recomputed here from the label sets."""
+    from nakt.recipes import self_training
+
+    split = synthetic2d / "splits.json"
+    students = self_training([str(t) for t in two_teachers], str(synthetic2d / "images"), "monai:UNet",
+                             str(tmp_path / "st"), rounds=2, cases=f"{split}:transferal",
+                             label_options={"device": "cpu"}, min_stability=0.9, drop_disputed=0.25,
+                             train_options={"size": [32], "epochs": 3, "lr": 1e-2, "device": "cpu"}, progress=False)
+    unstable_anywhere = 0
+    for r, student in enumerate(students):
+        labels = tmp_path / "st" / f"round_{r}" / "labels"
+        cases = labelset.read_manifest(labels)["cases"]
+        ranked = sorted(cases, key=lambda n: (cases[n]["agreement"]["pairwise_dice"], n))
+        dropped = set(ranked[:len(cases) // 4])
+        if r:
+            before = tmp_path / "st" / f"round_{r - 1}" / "labels" / "masks"
+            moved = {n for n in cases if dice((read_mask(labels / "masks" / f"{n}.png") > 0).astype(int),
+                                              (read_mask(before / f"{n}.png") > 0).astype(int), 2) < 0.9}
+            unstable_anywhere += len(moved - dropped)
+            dropped |= moved
+        training = rundir.read_config(student)[1]
+        assert sorted(training["trained_on"] + training["validated_on"]) == sorted(set(cases) - dropped), r
+        recorded = json.loads((tmp_path / "st" / f"round_{r}" / "filter.json").read_text())
+        assert set(recorded["dropped"]) == dropped
+    assert unstable_anywhere > 0  # the stability rule dropped something the disagreement rule did not
 
 
 def test_fusion_ceiling_scores_every_weighting_as_evaluate_does(synthetic2d, two_teachers, tmp_path):
