@@ -2,8 +2,8 @@
 (`torch.utils.flop_counter`) and measured latency, for one teacher, for the teachers' ensemble as ``nakt label``
 runs it, and for a run exported to ONNX Runtime.
 
-Latency is the median over `repeats` runs (after one warm-up) of the whole path of one case as nakt runs it: the
-image decoded and prepared for each preprocessing, each teacher's probabilities mapped back to the image grid in
+Latency is the median over `repeats` runs (after two warm-up runs) of the whole path of one case as nakt runs it:
+the image decoded and prepared for each preprocessing, each teacher's probabilities mapped back to the image grid in
 a batch of one, and, for several teachers, fused. FLOPs count the forward passes of that path (every sliding
 window and flip); teachers that run outside PyTorch (ONNX Runtime) or read files (``masks:``) have none to count.
 """
@@ -89,7 +89,9 @@ def case_cost(teachers: list[Teacher], case: Case, precision: str = "fp32", repe
 
     counter = FlopCounterMode(display=False)
     with counter:
-        run()  # also the warm-up
+        run()
+    for _ in range(2):  # warm-up outside the counter, which dispatches every op through Python
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -1,0 +1,176 @@
+"""The deployment student: each teacher, the teachers' ensemble as ``nakt label`` runs it, and students of two
+sizes, with Dice and cost per case; and the semi-supervised rows.
+
+Per dataset config (the segmentation protocol's splits and training options, `segmentation_transfer.Bench`) and
+seed:
+- the config's teachers, trained on `teacher_train` (best epoch on `teacher_val`);
+- the ensemble: ``nakt label``'s default fusion of the teachers on the `test` split, scored as a label set;
+- the fused labels of the `transferal` split, and on them alone a small student (smp Linknet/mobilenet_v2) and a
+  large one (smp Unet/resnet34, at least the size of the largest teacher);
+- semi-supervised: the large student on `teacher_train`'s true masks and the transferal pseudo-labels together
+  (``--labelled-images``, half of each batch), without and with stability filtering (the fifth of the transferal
+  cases the teachers disagree on most left out, `nakt.recipes.stable_cases`).
+Every model is scored on `test` (the config's `roi` applied); its cost per case (`nakt.cost`) is measured on the
+first test case: parameters, forward FLOPs, median latency in PyTorch (the run's precision), and for the students
+the latency of their ONNX export under ONNX Runtime.
+
+    python benchmarks/deployment.py --config configs/benchmarks/drive.yaml    # 3 seeds -> results/deployment_drive.*
+    python benchmarks/deployment.py --config configs/benchmarks/cxr_lungs.yaml --seeds 0
+    python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --quick    # 1 seed -> results/quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from segmentation_transfer import ROOT, Bench, dataset_folder, load_config  # noqa: E402
+
+import nakt  # noqa: E402
+from nakt.cost import case_cost, onnx_latency  # noqa: E402
+from nakt.io.dataset import discover_cases  # noqa: E402
+from nakt.machine import this_machine  # noqa: E402
+from nakt.predict import load_checked  # noqa: E402
+from nakt.recipes import stable_cases  # noqa: E402
+
+SMALL, LARGE = "smp:Linknet/mobilenet_v2", "smp:Unet/resnet34"
+ENSEMBLE = "ensemble (teachers fused, nakt label default)"
+ROWS = {"small": f"student {SMALL} (fused labels)", "large": f"student {LARGE} (fused labels)",
+        "semi": f"student {LARGE} (true masks + fused labels)",
+        "semi_filtered": f"student {LARGE} (true masks + fused labels, disputed fifth dropped)"}
+
+
+def cost_of(specs: list[str], case, onnx_run: Path | None = None) -> dict:
+    cost = case_cost([load_checked(s, None, "auto") for s in specs], case, "auto")
+    if onnx_run is not None:
+        cost.onnx_latency_s = onnx_latency(onnx_run, case)
+    return cost.to_json()
+
+
+def run_seed(bench: Bench, seed: int, work: Path) -> dict:
+    rows: dict[str, dict] = {}
+    test_case = discover_cases(bench.io["images"], cases=bench.lists["test"], channels=bench.io["channels"])[0]
+
+    def scored(row: str, run: Path, train_s: float | None, onnx: bool = False) -> None:
+        rows[row] = {"dice": bench.evaluate(work / f"eval_{run.name}", hd95=False, model=str(run))["dice"],
+                     "train_s": train_s, "cost": cost_of([str(run)], test_case, run if onnx else None)}
+
+    teachers = []
+    for i, spec in enumerate(bench.cfg["teachers"]):
+        run = work / f"teacher{i}"
+        scored(f"teacher {spec}", run, bench.train(spec, bench.masks, "teacher_train", run, "train", seed, val=True))
+        teachers.append(run)
+    test_labels = nakt.label(teacher=[str(t) for t in teachers], cases=bench.lists["test"],
+                             out=str(work / "labels_test"), overwrite=True, **bench.io)
+    rows[ENSEMBLE] = {"dice": bench.evaluate(work / "eval_ensemble", hd95=False, pred=str(test_labels))["dice"],
+                      "cost": cost_of([str(t) for t in teachers], test_case)}
+    labels = work / "labels_transferal"
+    bench.label(teachers, None, labels)
+    rows["fused transferal labels (vs transferal truth)"] = {"dice": bench.label_dice(labels, work / "eval_labels")}
+    for key, spec in (("small", SMALL), ("large", LARGE)):
+        run = work / f"student_{key}"
+        scored(ROWS[key], run, bench.train(spec, str(labels), "transferal", run, "student_train", seed), onnx=True)
+    labelled = {"labelled_images": bench.io["images"], "labelled_masks": bench.masks,
+                "labelled_cases": bench.lists["teacher_train"], "labelled_ratio": 0.5}
+    kept = stable_cases(labels, None, work / "filter", drop_disputed=0.2)
+    for key, cases in (("semi", bench.lists["transferal"]), ("semi_filtered", str(kept))):
+        run = work / f"student_{key}"
+        started = time.time()
+        nakt.train(model=LARGE, masks=str(labels), out=str(run), overwrite=True, **bench.io,
+                   **{**bench._train_options("student_train", seed), "cases": cases, **labelled})
+        scored(ROWS[key], run, time.time() - started)
+    return rows
+
+
+def summarise(per_seed: dict) -> dict:
+    """Per row: mean Dice, FLOPs, parameters and latencies over the seeds; the issue's ratios."""
+    rows = list(next(iter(per_seed.values())))
+    mean = {}
+    for row in rows:
+        entries = [s[row] for s in per_seed.values()]
+        entry = {"dice": statistics.fmean(e["dice"] for e in entries)}
+        if "cost" in entries[0]:
+            for key in ("flops", "parameters", "latency_s", "onnx_latency_s"):
+                values = [e["cost"][key] for e in entries if e["cost"].get(key) is not None]
+                entry[key] = statistics.fmean(values) if values else None
+        mean[row] = entry
+    best_teacher = max((r for r in rows if r.startswith("teacher")), key=lambda r: mean[r]["dice"])
+    ensemble, small = mean[ENSEMBLE], mean[ROWS["small"]]
+    checks = {
+        "small_vs_ensemble_dice": small["dice"] / ensemble["dice"],
+        "ensemble_vs_small_flops": ensemble["flops"] / small["flops"],
+        "small_latency_below_ensemble": small["latency_s"] < ensemble["latency_s"],
+        "best_teacher": best_teacher,
+        "semi_minus_best_teacher": mean[ROWS["semi"]]["dice"] - mean[best_teacher]["dice"],
+        "semi_filtered_minus_best_teacher": mean[ROWS["semi_filtered"]]["dice"] - mean[best_teacher]["dice"],
+    }
+    checks["deployment_target_met"] = (checks["small_vs_ensemble_dice"] >= 0.97 and checks["ensemble_vs_small_flops"]
+                                       >= 5 and checks["small_latency_below_ensemble"])
+    checks["semi_target_met"] = max(checks["semi_minus_best_teacher"], checks["semi_filtered_minus_best_teacher"]) >= 0
+    return {"mean": mean, "checks": checks}
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"# Deployment students on {result['dataset']} ({result['mode']} mode, seeds {result['seeds']})", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['cpu_model']}", "",
+             "| model | test Dice | parameters (M) | GFLOPs/case | latency ms (PyTorch) | latency ms (ONNX Runtime) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row, m in s["mean"].items():
+        lines.append(f"| {row} | {m['dice']:.4f} | {cell(m.get('parameters') and m['parameters'] / 1e6, '.2f')} | "
+                     f"{cell(m.get('flops') and m['flops'] / 1e9, '.3f')} | "
+                     f"{cell(m.get('latency_s') and 1000 * m['latency_s'], '.1f')} | "
+                     f"{cell(m.get('onnx_latency_s') and 1000 * m['onnx_latency_s'], '.1f')} |")
+    c = s["checks"]
+    lines += ["", f"Small student / ensemble Dice: {c['small_vs_ensemble_dice']:.3f}x; ensemble / small student FLOPs: "
+              f"{c['ensemble_vs_small_flops']:.1f}x; small student faster than the ensemble: "
+              f"{c['small_latency_below_ensemble']}. Deployment target (>= 0.97x, >= 5x, faster): "
+              f"{'met' if c['deployment_target_met'] else '**not met**'}.",
+              f"Semi-supervised student - best teacher ({c['best_teacher']}): {c['semi_minus_best_teacher']:+.4f} "
+              f"(filtered: {c['semi_filtered_minus_best_teacher']:+.4f}); target (>= 0): "
+              f"{'met' if c['semi_target_met'] else '**not met**'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--quick", action="store_true", help="1 seed, the config's quick sizes")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--data", help="dataset folder (default: the config's)")
+    parser.add_argument("--max-cases", type=int, help="at most this many cases per split (smoke runs)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "deployment"))
+    parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
+    args = parser.parse_args(argv)
+    cfg = load_config(Path(args.config), args.quick)
+    data = dataset_folder(args.data or cfg["data"], "deployment")
+    seeds = args.seeds or ([0] if args.quick else cfg.get("seeds", [0, 1, 2]))
+    mode = "quick" if args.quick else "full"
+    command = " ".join(["python", "benchmarks/deployment.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.time()
+    per_seed = {}
+    for seed in seeds:
+        work = Path(args.work) / cfg["name"] / mode / f"seed{seed}"
+        bench = Bench(cfg, data, work, args.max_cases)
+        per_seed[str(seed)] = run_seed(bench, seed, work)
+        print(f"[seed {seed}] " + json.dumps({r: round(v["dice"], 4) for r, v in per_seed[str(seed)].items()}),
+              flush=True)
+    result = {"dataset": cfg["name"], "mode": mode, "command": command, "seeds": seeds, "config": cfg,
+              "small_student": SMALL, "large_student": LARGE, "machine": this_machine().to_json(),
+              "per_seed": per_seed, "summary": summarise(per_seed), "total_wall_s": time.time() - started}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"deployment_{cfg['name']}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / f"deployment_{cfg['name']}.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
