@@ -187,37 +187,26 @@ def test_report_shows_3d_cases_as_three_orthogonal_slices(tmp_path):
         assert all((out / p).is_file() for p in pictures)
 
 
-def test_self_training_rounds_add_the_last_student_to_the_teachers(synthetic2d, two_teachers, tmp_path):
+def test_self_training_adds_the_last_student_and_drops_unstable_and_disputed_cases(synthetic2d, two_teachers,
+                                                                                   tmp_path):
+    """Round 1 adds round 0's student to the teachers, with strong augmentation; each round's student trains on
+    the cases the filter keeps: not the quarter the teachers disagree on most, nor (from round 1) those whose fused
+    masks moved from the previous round's (foreground Dice below 0.9), both recomputed here from the label sets;
+    finished rounds are kept when the recipe runs again."""
     from nakt.recipes import self_training
 
     split = synthetic2d / "splits.json"
-    students = self_training([str(two_teachers[0])], str(synthetic2d / "images"), "monai:UNet", str(tmp_path / "st"),
-                             rounds=2, cases=f"{split}:transferal", label_options={"device": "cpu"},
-                             train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
+    recipe = dict(rounds=2, cases=f"{split}:transferal", label_options={"device": "cpu"}, min_stability=0.9,
+                  drop_disputed=0.25, train_options={"size": [32], "epochs": 3, "lr": 1e-2, "device": "cpu"},
+                  progress=False)
+    students = self_training([str(t) for t in two_teachers], str(synthetic2d / "images"), "monai:UNet",
+                             str(tmp_path / "st"), **recipe)
     assert students == [tmp_path / "st" / "round_0" / "student", tmp_path / "st" / "round_1" / "student"]
     specs = [[t["spec"] for t in labelset.read_manifest(tmp_path / "st" / f"round_{r}" / "labels")["teachers"]]
              for r in (0, 1)]
-    assert specs == [[str(two_teachers[0])], [str(two_teachers[0]), str(students[0])]]
+    assert specs == [[str(t) for t in two_teachers], [*map(str, two_teachers), str(students[0])]]
     training = rundir.read_config(students[1])[1]
     assert training["spatial_augment"] and training["augment"] and training["soft_targets"]
-    weights = (students[1] / "model.safetensors").stat().st_mtime_ns
-    self_training([str(two_teachers[0])], str(synthetic2d / "images"), "monai:UNet", str(tmp_path / "st"), rounds=2,
-                  cases=f"{split}:transferal", label_options={"device": "cpu"},
-                  train_options={"size": [32], "epochs": 1, "device": "cpu"}, progress=False)
-    assert (students[1] / "model.safetensors").stat().st_mtime_ns == weights  # finished rounds are kept
-
-
-def test_self_training_drops_unstable_and_disputed_cases(synthetic2d, two_teachers, tmp_path):
-    """Each round's student trains on the cases the filter keeps: not the quarter the teachers disagree on most,
-    nor (from round 1) those whose fused masks moved from the previous round's (foreground Dice below 0.9), both
-    recomputed here from the label sets."""
-    from nakt.recipes import self_training
-
-    split = synthetic2d / "splits.json"
-    students = self_training([str(t) for t in two_teachers], str(synthetic2d / "images"), "monai:UNet",
-                             str(tmp_path / "st"), rounds=2, cases=f"{split}:transferal",
-                             label_options={"device": "cpu"}, min_stability=0.9, drop_disputed=0.25,
-                             train_options={"size": [32], "epochs": 3, "lr": 1e-2, "device": "cpu"}, progress=False)
     unstable_anywhere = 0
     for r, student in enumerate(students):
         labels = tmp_path / "st" / f"round_{r}" / "labels"
@@ -235,6 +224,10 @@ def test_self_training_drops_unstable_and_disputed_cases(synthetic2d, two_teache
         recorded = json.loads((tmp_path / "st" / f"round_{r}" / "filter.json").read_text())
         assert set(recorded["dropped"]) == dropped
     assert unstable_anywhere > 0  # the stability rule dropped something the disagreement rule did not
+    weights = (students[1] / "model.safetensors").stat().st_mtime_ns
+    self_training([str(t) for t in two_teachers], str(synthetic2d / "images"), "monai:UNet", str(tmp_path / "st"),
+                  **recipe)
+    assert (students[1] / "model.safetensors").stat().st_mtime_ns == weights  # finished rounds are kept
 
 
 def test_fusion_ceiling_scores_every_weighting_as_evaluate_does(synthetic2d, two_teachers, tmp_path):
