@@ -108,20 +108,17 @@ def demo(opts: DemoOptions | None = None) -> dict:
     student = nakt.train(model=STUDENT, masks=str(labels["transferal"]), out=str(work / "student"),
                          cases=f"{splits}:transferal", lr=1e-2, **common)
     print("scoring on the test split and measuring each model's cost per case ...", flush=True)
-    scored = {**runs, ENSEMBLE_ROW: None, STUDENT_ROW: student}
+    case = discover_cases(str(data / "images"), cases=f"{splits}:test")[0]  # the case each cost is measured on
     results = {}
-    for row, run in scored.items():
-        evaluation = dict(images=str(data / "images"), masks=str(data / "masks"), cases=f"{splits}:test",
-                          out=str(work / "eval" / (Path(run).name if run else "ensemble")), device=opts.device,
-                          hd95=False, progress=opts.progress)
-        if run is None:  # the ensemble: its fused test labels, and its teachers' cost as nakt label runs them
-            summary = nakt.evaluate(pred=str(labels["test"]), **evaluation)
-            case = discover_cases(str(data / "images"), cases=f"{splits}:test")[0]
-            cost = case_cost([load_checked(str(r), None, opts.device) for r in runs.values()], case, "auto").to_json()
-        else:
-            summary = nakt.evaluate(model=str(run), cost=True, **evaluation)
-            cost = summary["cost"]
-        results[row] = {"dice": summary["mean"]["dice"], "cost": cost}
+    for row, members in {**{r: [run] for r, run in runs.items()}, ENSEMBLE_ROW: list(runs.values()),
+                         STUDENT_ROW: [student]}.items():
+        # the ensemble is scored by its fused test labels, and costs its teachers as nakt label runs them
+        source = {"pred": str(labels["test"])} if row == ENSEMBLE_ROW else {"model": str(members[0])}
+        summary = nakt.evaluate(images=str(data / "images"), masks=str(data / "masks"), cases=f"{splits}:test",
+                                out=str(work / "eval" / (Path(members[0]).name if len(members) == 1 else "ensemble")),
+                                device=opts.device, hd95=False, progress=opts.progress, **source)
+        cost = case_cost([load_checked(str(m), None, opts.device) for m in members], case, "auto")
+        results[row] = {"dice": summary["mean"]["dice"], "cost": cost.to_json()}
     write_json(work / "results.json", results)
     print("\n" + cost_table(results, ENSEMBLE_ROW))
     best = max(results[row]["dice"] for row in runs)
