@@ -32,7 +32,7 @@ def read_annotated_classes(path: str | Path) -> dict[str, list[str] | None]:
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "annotated.csv"
-    >>> _ = path.write_text("case,classes\ncase0,1;2\ncase1,kidney\ncase2,all\n")
+    >>> _ = path.write_text("case,classes\\ncase0,1;2\\ncase1,kidney\\ncase2,all\\n")
     >>> read_annotated_classes(path)
     {'case0': ['1', '2'], 'case1': ['kidney'], 'case2': None}
     """
