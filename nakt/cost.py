@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nakt.batched import block_probs, load_blocks
 from nakt.export import ExportOptions, export
@@ -75,8 +76,6 @@ def _modules(teacher: Teacher) -> list[nn.Module]:
 def case_cost(teachers: list[Teacher], case: Case, precision: str = "fp32", repeats: int = 5) -> Cost:
     """The cost of one case for `teachers` (one model, or ``nakt label``'s ensemble: each teacher in turn, then
     the mean fusion), in `precision` (``auto`` resolved on the first teacher's device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = next((next(m.parameters()).device for t in teachers for m in _modules(t)), torch.device("cpu"))
     precision = resolve_precision(precision, device)
     orientation = reading_orientation(teachers)
