@@ -12,7 +12,8 @@ seed:
   cases the teachers disagree on most left out, `nakt.recipes.stable_cases`).
 Every model is scored on `test` (the config's `roi` applied); its cost per case (`nakt.cost`) is measured on the
 first test case: parameters, forward FLOPs, median latency in PyTorch (the run's precision), and for the students
-the latency of their ONNX export under ONNX Runtime.
+the latency of their ONNX export under ONNX Runtime. The costs are measured together after a seed's training, so
+that every model's latency is taken under the same load of the machine.
 
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml    # 3 seeds -> results/deployment_drive.*
     python benchmarks/deployment.py --config configs/benchmarks/cxr_lungs.yaml --seeds 0
@@ -54,11 +55,12 @@ def cost_of(specs: list[str], case, onnx_run: Path | None = None) -> dict:
 
 def run_seed(bench: Bench, seed: int, work: Path) -> dict:
     rows: dict[str, dict] = {}
-    test_case = discover_cases(bench.io["images"], cases=bench.lists["test"], channels=bench.io["channels"])[0]
+    costs: dict[str, tuple[list[str], Path | None]] = {}  # row -> (specs, ONNX run), measured after training
 
     def scored(row: str, run: Path, train_s: float | None, onnx: bool = False) -> None:
         rows[row] = {"dice": bench.evaluate(work / f"eval_{run.name}", hd95=False, model=str(run))["dice"],
-                     "train_s": train_s, "cost": cost_of([str(run)], test_case, run if onnx else None)}
+                     "train_s": train_s}
+        costs[row] = ([str(run)], run if onnx else None)
 
     teachers = []
     for i, spec in enumerate(bench.cfg["teachers"]):
@@ -67,8 +69,8 @@ def run_seed(bench: Bench, seed: int, work: Path) -> dict:
         teachers.append(run)
     test_labels = nakt.label(teacher=[str(t) for t in teachers], cases=bench.lists["test"],
                              out=str(work / "labels_test"), overwrite=True, **bench.io)
-    rows[ENSEMBLE] = {"dice": bench.evaluate(work / "eval_ensemble", hd95=False, pred=str(test_labels))["dice"],
-                      "cost": cost_of([str(t) for t in teachers], test_case)}
+    rows[ENSEMBLE] = {"dice": bench.evaluate(work / "eval_ensemble", hd95=False, pred=str(test_labels))["dice"]}
+    costs[ENSEMBLE] = ([str(t) for t in teachers], None)
     labels = work / "labels_transferal"
     bench.label(teachers, None, labels)
     rows["fused transferal labels (vs transferal truth)"] = {"dice": bench.label_dice(labels, work / "eval_labels")}
@@ -84,6 +86,9 @@ def run_seed(bench: Bench, seed: int, work: Path) -> dict:
         nakt.train(model=LARGE, masks=str(labels), out=str(run), overwrite=True, **bench.io,
                    **{**bench._train_options("student_train", seed), "cases": cases, **labelled})
         scored(ROWS[key], run, time.time() - started)
+    test_case = discover_cases(bench.io["images"], cases=bench.lists["test"], channels=bench.io["channels"])[0]
+    for row, (specs, onnx_run) in costs.items():
+        rows[row]["cost"] = cost_of(specs, test_case, onnx_run)
     return rows
 
 

@@ -104,7 +104,9 @@ def case_cost(teachers: list[Teacher], case: Case, precision: str = "fp32", repe
 
 def onnx_latency(run: str | Path, case: Case, repeats: int = 5) -> float:
     """Median seconds per case of a run exported to ONNX (``nakt export --format onnx``, in a temporary folder)
-    and run by ONNX Runtime on the CPU, the same path as `case_cost`."""
+    and run by ONNX Runtime on the CPU, the same path as `case_cost`. The export's parity check is loosened to 1e-3
+    (from the 1e-4 `nakt export` keeps): a timing only needs the same network, and ONNX Runtime's kernels round
+    differently enough that a freshly trained mobilenet_v2 Linknet misses 1e-4 (3.2e-4 measured)."""
     with tempfile.TemporaryDirectory() as folder:
-        path = export(ExportOptions(model=str(run), format="onnx", out=str(Path(folder) / "model.onnx")))
+        path = export(ExportOptions(model=str(run), format="onnx", out=str(Path(folder) / "model.onnx"), atol=1e-3))
         return case_cost([load_teacher(f"onnx:{path}")], case, "fp32", repeats).latency_s
