@@ -18,6 +18,10 @@ that every model's latency is taken under the same load of the machine.
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml    # 3 seeds -> results/deployment_drive.*
     python benchmarks/deployment.py --config configs/benchmarks/cxr_lungs.yaml --seeds 0
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --quick    # 1 seed -> results/quick/
+    python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume  # seed 0 kept
+
+Each finished seed's rows are written to its work folder (``rows.json``); ``--resume`` reads them back instead of
+running the seed again, so seeds can be added one session at a time.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-cases", type=int, help="at most this many cases per split (smoke runs)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "deployment"))
     parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
+    parser.add_argument("--resume", action="store_true", help="read back the seeds finished in the work folder")
     args = parser.parse_args(argv)
     cfg = load_config(Path(args.config), args.quick)
     data = dataset_folder(args.data or cfg["data"], "deployment")
@@ -162,8 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed = {}
     for seed in seeds:
         work = Path(args.work) / cfg["name"] / mode / f"seed{seed}"
-        bench = Bench(cfg, data, work, args.max_cases)
-        per_seed[str(seed)] = run_seed(bench, seed, work)
+        finished = work / "rows.json"
+        if args.resume and finished.is_file():
+            per_seed[str(seed)] = json.loads(finished.read_text(encoding="utf-8"))
+        else:
+            per_seed[str(seed)] = run_seed(Bench(cfg, data, work, args.max_cases), seed, work)
+            finished.write_text(json.dumps(per_seed[str(seed)], indent=1) + "\n", encoding="utf-8")
         print(f"[seed {seed}] " + json.dumps({r: round(v["dice"], 4) for r, v in per_seed[str(seed)].items()}),
               flush=True)
     result = {"dataset": cfg["name"], "mode": mode, "command": command, "seeds": seeds, "config": cfg,
