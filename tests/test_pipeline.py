@@ -182,28 +182,35 @@ def test_3d_pipeline_on_generated_volumes(tmp_path):
 
 
 def test_cli_on_real_chest_xrays(tmp_path):
+    """teacher -> label -> student of another architecture -> evaluate through the CLI on real X-rays at 64 px.
+    The floor is the best Dice of a constant mask on the test images (0.46: lungs fill much of a chest X-ray)."""
     data = shared_dataset("cxr_lungs")
     splits = json.loads((data / "splits.json").read_text())
     lists = {}
     for name, cases in (("train", splits["teacher_train"][:16]), ("val", splits["teacher_val"][:4]),
-                        ("transferal", splits["transferal"][:12]), ("test", splits["test"][:6])):
+                        ("transferal", splits["transferal"][:24]), ("test", splits["test"][:6])):
         lists[name] = tmp_path / f"{name}.txt"
         lists[name].write_text("\n".join(cases))
-    common = ["--images", data / "images", "--size", 64, "--epochs", 6, "--batch-size", 4, "--no-progress"]
+    common = ["--images", data / "images", "--size", 64, "--batch-size", 4, "--lr", 3e-3, "--no-progress"]
     assert run("train", "--model", "smp:Unet/resnet18", "--masks", data / "masks", "--cases", lists["train"],
-               "--val-images", data / "images", "--val-cases", lists["val"], "--lr", 3e-3, "--out",
+               "--val-images", data / "images", "--val-cases", lists["val"], "--epochs", 6, "--out",
                tmp_path / "teacher", *common) == 0
     assert run("label", "--teacher", tmp_path / "teacher", "--images", data / "images", "--cases",
                lists["transferal"], "--out", tmp_path / "labels", "--no-progress") == 0
+    # 24 images for 12 epochs: with 12 images for 6 epochs the FPN's best epoch, chosen on 2 held-out labels,
+    # fell at or near the floor on one CPU and not on another (0.49 on an AVX-512 Xeon in fp32)
     assert run("train", "--model", "smp:FPN/mobilenet_v2", "--masks", tmp_path / "labels", "--cases",
-               lists["transferal"], "--lr", 3e-3, "--out", tmp_path / "student", *common) == 0
+               lists["transferal"], "--epochs", 12, "--out", tmp_path / "student", *common) == 0
     for r in ("teacher", "student"):
         assert run("evaluate", "--model", tmp_path / r, "--images", data / "images", "--masks", data / "masks",
                    "--cases", lists["test"], "--out", tmp_path / f"eval_{r}", "--no-progress") == 0
     teacher = json.loads((tmp_path / "eval_teacher" / "summary.json").read_text())["mean"]
     student = json.loads((tmp_path / "eval_student" / "summary.json").read_text())["mean"]
-    # 16 images at 64 px for 6 epochs: far from converged, but lungs must clearly be found
-    assert teacher["dice"] > 0.7 and student["dice"] > 0.5, (teacher, student)
+    masks = sorted(data.joinpath("masks").glob("*"))
+    by_name = {m.stem: m for m in masks}
+    floor = constant_floor(read_label_maps([by_name[c] for c in splits["test"][:6]], [0, 255]), 2)
+    # far from converged (teacher ~0.90, student 0.80-0.85 over three seeds), but lungs must clearly be found
+    assert teacher["dice"] > floor + 0.3 and student["dice"] > floor + 0.25, (teacher, student, floor)
     mask = Path(tmp_path / "labels" / "masks" / f"{splits['transferal'][0]}.png")
     from PIL import Image as PILImage
 
