@@ -164,8 +164,12 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
         if compiling:
             eager = net_probs(teacher.model, x, precision, tta, channels_last)  # what the graph must give
             compile_for_inference(teacher.model)
+            teacher.compiled_batch = len(x)
             start = time.perf_counter()
-        probs = net_probs(teacher.model, x, precision, tta, channels_last)
+        elif compile and len(x) < teacher.compiled_batch:
+            # a short last batch would compile a second graph (tens of seconds): pad it with its last input
+            x = torch.cat([x, x[-1:].expand(teacher.compiled_batch - len(x), *x.shape[1:])])
+        probs = net_probs(teacher.model, x, precision, tta, channels_last)[:len(members)]
         if compiling:  # the compile time, amortised over the run: reported so a user can weigh it
             teacher.compile_seconds = time.perf_counter() - start
             print(f"nakt: compiled {teacher.spec} (first batch {teacher.compile_seconds:.1f} s)", file=sys.stderr)

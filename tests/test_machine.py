@@ -82,7 +82,9 @@ def test_label_compile_gives_the_eager_labels_and_is_recorded(unet_teacher, synt
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = nakt.label(**common, out=str(tmp_path / "compiled"), compile=True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the network really went through Dynamo
+    # the network really went through Dynamo, as one graph: the short last batch (12 cases in blocks of 8) is
+    # padded to the compiled size rather than compiled again
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert "nakt: compiled" in capfd.readouterr().err
     eager = nakt.label(**common, out=str(tmp_path / "eager"))
     same = total = 0
