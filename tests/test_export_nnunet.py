@@ -24,11 +24,11 @@ def case_list(path: Path, names: list[str]) -> str:
     return str(path)
 
 
-def nnunet_verify(raw: Path, dataset_id: int, tmp: Path) -> subprocess.CompletedProcess:
+def nnunet_verify(raw: Path, dataset_ids: list[int], tmp: Path) -> subprocess.CompletedProcess:
     """Run nnU-Net's own fingerprint extraction with ``--verify_dataset_integrity`` on ``raw/DatasetNNN_*``."""
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp / "pre"),
            "nnUNet_results": str(tmp / "res")}
-    return subprocess.run([str(NNUNET_BIN), "-d", str(dataset_id), "--verify_dataset_integrity", "-np", "1",
+    return subprocess.run([str(NNUNET_BIN), "-d", *map(str, dataset_ids), "--verify_dataset_integrity", "-np", "1",
                            "--no_pbar"], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -42,11 +42,51 @@ def label_set_2d(synthetic2d, unet_teacher, tmp_path_factory) -> Path:
                       progress=False)
 
 
-@pytest.mark.skipif(not NNUNET_BIN.exists(), reason="nnunetv2 not installed")
-def test_2d_export_passes_nnunet_integrity_check(label_set_2d, synthetic2d, tmp_path):
-    raw = tmp_path / "raw"
-    out = export_nnunet(ExportNnunetOptions(labels=str(label_set_2d), images=str(synthetic2d / "images"),
-                                            out=str(raw / "Dataset501_Synth")))
+@pytest.fixture(scope="module")
+def exports(label_set_2d, synthetic2d, tmp_path_factory) -> dict:
+    """The 2D label set and a 3D one (`volumes_3d`) exported side by side into one nnU-Net raw folder, and
+    nnU-Net's integrity check run once over both (its start-up is most of its time)."""
+    if not NNUNET_BIN.exists():
+        pytest.skip("nnunetv2 not installed")
+    root = tmp_path_factory.mktemp("nnunet_exports")
+    raw = root / "raw"
+    out2d = export_nnunet(ExportNnunetOptions(labels=str(label_set_2d), images=str(synthetic2d / "images"),
+                                              out=str(raw / "Dataset501_Synth")))
+    images, labels = volumes_3d(root)
+    out3d = export_nnunet(ExportNnunetOptions(labels=str(labels), images=str(images), channels=["flair*", "t1c*"],
+                                              out=str(raw / "Dataset507_Vols")))
+    return {"2d": out2d, "3d": out3d, "images_3d": images, "labels_3d": labels, "pre": root / "pre",
+            "check": nnunet_verify(raw, [501, 507], root)}
+
+
+def volumes_3d(root: Path) -> tuple[Path, Path]:
+    """Two-modality NIfTI cases (one with a flipped, permuted affine, one stored as MHA) and their label set from a
+    small 3D teacher: (images folder, label set)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    images = root / "vols"
+    for i in range(2):
+        write_volume_case(images, f"train{i}", rng)
+    write_volume_case(images, "flipped", rng,
+                      affine=np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 5], [0, 1.2, 0, -3], [0, 0, 0, 1]]))
+    write_volume_case(images, "itk", rng)
+    for name in ("flair", "t1c", "seg"):  # the same case as MHA (SimpleITK writes the NIfTI geometry over)
+        path = images / "itk" / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(images / "itk" / f"{name}.mha"))
+        path.unlink()
+    vol = {"channels": ["flair*", "t1c*"], "progress": False}
+    teacher = nakt.train(model="monai:UNet", images=str(images), masks=str(images), mask_file="seg*",
+                         cases=case_list(root / "tr.txt", ["train0", "train1"]), out=str(root / "t3d"),
+                         patch=[32], patches_per_case=2, epochs=4, batch_size=2, val_fraction=0, lr=1e-2,
+                         augment=False, precision="fp32", **vol)  # sure to label both classes somewhere
+    labels = nakt.label(teacher=[str(teacher)], images=str(images), out=str(root / "lab3d"),
+                        cases=case_list(root / "tf.txt", ["flipped", "itk", "train0"]), **vol)
+    return images, labels
+
+
+def test_2d_export_passes_nnunet_integrity_check(exports, label_set_2d, synthetic2d):
+    out = exports["2d"]
     dataset = json.loads((out / "dataset.json").read_text())
     manifest = json.loads((label_set_2d / "manifest.json").read_text())
     assert manifest["label_values"] == [0, 255]
@@ -63,10 +103,10 @@ def test_2d_export_passes_nnunet_integrity_check(label_set_2d, synthetic2d, tmp_
         source = np.asarray(PILImage.open(label_set_2d / "masks" / f"{case}.png"))
         assert exported.dtype == np.uint8 and set(np.unique(exported)) <= {0, 1}
         np.testing.assert_array_equal(exported, source // 255)
-    result = nnunet_verify(raw, 501, tmp_path)
+    result = exports["check"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "verify_dataset_integrity Done" in result.stdout
-    assert (tmp_path / "pre" / "Dataset501_Synth" / "dataset_fingerprint.json").is_file()
+    assert (exports["pre"] / "Dataset501_Synth" / "dataset_fingerprint.json").is_file()
 
 
 def test_rgb_images_are_one_png_with_three_channels(label_set_2d, synthetic2d, tmp_path):
@@ -118,34 +158,13 @@ def test_refuses_foreign_folders_and_bad_names(label_set_2d, synthetic2d, tmp_pa
     assert not (tmp_path / "Dataset506_None").exists()
 
 
-@pytest.mark.skipif(not NNUNET_BIN.exists(), reason="nnunetv2 not installed")
-def test_3d_export_keeps_source_geometry(tmp_path):
-    """Two-modality NIfTI cases (one with a flipped, permuted affine) and one MHA case: images keep their own
-    storage order and geometry, labels 0/1/2 on the same grid, and nnU-Net's check passes."""
+def test_3d_export_keeps_source_geometry(exports):
+    """Images keep their own storage order and geometry (NIfTI copied, MHA converted), labels 0/1/2 on the same
+    grid, and nnU-Net's check passes."""
     import nibabel as nib
     import SimpleITK as sitk
 
-    rng = np.random.default_rng(0)
-    images = tmp_path / "vols"
-    for i in range(2):
-        write_volume_case(images, f"train{i}", rng)
-    write_volume_case(images, "flipped", rng,
-                      affine=np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 5], [0, 1.2, 0, -3], [0, 0, 0, 1]]))
-    write_volume_case(images, "itk", rng)
-    for name in ("flair", "t1c", "seg"):  # the same case as MHA (SimpleITK writes the NIfTI geometry over)
-        path = images / "itk" / f"{name}.nii.gz"
-        sitk.WriteImage(sitk.ReadImage(str(path)), str(images / "itk" / f"{name}.mha"))
-        path.unlink()
-    vol = {"channels": ["flair*", "t1c*"], "progress": False}
-    teacher = nakt.train(model="monai:UNet", images=str(images), masks=str(images), mask_file="seg*",
-                         cases=case_list(tmp_path / "tr.txt", ["train0", "train1"]), out=str(tmp_path / "t3d"),
-                         patch=[32], patches_per_case=2, epochs=4, batch_size=2, val_fraction=0, lr=1e-2,
-                         augment=False, precision="fp32", **vol)  # sure to label both classes somewhere
-    labels = nakt.label(teacher=[str(teacher)], images=str(images), out=str(tmp_path / "lab3d"),
-                        cases=case_list(tmp_path / "tf.txt", ["flipped", "itk", "train0"]), **vol)
-    raw = tmp_path / "raw"
-    out = export_nnunet(ExportNnunetOptions(labels=str(labels), images=str(images), channels=["flair*", "t1c*"],
-                                            out=str(raw / "Dataset507_Vols")))
+    out, images, labels = exports["3d"], exports["images_3d"], exports["labels_3d"]
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["channel_names"] == {"0": "flair", "1": "t1c"} and dataset["file_ending"] == ".nii.gz"
     assert dataset["labels"] == {"background": 0, "label_1": 1, "label_2": 2} and dataset["numTraining"] == 3
@@ -163,9 +182,10 @@ def test_3d_export_keeps_source_geometry(tmp_path):
         assert exported_image.GetSize() == original.GetSize()
         np.testing.assert_allclose(exported_image.GetOrigin(), original.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(exported_image.GetDirection(), original.GetDirection(), atol=1e-6)
-    result = nnunet_verify(raw, 507, tmp_path)
+    result = exports["check"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "mismatch" not in result.stdout
+    assert (exports["pre"] / "Dataset507_Vols" / "dataset_fingerprint.json").is_file()
 
 
 def test_class_order_and_names():
