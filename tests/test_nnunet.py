@@ -113,12 +113,12 @@ def model2d(nnunet_root) -> dict:
     for name in ("case00", "case01"):
         shutil.copy(root / "raw" / "Dataset901_Tiny" / "imagesTr" / f"{name}_0000.png", images)
     outputs = {tta: root / f"predict_tta{int(tta)}" for tta in (True, False)}
-    for tta, out in outputs.items():  # one after the other, each in one process (-npp 0 -nps 0: no workers)
-        run_nnunet([[str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o", str(out),
-                     "-d", "901", "-c", "2d", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu",
-                     "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"]
-                    + ([] if tta else ["--disable_tta"])], root)
-    print(f"\nnnU-Net 2D fixture: two nnUNetv2_predict runs {time.perf_counter() - start:.1f} s")
+    # side by side (mostly start-up), each in one process (-npp 0 -nps 0: no workers), logs in their own folders
+    run_nnunet([[str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o", str(out),
+                 "-d", "901", "-c", "2d", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu",
+                 "-npp", "0", "-nps", "0", "--save_probabilities", "--disable_progress_bar"]
+                + ([] if tta else ["--disable_tta"]) for tta, out in outputs.items()], root)
+    print(f"\nnnU-Net 2D fixture: two nnUNetv2_predict runs side by side {time.perf_counter() - start:.1f} s")
     return {"root": root, "folder": folder, "images": images, "predicted": outputs}
 
 
@@ -485,9 +485,11 @@ def test_three_frameworks_with_different_label_values_fuse_and_teach_without_a_m
         nib.save(nib.Nifti1Image(binary, img.affine), str(masks / label.name))
     common = dict(images=str(images), masks=str(masks), patch=[32], epochs=2, batch_size=2, val_fraction=0,
                   progress=False, precision="fp32")
-    run = nakt.train(model="monai:UNet", out=str(tmp_path / "unet"), **common)
-    exported = nakt.export(model=str(nakt.train(model="monai:SegResNet", out=str(tmp_path / "seg"), **common)),
-                           format="onnx", out=str(tmp_path / "seg.onnx"))
+    small_unet = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}  # the mapping is tested, not Dice
+    run = nakt.train(model="monai:UNet", model_kwargs=small_unet, out=str(tmp_path / "unet"), **common)
+    segresnet = nakt.train(model="monai:SegResNet", model_kwargs={"init_filters": 8}, out=str(tmp_path / "seg"),
+                           **common)
+    exported = nakt.export(model=str(segresnet), format="onnx", out=str(tmp_path / "seg.onnx"))
     folder = nnunet_root / "res" / "Dataset902_Tiny3d" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     specs = [f"nnunet:{folder}", str(run), f"onnx:{exported}"]
     fused = nakt.label(teacher=specs, images=str(images), out=str(tmp_path / "labels"), fusion="mean",
@@ -503,7 +505,8 @@ def test_three_frameworks_with_different_label_values_fuse_and_teach_without_a_m
         expected = np.mean([t.case_probs(Case(name, files), image) for t in teachers], axis=0)
         written = np.load(fused / "probs" / f"{name}.npz")["probs"].astype(np.float32)
         assert written.shape == expected.shape and np.abs(written - expected).mean() < 0.01
-    student = nakt.train(model="monai:UNet", images=str(images), masks=str(fused), out=str(tmp_path / "student"),
-                         patch=[32], epochs=1, batch_size=2, val_fraction=0, progress=False, precision="fp32")
+    student = nakt.train(model="monai:UNet", model_kwargs=small_unet, images=str(images), masks=str(fused),
+                         out=str(tmp_path / "student"), patch=[32], epochs=1, batch_size=2, val_fraction=0,
+                         progress=False, precision="fp32")
     card = json.loads((student / "config.json").read_text())
     assert card["label_values"] == [0, 255] and card["class_names"] == ["background", "blob"]
