@@ -12,8 +12,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/nakt demo
 
+# two pytest workers (pytest-xdist), a test file each at a time, so that one file's module fixtures are built once;
+# one thread per worker: two workers with a thread per core each oversubscribe the cores, and OpenMP's spinning
+# threads then made single tests up to 10x slower on 2 cores
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=10
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # the four segmentation benchmarks in quick mode (1 seed, small sizes): a few minutes each on 2 CPU cores
 bench-quick: $(VENV)/.installed

@@ -171,7 +171,7 @@ def claims(root: Path = ROOT) -> Iterator[Claim]:
     """Every number the READMEs under `root` cite as a result (see the module docstring for which)."""
     results = root / RESULTS
     for readme in READMES:
-        for names, body in _sections((root / readme).read_text().splitlines()):
+        for names, body in _sections((root / readme).read_text(encoding="utf-8").splitlines()):
             files, missing = _resolve(results, names)
             if missing:
                 raise SystemExit(f"{readme}:{body[0][0]}: (results: {', '.join(missing)}) names no file in {results}")
@@ -209,7 +209,7 @@ def check(root: Path = ROOT) -> tuple[list[str], str]:
     """Untraced numbers of the READMEs under `root` (one line each: ``file:line: number ... context``) and a
     summary line."""
     results = root / RESULTS
-    leaves = {p.relative_to(results).as_posix(): list(_leaves(json.loads(p.read_text()), ()))
+    leaves = {p.relative_to(results).as_posix(): list(_leaves(json.loads(p.read_text(encoding="utf-8")), ()))
               for p in sorted(results.rglob("*.json"))}
     cache: dict[tuple[str, ...], Sources] = {}
     allowed = {(readme, number) for readme, _, numbers in ALLOWED for number in numbers}

@@ -30,10 +30,11 @@ It scored 0.9353.
 
 def _checkout(root: Path, readme: str, results: dict = RESULTS) -> Path:
     (root / "benchmarks" / "results").mkdir(parents=True)
-    (root / "benchmarks" / "results" / "run.json").write_text(json.dumps(results))
-    (root / "benchmarks" / "results" / "other.json").write_text(json.dumps(OTHER))
-    (root / "README.md").write_text(readme)
-    (root / "benchmarks" / "README.md").write_text("# Benchmarks\n\nNo results here (1,000 cases, 0.5 s).\n")
+    (root / "benchmarks" / "results" / "run.json").write_text(json.dumps(results), encoding="utf-8")
+    (root / "benchmarks" / "results" / "other.json").write_text(json.dumps(OTHER), encoding="utf-8")
+    (root / "README.md").write_text(readme, encoding="utf-8")
+    (root / "benchmarks" / "README.md").write_text("# Benchmarks\n\nNo results here (1,000 cases, 0.5 s).\n",
+                                                    encoding="utf-8")
     return root
 
 
