@@ -20,6 +20,7 @@ that every model's latency is taken under the same load of the machine.
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --quick    # 1 seed -> results/quick/
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume  # seed 0 kept
 
+The table goes to results/deployment_<name>.{json,md} and Dice against GFLOPs per case to deployment_<name>.png.
 Each finished seed's rows are written to its work folder (``rows.json``); ``--resume`` reads them back instead of
 running the seed again, so seeds can be added one session at a time.
 """
@@ -43,6 +44,7 @@ from nakt.io.dataset import discover_cases  # noqa: E402
 from nakt.machine import this_machine  # noqa: E402
 from nakt.predict import load_checked  # noqa: E402
 from nakt.recipes import stable_cases  # noqa: E402
+from nakt.report import plot_accuracy_vs_cost  # noqa: E402
 
 SMALL, COMPACT, LARGE = "smp:Linknet/mobilenet_v2", "monai:UNet", "smp:Unet/resnet34"
 STUDENTS = {"small": SMALL, "compact": COMPACT, "large": LARGE}
@@ -143,6 +145,16 @@ def summarise(per_seed: dict) -> dict:
     return {"mean": mean, "checks": checks}
 
 
+def short_name(row: str) -> str:
+    """A row's name for the plot: "Unet/resnet34, semi, filtered" for the semi-supervised student without the
+    disputed fifth."""
+    for long, short in ((ENSEMBLE, "ensemble"), ("student ", ""), ("smp:", ""), (" (fused labels)", ""),
+                        (" (true masks + fused labels, disputed fifth dropped)", ", semi, filtered"),
+                        (" (true masks + fused labels)", ", semi")):
+        row = row.replace(long, short)
+    return row
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
     cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -204,6 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"deployment_{cfg['name']}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"deployment_{cfg['name']}.md").write_text(markdown(result), encoding="utf-8")
+    points = [{"name": short_name(row), "accuracy": m["dice"],
+               "measure": f"test Dice, mean of {len(seeds)} seed(s)",
+               "cost": {"gflops": m.get("flops") and m["flops"] / 1e9}} for row, m in result["summary"]["mean"].items()]
+    plot_accuracy_vs_cost(points, out / f"deployment_{cfg['name']}.png")
     print(markdown(result))
     return result
 

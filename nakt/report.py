@@ -39,7 +39,7 @@ from nakt.metrics import case_scores
 from nakt.predict import load_checked
 from nakt.preprocess import encode_labels
 
-__all__ = ["REPORT", "ReportOptions", "report"]
+__all__ = ["REPORT", "ReportOptions", "plot_accuracy_vs_cost", "report"]
 
 REPORT = outputs.OutputKind("report", "report.json", "nakt.report/", ("report.json", "index.html", "cases", "plots",
                                                                         "runs"))
@@ -285,18 +285,8 @@ def _plots(summaries: dict, runs: list[Path], folder: Path, costs: list[dict]) -
         ax.set(xlabel="epoch", title=run.name)
         ax.legend()
         save(fig, f"training_{len(made)}_{run.name}.png")
-    counted = [p for p in costs if p["cost"]["gflops"] is not None and p["accuracy"] is not None]
-    if counted:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for point in counted:
-            ensemble = point["name"].startswith("ensemble")
-            ax.scatter(point["cost"]["gflops"], point["accuracy"], marker="*" if ensemble else "o",
-                       s=120 if ensemble else 40, color="#cc3311" if ensemble else "#4477aa")
-            ax.annotate(point["name"], (point["cost"]["gflops"], point["accuracy"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set(xlabel="GFLOPs per case", ylabel=counted[0]["measure"], title="accuracy against cost")
-        save(fig, "accuracy_vs_cost.png")
+    if plot_accuracy_vs_cost(costs, folder / "accuracy_vs_cost.png"):
+        made.append("plots/accuracy_vs_cost.png")
     return made
 
 
@@ -358,3 +348,29 @@ beside each image, the share of teachers agreeing with the fused label (dark: di
 <th>Dice vs truth</th><th>views</th></tr>{''.join(rows)}</table>
 </body></html>
 """
+
+
+def plot_accuracy_vs_cost(points: list[dict], path: Path) -> bool:
+    """Accuracy against GFLOPs per case (log scale), one labelled point per model, ensembles as stars; `points`
+    are ``{"name", "accuracy", "measure", "cost": {"gflops"}}`` (`nakt.cost.Cost.to_json`). Returns whether
+    any point had both numbers (nothing is drawn otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counted = [p for p in points if p["cost"]["gflops"] is not None and p["accuracy"] is not None]
+    if not counted:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for point in counted:
+        ensemble = point["name"].startswith("ensemble")
+        ax.scatter(point["cost"]["gflops"], point["accuracy"], marker="*" if ensemble else "o",
+                   s=120 if ensemble else 40, color="#cc3311" if ensemble else "#4477aa")
+        ax.annotate(point["name"], (point["cost"]["gflops"], point["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="GFLOPs per case", ylabel=counted[0]["measure"], title="accuracy against cost")
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # grows the canvas to the labels instead of shrinking the axes
+    plt.close(fig)
+    return True

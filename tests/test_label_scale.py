@@ -94,10 +94,10 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_bytes(scale_data, r
     out = tmp_path / "labels"
     rng = random.Random(12)
     killed = 0
-    for target in sorted(rng.sample(range(1, 19), 3)):
+    for target in sorted(rng.sample(range(1, 19), 2)):  # two kills (each a process start, ~7 s of the suite)
         killed += kill_when(command(scale_data, out), lambda t=target: n_records(out) >= t)
         assert labelset.is_label_set(out)  # an unfinished label set is still one, and resumable
-    assert killed >= 2 and n_records(out) < 20
+    assert killed == 2 and n_records(out) < 20
     done = subprocess.run(command(scale_data, out), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_tree(reference, out)
