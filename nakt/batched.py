@@ -164,11 +164,11 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
         if compiling:
             eager = net_probs(teacher.model, x, precision, tta, channels_last)  # what the graph must give
             compile_for_inference(teacher.model)
-            teacher.compiled_batch = len(x)
+            teacher.compiled_shape = tuple(x.shape)
             start = time.perf_counter()
-        elif compile and len(x) < teacher.compiled_batch:
+        elif compile and x.shape[1:] == teacher.compiled_shape[1:] and len(x) < teacher.compiled_shape[0]:
             # a short last batch would compile a second graph (tens of seconds): pad it with its last input
-            x = torch.cat([x, x[-1:].expand(teacher.compiled_batch - len(x), *x.shape[1:])])
+            x = torch.cat([x, x[-1:].expand(teacher.compiled_shape[0] - len(x), *x.shape[1:])])
         probs = net_probs(teacher.model, x, precision, tta, channels_last)[:len(members)]
         if compiling:  # the compile time, amortised over the run: reported so a user can weigh it
             teacher.compile_seconds = time.perf_counter() - start

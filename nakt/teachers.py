@@ -53,14 +53,15 @@ class NetTeacher:
     """A network nakt feeds: its card's preprocessing, sliding windows or resizing, probabilities mapped back.
     `batchnorm_folded`: how many BatchNorms `load_teacher` folded into convolutions (`nakt.fold`);
     `compile_seconds`: the first batch's time once `nakt.batched.block_probs` compiled the network (else None);
-    `compiled_batch`: that batch's size, to which shorter batches are padded (one graph per run)."""
+    `compiled_shape`: that batch's input shape; shorter batches of inputs of its size are padded to it (one graph
+    per run)."""
 
     def __init__(self, spec: str, model: NaktModel, batchnorm_folded: int = 0):
         self.spec, self.model, self.card = spec, model, model.card
         self.orientation = model.card.orientation
         self.batchnorm_folded = batchnorm_folded
         self.compile_seconds: float | None = None
-        self.compiled_batch: int | None = None
+        self.compiled_shape: tuple[int, ...] | None = None
 
     def case_probs(self, case: Case, image: Image) -> np.ndarray:
         return infer_probs(self.model, image.array, case.images[0])
