@@ -166,9 +166,9 @@ def block_probs(teacher: Teacher, block: list[LoadedCase], precision: str = "fp3
             compile_for_inference(teacher.model)
             teacher.compiled_shape = tuple(x.shape)
             start = time.perf_counter()
-        elif compile and x.shape[1:] == teacher.compiled_shape[1:] and len(x) < teacher.compiled_shape[0]:
+        elif (shape := teacher.compiled_shape) and x.shape[1:] == shape[1:] and len(x) < shape[0]:
             # a short last batch would compile a second graph (tens of seconds): pad it with its last input
-            x = torch.cat([x, x[-1:].expand(teacher.compiled_shape[0] - len(x), *x.shape[1:])])
+            x = torch.cat([x, x[-1:].expand(shape[0] - len(x), *x.shape[1:])])
         probs = net_probs(teacher.model, x, precision, tta, channels_last)[:len(members)]
         if compiling:  # the compile time, amortised over the run: reported so a user can weigh it
             teacher.compile_seconds = time.perf_counter() - start
@@ -191,6 +191,7 @@ def _checked_compilation(teacher: NetTeacher, eager: torch.Tensor, compiled: tor
     if agreement >= 0.999 and (precision != "fp32" or worst <= 1e-3):
         return compiled
     teacher.model.net._compiled_call_impl = None  # undoes nn.Module.compile: the eager forward again
+    teacher.compiled_shape = None  # nor are its short batches padded: an eager network gains nothing from it
     print(f"nakt: --compile: {teacher.spec}'s compiled graph disagrees with the eager network on its first batch "
           f"(labels agree on {100 * agreement:.2f}% of pixels, max |p difference| {worst:.3g}): running it eagerly",
           file=sys.stderr)

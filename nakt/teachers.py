@@ -53,8 +53,8 @@ class NetTeacher:
     """A network nakt feeds: its card's preprocessing, sliding windows or resizing, probabilities mapped back.
     `batchnorm_folded`: how many BatchNorms `load_teacher` folded into convolutions (`nakt.fold`);
     `compile_seconds`: the first batch's time once `nakt.batched.block_probs` compiled the network (else None);
-    `compiled_shape`: that batch's input shape; shorter batches of inputs of its size are padded to it (one graph
-    per run)."""
+    `compiled_shape`: that batch's input shape while the compiled graph is in use; shorter batches of inputs of its
+    size are padded to it (one graph per run)."""
 
     def __init__(self, spec: str, model: NaktModel, batchnorm_folded: int = 0):
         self.spec, self.model, self.card = spec, model, model.card
