@@ -178,6 +178,7 @@ REFUSED = [
     (CLS + " --orientation LPS", "--orientation applies to segmentation only"),
     (CLS + " --label-values 0 1", "--label-values applies to segmentation only"),
     (CLS + " --no-disk-cache", "--disk-cache applies to segmentation only"),
+    (CLS + " --val-metric pooled", "--val-metric applies to segmentation only"),
     (SEG + " --recipe targeted --freeze-encoder-epochs 2", "--freeze-encoder-epochs does not combine"),
 ]
 
@@ -219,6 +220,45 @@ def test_classification_finetune_freezes_the_backbone_first_and_metrics_have_one
     assert json.loads((tuned / "config.json").read_text())["training"]["precision"] == "fp32"
     assert FinetuneOptions(model="m", images="i", out="o").freeze_encoder_epochs == 5
     assert FinetuneOptions(model="m", images="i", out="o", recipe="targeted").freeze_encoder_epochs == 0
+
+
+class _Echo(torch.nn.Module):
+    """A 'network' whose logits are the one-hot of the label map it is given as its image: its prediction is
+    whatever the test puts in the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # validation reads the device off a parameter
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 20
+
+
+def test_pooled_validation_scores_a_rare_class_by_its_pixels_not_its_cases():
+    """Ten validation cases: class 1 large in all, class 2 (rare) a small blob in one. A model that never
+    predicts class 2 scores 0.95 by the per-case mean (nine cases have no class 2 to miss) but 0.5 pooled
+    (class 2's Dice is 0); one that finds class 2 scores 1.0 both ways; metrics.json names the metric."""
+    from nakt.models.registry import NaktModel
+    from nakt.train.segmentation import SegmentationTask
+
+    card = ModelCard("monai:UNet", 1, 3, label_values=[0, 1, 2], size=[16])
+    truths = []
+    for i in range(10):
+        truth = torch.zeros(16, 16, dtype=torch.uint8)
+        truth[2:14, 2:8] = 1
+        if i == 0:
+            truth[10:13, 10:13] = 2
+        truths.append(truth)
+    blind = [torch.where(t == 2, 0, t) for t in truths]  # predicts everything but the rare class
+    scores = {}
+    for metric in ("dice", "pooled"):
+        for name, predicted in (("blind", blind), ("sees", truths)):
+            val = [{"image": p[None].float(), "target": t} for p, t in zip(predicted, truths)]
+            task = SegmentationTask(card, [], val, val_metric=metric)
+            scores[metric, name] = task.validate(NaktModel(_Echo(), card))
+    assert scores["dice", "blind"] == pytest.approx(0.95) and scores["pooled", "blind"] == pytest.approx(0.5)
+    assert scores["dice", "sees"] == scores["pooled", "sees"] == 1.0
+    assert SegmentationTask(card, [], [], val_metric="pooled").metric == "pooled_dice"
 
 
 def test_best_score_reads_old_and_new_metrics():

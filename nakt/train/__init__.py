@@ -132,6 +132,10 @@ class TrainOptions:
                                    "probability is below this out of the loss", group="teachers")
     pixel_weights: str = option("none", "weigh each pixel's loss by the label set's teacher agreement there, or by "
                                 "the target's confidence", group="segmentation", choices=segmentation.PIXEL_WEIGHTS)
+    val_metric: str = option("dice", "how validation scores an epoch: dice (each case's foreground Dice, "
+                             "averaged over cases) or pooled (each class's Dice over all validation pixels, "
+                             "averaged over classes: nnU-Net's pseudo-Dice; a rare class absent from most cases "
+                             "counts fully)", group="segmentation", choices=segmentation.VAL_METRICS)
     annotated_classes: str | None = option(None, "CSV case,classes: the classes each listed case's mask "
                                            "annotates (values or names; the others lie in it as background), "
                                            "learnt with the marginal loss; unlisted cases: all",

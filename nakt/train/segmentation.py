@@ -33,8 +33,9 @@ __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
            "spatial_augment", "orientation", "pixel_weights", "disk_cache", "annotated_classes", "labelled_images",
-           "labelled_masks", "labelled_cases", "labelled_ratio")
+           "labelled_masks", "labelled_cases", "labelled_ratio", "val_metric")
 PIXEL_WEIGHTS = ("none", "agreement", "confidence")
+VAL_METRICS = ("dice", "pooled")
 
 
 class SegmentationTask:
@@ -46,21 +47,21 @@ class SegmentationTask:
     `min_confidence` are left out of it. `pixel_weights` weighs every pixel's share of the loss instead:
     ``agreement``, by the fraction of teachers agreeing with the fused label there (the samples' ``"weight"``,
     from the label set), ``confidence``, by the target's top probability rescaled from 1/C..1 to 0..1. The
-    score is the mean foreground Dice of the `val` cases on the network's grid, read by `num_workers` processes
-    unless all of them are cached. Partially annotated cases (`annotated`: per case name, the classes ``[C]``
-    bool its mask annotates) train with the marginal loss (`SoftDiceCELoss.marginal`) and are scored on their
-    annotated classes only. `labelled` (prepared cases with true masks) joins `train` (pseudo-labels) in every
-    batch of `batch_size`, `labelled_ratio` of it (`nakt.train.mixed`)."""
-
-    metric = "dice"
+    score (`val_metric`) is the mean over the `val` cases of their foreground Dice (``dice``) or the mean over
+    classes of each class's Dice pooled over all `val` pixels (``pooled``), on the network's grid, read by
+    `num_workers` processes unless all of them are cached. Partially annotated cases (`annotated`: per case
+    name, the classes ``[C]`` bool its mask annotates) train with the marginal loss (`SoftDiceCELoss.marginal`)
+    and are scored on their annotated classes only. `labelled` (prepared cases with true masks) joins `train`
+    (pseudo-labels) in every batch of `batch_size`, `labelled_ratio` of it (`nakt.train.mixed`)."""
 
     def __init__(self, card: ModelCard, train, val, *, patch: tuple[int, ...] | None = None,
                  patches_per_case: int = 1, augment: bool = False, spatial_augment: bool = False,
                  min_confidence: float = 0.0, alpha: float = 0.5, pixel_weights: str = "none",
                  num_workers: int = 0, annotated: dict[str, np.ndarray] | None = None,
                  train_names: list[str] = (), val_names: list[str] = (), labelled=None,
-                 labelled_ratio: float = 0.5, batch_size: int = 8):
+                 labelled_ratio: float = 0.5, batch_size: int = 8, val_metric: str = "dice"):
         self.card, self.val, self.alpha, self.pixel_weights = card, val, alpha, pixel_weights
+        self.metric = "dice" if val_metric == "dice" else "pooled_dice"  # the name metrics.json records
         known = None
         if annotated:
             known = [torch.from_numpy(annotated.get(name, np.ones(card.classes, bool))) for name in train_names]
@@ -112,9 +113,9 @@ class SegmentationTask:
 
     @torch.no_grad()
     def validate(self, model: NaktModel, precision: str = "fp32", batch_size: int = 8) -> float | None:
-        """Mean foreground Dice over the validation cases, in batches of same-shape images. 2D networks run
-        channels-last here, as `nakt.batched` runs them for label, predict and evaluate, so that the score is the
-        one ``nakt evaluate`` reports for these weights (reduced precision rounds differently per layout)."""
+        """The validation score (`metric`) of the `val` cases, run in batches of same-shape images. 2D networks
+        run channels-last here, as `nakt.batched` runs them for label, predict and evaluate, so that the score is
+        the one ``nakt evaluate`` reports for these weights (reduced precision rounds differently per layout)."""
         if not len(self.val):
             return None
         model.eval()
@@ -122,7 +123,7 @@ class SegmentationTask:
         nhwc = self.card.spatial_dims == 2
         layout = torch.channels_last if nhwc else torch.contiguous_format
         model.to(memory_format=layout)
-        scores = []
+        scores, overlap, volume = [], np.zeros(self.card.classes - 1), np.zeros(self.card.classes - 1)
         for chunk in _same_shape_runs(self.val_loader, batch_size):
             x = torch.stack([case["image"] for case in chunk]).to(device).contiguous(memory_format=layout)
             with autocast(precision, device):
@@ -131,11 +132,21 @@ class SegmentationTask:
                 known = self.val_known[len(scores)]
                 if known is not None:  # an unannotated class is background in the mask: not scored
                     predicted = np.where(known[predicted], predicted, 0)
-                scores.append(case_scores(predicted, hard_target(case["target"]).numpy(), self.card.classes,
-                                          hd95=False)["dice"])
+                target = hard_target(case["target"]).numpy()
+                if self.metric == "dice":
+                    scores.append(case_scores(predicted, target, self.card.classes, hd95=False)["dice"])
+                    continue
+                scores.append(None)
+                for c in range(1, self.card.classes):
+                    p, t = predicted == c, target == c
+                    overlap[c - 1] += np.count_nonzero(p & t)
+                    volume[c - 1] += np.count_nonzero(p) + np.count_nonzero(t)
         if nhwc and not channels_last_pays(device, 2):  # back to the layout the engine trains in
             model.to(memory_format=torch.contiguous_format)
-        return float(np.mean(scores))
+        if self.metric == "dice":
+            return float(np.mean(scores))
+        seen = volume > 0  # a class absent from every validation case and never predicted is not scored
+        return float(np.mean(2 * overlap[seen] / volume[seen])) if seen.any() else 1.0
 
     def encoder(self, model: NaktModel) -> list[str]:
         """An encoder-decoder net's (smp) encoder; other nets (MONAI's) have none to freeze."""
@@ -235,7 +246,7 @@ def train_segmentation(opts) -> Path:
                             min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
                             num_workers=opts.num_workers, annotated=annotated, train_names=train_names,
                             val_names=val_names, labelled=labelled, labelled_ratio=opts.labelled_ratio,
-                            batch_size=opts.batch_size)
+                            batch_size=opts.batch_size, val_metric=opts.val_metric)
     return run_training(opts, card, model, task, record, teachers, started=started)
 
 
