@@ -179,6 +179,7 @@ REFUSED = [
     (CLS + " --label-values 0 1", "--label-values applies to segmentation only"),
     (CLS + " --no-disk-cache", "--disk-cache applies to segmentation only"),
     (CLS + " --val-metric pooled", "--val-metric applies to segmentation only"),
+    (CLS + " --batch-dice", "--batch-dice applies to segmentation only"),
     (SEG + " --recipe targeted --freeze-encoder-epochs 2", "--freeze-encoder-epochs does not combine"),
 ]
 

@@ -237,12 +237,13 @@ def write_partially_annotated(root: Path, rng, n: int = 12, kidney_only: int = 3
     return images, masks, root / "annotated.csv", truth
 
 
-def test_marginal_loss_ignores_an_unannotated_class_and_equals_the_full_loss_otherwise():
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_marginal_loss_ignores_an_unannotated_class_and_equals_the_full_loss_otherwise(batch_dice):
     """Merging the unannotated classes into background: swapping a pixel's background and unannotated-class
-    logits costs nothing; with every class annotated the loss is the ordinary one."""
+    logits costs nothing; with every class annotated the loss is the ordinary one (per image and batch Dice)."""
     from nakt.train.losses import SoftDiceCELoss
 
-    loss = SoftDiceCELoss()
+    loss = SoftDiceCELoss(batch_dice=batch_dice)
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     target = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 8, 8), generator=gen), 4).permute(0, 3, 1, 2)

@@ -28,6 +28,33 @@ def test_soft_dice_ce_equals_monai_dicece_on_one_hot():
     assert ours.item() == pytest.approx(monai.item(), rel=1e-5)
 
 
+def test_batch_dice_sums_over_the_batch_and_spares_a_class_absent_from_one_image():
+    """--batch-dice equals MONAI's DiceCELoss(batch=True) on one-hot targets. Two images, a small class-2 blob in
+    the first only, predicted perfectly except that the second image gives class 2 a probability of 0.02
+    everywhere: per image that costs about a sixth of the loss (class 2's Dice there is 0: a push never to
+    predict the class), over the batch almost nothing."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = one_hot(torch.randint(0, 3, (2, 8, 8)), 3)
+    ours = SoftDiceCELoss(batch_dice=True)(logits, target)
+    assert ours.item() == pytest.approx(DiceCELoss(softmax=True, batch=True)(logits, target).item(), rel=1e-5)
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, :, :4] = 1
+    labels[0, 5:8, 5:8] = 2
+    target = one_hot(labels, 3)
+    perfect = 30 * target  # the other classes at ~1e-13
+    probs = perfect.softmax(1)
+    probs[1] *= 0.98  # image 1: class 2 at 0.02, the others share the rest
+    probs[1, 2] = 0.02
+    near_miss = probs.log()
+    per_image, batch = SoftDiceCELoss(), SoftDiceCELoss(batch_dice=True)
+    assert per_image(near_miss, target) - per_image(perfect, target) > 0.15
+    assert batch(near_miss, target) - batch(perfect, target) < 0.05
+
+
 def test_soft_targets_pull_towards_teacher_probabilities():
     """With a soft target of 0.7, logits that predict 0.7 beat logits that predict the hard label."""
     target = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1).expand(1, 2, 4, 4)

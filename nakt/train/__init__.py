@@ -132,6 +132,9 @@ class TrainOptions:
                                    "probability is below this out of the loss", group="teachers")
     pixel_weights: str = option("none", "weigh each pixel's loss by the label set's teacher agreement there, or by "
                                 "the target's confidence", group="segmentation", choices=segmentation.PIXEL_WEIGHTS)
+    batch_dice: bool = option(False, "compute the Dice loss per class over the whole batch, not per image "
+                              "(nnU-Net's batch Dice): small or rare classes, absent from most images, are then "
+                              "not pushed towards never being predicted", group="segmentation")
     val_metric: str = option("dice", "how validation scores an epoch: dice (each case's foreground Dice, "
                              "averaged over cases) or pooled (each class's Dice over all validation pixels, "
                              "averaged over classes: nnU-Net's pseudo-Dice; a rare class absent from most cases "

@@ -15,6 +15,9 @@ class SoftDiceCELoss(nn.Module):
 
     MONAI 1.6's ``DiceCELoss`` has no soft-label Dice, so this composes ``DiceLoss(soft_label=True)`` with
     cross-entropy on probability targets. On one-hot targets it equals ``DiceCELoss(softmax=True)``.
+    `batch_dice` computes each class's Dice over the whole batch (nnU-Net's batch Dice, MONAI's ``batch=True``)
+    instead of per sample: per sample, a class absent from a sample's target costs almost 1 unless the network
+    gives it ~0 probability everywhere there, which teaches it not to predict small or rare classes at all.
 
     >>> loss = SoftDiceCELoss()
     >>> t = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])[None]  # [B=1, C=2, 1, 2]
@@ -22,13 +25,15 @@ class SoftDiceCELoss(nn.Module):
     True
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False):
         super().__init__()
         from monai.losses import DiceLoss
 
-        self.dice = DiceLoss(softmax=True, soft_label=True)
-        self.dice_masked = DiceLoss(softmax=False, soft_label=True)  # takes masked probabilities
-        self.dice_per_class = DiceLoss(softmax=False, soft_label=True, reduction="none")  # [B, C, 1...]
+        self.batch_dice = batch_dice
+        self.dice = DiceLoss(softmax=True, soft_label=True, batch=batch_dice)
+        self.dice_masked = DiceLoss(softmax=False, soft_label=True, batch=batch_dice)  # takes masked probabilities
+        # [B, C, 1...], or [C, 1...] with batch_dice
+        self.dice_per_class = DiceLoss(softmax=False, soft_label=True, reduction="none", batch=batch_dice)
         self.ce = nn.CrossEntropyLoss()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
@@ -73,6 +78,9 @@ class SoftDiceCELoss(nn.Module):
         weight = torch.ones_like(bg_target) if mask is None else mask
         ce = -torch.where(target > 0, target * log_probs, torch.zeros_like(target)).sum(1, keepdim=True)
         ce = (ce * weight).sum() / weight.sum().clamp_min(1e-6 if mask is None else 1)
-        per_class = self.dice_per_class(log_probs.exp() * weight, target * weight).flatten(2).mean(2)  # [B, C]
-        dice = (per_class * known).sum() / known.sum()
+        per_class = self.dice_per_class(log_probs.exp() * weight, target * weight)
+        if self.batch_dice:  # unannotated classes hold 0 on both sides: the batch sums are over the annotating samples
+            dice = per_class.flatten(1).mean(1)[known.any(0)].mean()
+        else:
+            dice = (per_class.flatten(2).mean(2) * known).sum() / known.sum()  # per_class [B, C]
         return self.dice_weight * dice + self.ce_weight * ce

@@ -33,7 +33,7 @@ __all__ = ["OPTIONS", "SegmentationTask", "train_segmentation"]
 # options only segmentation takes: `nakt.train.train` refuses them for another task
 OPTIONS = ("masks", "val_masks", "mask_file", "channels", "label_values", "patch", "patches_per_case", "hard_labels",
            "spatial_augment", "orientation", "pixel_weights", "disk_cache", "annotated_classes", "labelled_images",
-           "labelled_masks", "labelled_cases", "labelled_ratio", "val_metric")
+           "labelled_masks", "labelled_cases", "labelled_ratio", "val_metric", "batch_dice")
 PIXEL_WEIGHTS = ("none", "agreement", "confidence")
 VAL_METRICS = ("dice", "pooled")
 
@@ -46,7 +46,8 @@ class SegmentationTask:
     the rest x the targets (the teachers alone without targets); pixels whose target's top probability is below
     `min_confidence` are left out of it. `pixel_weights` weighs every pixel's share of the loss instead:
     ``agreement``, by the fraction of teachers agreeing with the fused label there (the samples' ``"weight"``,
-    from the label set), ``confidence``, by the target's top probability rescaled from 1/C..1 to 0..1. The
+    from the label set), ``confidence``, by the target's top probability rescaled from 1/C..1 to 0..1.
+    `batch_dice`: the Dice term per class over the whole batch, not per sample (`SoftDiceCELoss`). The
     score (`val_metric`) is the mean over the `val` cases of their foreground Dice (``dice``) or the mean over
     classes of each class's Dice pooled over all `val` pixels (``pooled``), on the network's grid, read by
     `num_workers` processes unless all of them are cached. Partially annotated cases (`annotated`: per case
@@ -59,7 +60,8 @@ class SegmentationTask:
                  min_confidence: float = 0.0, alpha: float = 0.5, pixel_weights: str = "none",
                  num_workers: int = 0, annotated: dict[str, np.ndarray] | None = None,
                  train_names: list[str] = (), val_names: list[str] = (), labelled=None,
-                 labelled_ratio: float = 0.5, batch_size: int = 8, val_metric: str = "dice"):
+                 labelled_ratio: float = 0.5, batch_size: int = 8, val_metric: str = "dice",
+                 batch_dice: bool = False):
         self.card, self.val, self.alpha, self.pixel_weights = card, val, alpha, pixel_weights
         self.metric = "dice" if val_metric == "dice" else "pooled_dice"  # the name metrics.json records
         known = None
@@ -79,7 +81,7 @@ class SegmentationTask:
         streamed = getattr(val, "streamed", False)
         self.val_loader = torch.utils.data.DataLoader(val, batch_size=None, num_workers=num_workers if streamed else 0,
                                                       persistent_workers=streamed and num_workers > 0)
-        self.loss_fn = SoftDiceCELoss()
+        self.loss_fn = SoftDiceCELoss(batch_dice=batch_dice)
 
     def epoch_size(self) -> int:
         repeats = self.patches_per_case if self.patch else 1
@@ -246,7 +248,7 @@ def train_segmentation(opts) -> Path:
                             min_confidence=opts.min_confidence, alpha=opts.alpha, pixel_weights=opts.pixel_weights,
                             num_workers=opts.num_workers, annotated=annotated, train_names=train_names,
                             val_names=val_names, labelled=labelled, labelled_ratio=opts.labelled_ratio,
-                            batch_size=opts.batch_size, val_metric=opts.val_metric)
+                            batch_size=opts.batch_size, val_metric=opts.val_metric, batch_dice=opts.batch_dice)
     return run_training(opts, card, model, task, record, teachers, started=started)
 
 
