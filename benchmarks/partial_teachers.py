@@ -26,6 +26,7 @@ Every model is scored on `test` per class, as Dice pooled over the test slices (
     python benchmarks/partial_teachers.py            # 3 seeds, 128 px, 20 epochs -> results/partial_teachers.*
     python benchmarks/partial_teachers.py --scheme four   # -> results/partial_teachers_four.*
     python benchmarks/partial_teachers.py --quick    # 1 seed, 64 px, 3 epochs -> results/quick/partial_teachers.*
+    python benchmarks/partial_teachers.py --batch-dice   # every network with --batch-dice -> *_batch_dice.*
 """
 
 from __future__ import annotations
@@ -185,8 +186,10 @@ def summarise(per_seed: dict, scheme: str) -> dict:
 
 def markdown(result: dict) -> str:
     s, teachers = result["summary"], SCHEMES[result["config"]["scheme"]][1]
-    lines = [f"# Partial teachers on brats6 ({result['mode']} mode, scheme {result['config']['scheme']}, seeds "
-             f"{result['config']['seeds']})", "",
+    config = result["config"]
+    lines = [f"# Partial teachers on brats6 ({result['mode']} mode, scheme {config['scheme']}, seeds "
+             f"{config['seeds']}, Dice loss {'per batch' if config.get('batch_dice') else 'per image'}, teachers' "
+             f"validation {config.get('val_metric', 'dice')})", "",
              f"Command: `{result['command']}`  ", "",
              f"| class | teacher A ({teachers['A'][0]}) | teacher B ({teachers['B'][0]}) | union student ({STUDENT}) | "
              "union / best knowing teacher | control student (full true masks) | marginal student (partial true "
@@ -210,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--size", type=int)
+    parser.add_argument("--batch-dice", action="store_true", help="every network trains with nakt's --batch-dice")
+    parser.add_argument("--val-metric", default="dice", help="the teachers' validation score (nakt's --val-metric)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "partial_teachers"))
     parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = work / args.scheme  # the partial masks depend on the scheme, the prepared slices do not
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     train = {"size": [args.size or (64 if args.quick else 128)], "epochs": args.epochs or (3 if args.quick else 20),
-             "batch_size": 8, "lr": 1e-3}
+             "batch_size": 8, "lr": 1e-3, "batch_dice": args.batch_dice, "val_metric": args.val_metric}
     command = " ".join(["python", "benchmarks/partial_teachers.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.time()
     per_seed = {}
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
               "total_wall_s": time.time() - started}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    stem = "partial_teachers" + ("" if args.scheme == "brats17" else f"_{args.scheme}")
+    stem = ("partial_teachers" + ("" if args.scheme == "brats17" else f"_{args.scheme}")
+            + ("_batch_dice" if args.batch_dice else "") + ("" if args.val_metric == "dice" else f"_{args.val_metric}"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
