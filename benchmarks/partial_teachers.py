@@ -11,7 +11,8 @@ brats6 as 2D axial slices (`segmentation_transfer.prepare_brats_slices`: FLAIR +
   enhancing (20/30/40).
 Per seed:
 - teacher A (smp Unet/resnet18) and teacher B (smp FPN/resnet34) learn their classes from `teacher_train` (the
-  other classes are background in their masks, as in a dataset that never annotated them);
+  other classes are background in their masks, as in a dataset that never annotated them), keeping the epoch
+  that scores best on `teacher_val` or (``--teacher-epoch last``) their last one, as the students do;
 - `nakt label` fuses them on `teacher_train` + `transferal` (the teachers' own images and the pool, as partial
   annotations are merged in practice), matching classes by the names the specs declare
   (``?labels=0:background,20:edema,...``): edema is fused over both teachers, every other class over the one
@@ -27,6 +28,7 @@ Every model is scored on `test` per class, as Dice pooled over the test slices (
     python benchmarks/partial_teachers.py --scheme four   # -> results/partial_teachers_four.*
     python benchmarks/partial_teachers.py --quick    # 1 seed, 64 px, 3 epochs -> results/quick/partial_teachers.*
     python benchmarks/partial_teachers.py --batch-dice   # every network with --batch-dice -> *_batch_dice.*
+    python benchmarks/partial_teachers.py --teacher-epoch last  # teachers keep their last epoch -> *_last_epoch.*
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def pooled_dice(pred_dir: Path, truth_dir: Path, cases: list[str], values: dict[
     return {name: 2 * inter[name] / total[name] if total[name] else 1.0 for name in values}
 
 
-def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, scheme: str) -> dict:
+def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, scheme: str,
+             teacher_epoch: str = "best") -> dict:
     classes, teachers = SCHEMES[scheme]
     splits = data / "splits.json"
     test = json.loads(splits.read_text())["test"]
@@ -130,9 +133,12 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, 
     scores, specs = {}, []
     for name, (model, codes) in teachers.items():
         masks = partial_masks(data, work / f"masks_{name}", codes, classes)
+        if teacher_epoch == "best":  # the epoch that scores best on teacher_val
+            validation = dict(val_images=str(data / "images"), val_masks=str(masks), val_cases=f"{splits}:teacher_val")
+        else:  # the last epoch, as the students keep
+            validation = dict(val_fraction=0)
         run = nakt.train(model=model, masks=str(masks), cases=f"{splits}:teacher_train",
-                         val_images=str(data / "images"), val_masks=str(masks), val_cases=f"{splits}:teacher_val",
-                         out=str(work / f"s{seed}" / name), **common)
+                         out=str(work / f"s{seed}" / name), **validation, **common)
         specs.append(spec_with_names(run, codes))
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(work / f"s{seed}" / f"pred_{name}"), overwrite=True, progress=False)
@@ -189,7 +195,8 @@ def markdown(result: dict) -> str:
     config = result["config"]
     lines = [f"# Partial teachers on brats6 ({result['mode']} mode, scheme {config['scheme']}, seeds "
              f"{config['seeds']}, Dice loss {'per batch' if config.get('batch_dice') else 'per image'}, teachers' "
-             f"validation {config.get('val_metric', 'dice')})", "",
+             f"validation {config.get('val_metric', 'dice')}, teachers' epoch {config.get('teacher_epoch', 'best')})",
+             "",
              f"Command: `{result['command']}`  ", "",
              f"| class | teacher A ({teachers['A'][0]}) | teacher B ({teachers['B'][0]}) | union student ({STUDENT}) | "
              "union / best knowing teacher | control student (full true masks) | marginal student (partial true "
@@ -215,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int)
     parser.add_argument("--batch-dice", action="store_true", help="every network trains with nakt's --batch-dice")
     parser.add_argument("--val-metric", default="dice", help="the teachers' validation score (nakt's --val-metric)")
+    parser.add_argument("--teacher-epoch", choices=("best", "last"), default="best",
+                        help="the teachers keep their best epoch on teacher_val, or their last (as the students)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "partial_teachers"))
     parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
@@ -232,10 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     per_seed = {}
     for seed in seeds:
-        per_seed[str(seed)] = run_seed(seed, data, work, train, student_lr=1e-3, scheme=args.scheme)
+        per_seed[str(seed)] = run_seed(seed, data, work, train, student_lr=1e-3, scheme=args.scheme,
+                                       teacher_epoch=args.teacher_epoch)
         print(f"[seed {seed}] " + json.dumps(per_seed[str(seed)]["scores"]), flush=True)
     result = {"mode": "quick" if args.quick else "full", "command": command,
-              "config": {**train, "seeds": seeds, "scheme": args.scheme, "classes": SCHEMES[args.scheme][0],
+              "config": {**train, "seeds": seeds, "scheme": args.scheme, "teacher_epoch": args.teacher_epoch,
+                         "classes": SCHEMES[args.scheme][0],
                          "teachers": SCHEMES[args.scheme][1],
                          "student": STUDENT},
               "machine": this_machine().to_json(), "per_seed": per_seed, "summary": summarise(per_seed, args.scheme),
@@ -243,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     stem = ("partial_teachers" + ("" if args.scheme == "brats17" else f"_{args.scheme}")
-            + ("_batch_dice" if args.batch_dice else "") + ("" if args.val_metric == "dice" else f"_{args.val_metric}"))
+            + ("_batch_dice" if args.batch_dice else "") + ("" if args.val_metric == "dice" else f"_{args.val_metric}")
+            + ("" if args.teacher_epoch == "best" else f"_{args.teacher_epoch}_epoch"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
