@@ -125,30 +125,30 @@ class SegmentationTask:
         nhwc = self.card.spatial_dims == 2
         layout = torch.channels_last if nhwc else torch.contiguous_format
         model.to(memory_format=layout)
-        scores, overlap, volume = [], np.zeros(self.card.classes - 1), np.zeros(self.card.classes - 1)
+        case_dice, index = [], 0
+        overlap, volume = np.zeros(self.card.classes), np.zeros(self.card.classes)  # per class, pooled
         for chunk in _same_shape_runs(self.val_loader, batch_size):
             x = torch.stack([case["image"] for case in chunk]).to(device).contiguous(memory_format=layout)
             with autocast(precision, device):
                 probs = probs_on_grid(model, x)
             for case, predicted in zip(chunk, probs.argmax(1).cpu().numpy()):
-                known = self.val_known[len(scores)]
+                known, index = self.val_known[index], index + 1
                 if known is not None:  # an unannotated class is background in the mask: not scored
                     predicted = np.where(known[predicted], predicted, 0)
                 target = hard_target(case["target"]).numpy()
                 if self.metric == "dice":
-                    scores.append(case_scores(predicted, target, self.card.classes, hd95=False)["dice"])
-                    continue
-                scores.append(None)
-                for c in range(1, self.card.classes):
-                    p, t = predicted == c, target == c
-                    overlap[c - 1] += np.count_nonzero(p & t)
-                    volume[c - 1] += np.count_nonzero(p) + np.count_nonzero(t)
+                    case_dice.append(case_scores(predicted, target, self.card.classes, hd95=False)["dice"])
+                else:  # one pass over the pixels whatever the number of classes
+                    classes = self.card.classes
+                    overlap += np.bincount(predicted[predicted == target], minlength=classes)
+                    volume += np.bincount(predicted.ravel(), minlength=classes)
+                    volume += np.bincount(target.ravel(), minlength=classes)
         if nhwc and not channels_last_pays(device, 2):  # back to the layout the engine trains in
             model.to(memory_format=torch.contiguous_format)
         if self.metric == "dice":
-            return float(np.mean(scores))
-        seen = volume > 0  # a class absent from every validation case and never predicted is not scored
-        return float(np.mean(2 * overlap[seen] / volume[seen])) if seen.any() else 1.0
+            return float(np.mean(case_dice))
+        seen = volume[1:] > 0  # a class absent from every validation case and never predicted is not scored
+        return float(np.mean(2 * overlap[1:][seen] / volume[1:][seen])) if seen.any() else 1.0
 
     def encoder(self, model: NaktModel) -> list[str]:
         """An encoder-decoder net's (smp) encoder; other nets (MONAI's) have none to freeze."""
