@@ -18,17 +18,17 @@ from nakt.train import TrainOptions
 # kinds: a value type (``+``: several values, ``*``: with choices), ``append`` (repeatable), ``true``
 # (store_true) and ``false`` (``--no-x``, store_false). finetune and distill have train's flags.
 FLAGS = {
-    "train": ("alpha:float annotated-classes:str balance-classes:true batch-size:int cache-gb:float cases:str "
-              "channels:str+ compile:true config:str device:str ema:float epochs:int freeze-encoder-epochs:int "
-              "fusion:str* hard-labels:true head:str* images:str in-channels:int init:str label-column:str "
-              "label-noise:float label-values:int+ labelled-cases:str labelled-images:str labelled-masks:str "
-              "labelled-ratio:float labels:str lr:float mask-file:str masks:str "
+    "train": ("alpha:float annotated-classes:str balance-classes:true batch-dice:true batch-size:int "
+              "cache-gb:float cases:str channels:str+ compile:true config:str device:str ema:float epochs:int "
+              "freeze-encoder-epochs:int fusion:str* hard-labels:true head:str* images:str in-channels:int init:str "
+              "label-column:str label-noise:float label-values:int+ labelled-cases:str labelled-images:str "
+              "labelled-masks:str labelled-ratio:float labels:str lr:float mask-file:str masks:str "
               "min-confidence:float model:str no-augment:false no-disk-cache:false no-progress:false "
               "normalization:str* num-workers:int orientation:str out:str overwrite:true patch:int+ "
               "patches-per-case:int pixel-weights:str* precision:str* pretrained:str recipe:str* resume:true "
               "seed:int size:int+ spatial-augment:true subset-fraction:float subsets:int task:str* "
               "teacher:append teacher-mode:str* temperature:float unfreeze-every:int val-cases:str "
-              "val-fraction:float val-images:str val-labels:str val-masks:str weight-decay:float"),
+              "val-fraction:float val-images:str val-labels:str val-masks:str val-metric:str* weight-decay:float"),
     "label": ("batch-size:int cases:str channels:str+ compile:true config:str device:str fusion:str* images:str "
               "label-map:str layout:str* no-progress:false num-parts:int num-workers:int out:str overwrite:true "
               "part-id:int precision:str* save-teacher-probs:true sharpen:float task:str* teacher:append "
