@@ -125,8 +125,8 @@ class SegmentationTask:
         nhwc = self.card.spatial_dims == 2
         layout = torch.channels_last if nhwc else torch.contiguous_format
         model.to(memory_format=layout)
-        case_dice, index = [], 0
-        overlap, volume = np.zeros(self.card.classes), np.zeros(self.card.classes)  # per class, pooled
+        classes, case_dice, index = self.card.classes, [], 0
+        overlap, volume = np.zeros(classes), np.zeros(classes)  # per class, pooled
         for chunk in _same_shape_runs(self.val_loader, batch_size):
             x = torch.stack([case["image"] for case in chunk]).to(device).contiguous(memory_format=layout)
             with autocast(precision, device):
@@ -137,9 +137,8 @@ class SegmentationTask:
                     predicted = np.where(known[predicted], predicted, 0)
                 target = hard_target(case["target"]).numpy()
                 if self.metric == "dice":
-                    case_dice.append(case_scores(predicted, target, self.card.classes, hd95=False)["dice"])
+                    case_dice.append(case_scores(predicted, target, classes, hd95=False)["dice"])
                 else:  # one pass over the pixels whatever the number of classes
-                    classes = self.card.classes
                     overlap += np.bincount(predicted[predicted == target], minlength=classes)
                     volume += np.bincount(predicted.ravel(), minlength=classes)
                     volume += np.bincount(target.ravel(), minlength=classes)
