@@ -19,10 +19,18 @@ that every model's latency is taken under the same load of the machine.
     python benchmarks/deployment.py --config configs/benchmarks/cxr_lungs.yaml --seeds 0
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --quick    # 1 seed -> results/quick/
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume  # seed 0 kept
+    python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume \
+        --student-option val_fraction=0 --student-option patches_per_case=32 --rows small compact
 
 The table goes to results/deployment_<name>.{json,md} and Dice against GFLOPs per case to deployment_<name>.png.
 Each finished seed's rows are written to its work folder (``rows.json``); ``--resume`` reads them back instead of
 running the seed again, so seeds can be added one session at a time.
+
+``--student-option KEY=VALUE`` changes the students' training (``nakt.train``'s keyword arguments, on top of the
+config's) one change at a time: the teachers, the ensemble and the fused labels are the plain run's (read back from
+its ``rows.json`` with ``--resume``), the students train into folders and rows of their own
+(``student_<row>_<tag>``, ``rows_<tag>.json``) and the results go to deployment_<name>_<tag>.*, never over the
+plain run's. ``--rows`` trains only some of the students (e.g. the two small ones of the deployment target).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segmentation_transfer import ROOT, Bench, dataset_folder, load_config  # noqa: E402
@@ -61,10 +71,14 @@ def cost_of(specs: list[str], case, onnx_run: Path | None = None) -> dict:
     return cost.to_json()
 
 
-def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None) -> dict:
+def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, student_options: dict | None = None,
+             students: tuple[str, ...] = tuple(ROWS), tag: str = "") -> dict:
     """The rows of one seed; rows in `done` (an earlier run's, read back by --resume) are kept as measured and
-    only the others are trained, scored and costed (their teachers and labels read from the work folder)."""
-    done = done or {}
+    only the others are trained, scored and costed (their teachers and labels read from the work folder).
+    `student_options` go to every student's training, `students` names the student rows (keys of `ROWS`) to
+    run, and `tag` suffixes their run folders."""
+    done, student_options = done or {}, student_options or {}
+    suffix = f"_{tag}" if tag else ""
     rows: dict[str, dict] = {}
     costs: dict[str, tuple[list[str], Path | None]] = {}  # row -> (specs, ONNX run), measured after training
 
@@ -97,19 +111,27 @@ def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None) -> d
         bench.label(teachers, None, labels)
         rows[fused_row] = {"dice": bench.label_dice(labels, work / "eval_labels")}
     for key, spec in STUDENTS.items():
-        run = work / f"student_{key}"
-        scored(ROWS[key], run, trained_on(spec, str(labels), "transferal", run, "student_train"), onnx=True)
+        if key in students:
+            run = work / f"student_{key}{suffix}"
+            scored(ROWS[key], run, trained_on(spec, str(labels), "transferal", run, "student_train",
+                                              **student_options), onnx=True)
     labelled = {"labelled_images": bench.io["images"], "labelled_masks": bench.masks,
                 "labelled_cases": bench.lists["teacher_train"], "labelled_ratio": 0.5}
     kept = stable_cases(labels, None, work / "filter", drop_disputed=0.2)
     for key, cases in (("semi", bench.lists["transferal"]), ("semi_filtered", str(kept))):
-        run = work / f"student_{key}"
-        scored(ROWS[key], run, trained_on(LARGE, str(labels), "transferal", run, "student_train", cases=cases,
-                                          **labelled))
+        if key in students:
+            run = work / f"student_{key}{suffix}"
+            scored(ROWS[key], run, trained_on(LARGE, str(labels), "transferal", run, "student_train", cases=cases,
+                                              **labelled, **student_options))
     test_case = discover_cases(bench.io["images"], cases=bench.lists["test"], channels=bench.io["channels"])[0]
     for row, (specs, onnx_run) in costs.items():
         rows[row]["cost"] = cost_of(specs, test_case, onnx_run)
     return rows
+
+
+def read_rows(path: Path) -> dict:
+    """A seed's finished rows (``rows.json``), or none."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def summarise(per_seed: dict) -> dict:
@@ -126,8 +148,10 @@ def summarise(per_seed: dict) -> dict:
         mean[row] = entry
     best_teacher = max((r for r in rows if r.startswith("teacher")), key=lambda r: mean[r]["dice"])
     ensemble = mean[ENSEMBLE]
-    deployment = {}  # per small student: the issue's three conditions against the ensemble
+    deployment = {}  # per small student run: the issue's three conditions against the ensemble
     for key in ("small", "compact"):
+        if ROWS[key] not in mean:
+            continue
         student = mean[ROWS[key]]
         entry = {"dice_vs_ensemble": student["dice"] / ensemble["dice"],
                  "ensemble_flops_vs_student": ensemble["flops"] / student["flops"],
@@ -135,13 +159,14 @@ def summarise(per_seed: dict) -> dict:
         entry["met"] = (entry["dice_vs_ensemble"] >= 0.97 and entry["ensemble_flops_vs_student"] >= 5
                         and entry["faster_than_ensemble"])
         deployment[ROWS[key]] = entry
-    checks = {
-        "deployment": deployment, "deployment_target_met": any(e["met"] for e in deployment.values()),
-        "best_teacher": best_teacher,
-        "semi_minus_best_teacher": mean[ROWS["semi"]]["dice"] - mean[best_teacher]["dice"],
-        "semi_filtered_minus_best_teacher": mean[ROWS["semi_filtered"]]["dice"] - mean[best_teacher]["dice"],
-    }
-    checks["semi_target_met"] = max(checks["semi_minus_best_teacher"], checks["semi_filtered_minus_best_teacher"]) >= 0
+    checks = {"deployment": deployment, "deployment_target_met": any(e["met"] for e in deployment.values()),
+              "best_teacher": best_teacher}
+    semi = {key: mean[ROWS[key]]["dice"] - mean[best_teacher]["dice"] for key in ("semi", "semi_filtered")
+            if ROWS[key] in mean}
+    for key, gap in semi.items():
+        checks[f"{key}_minus_best_teacher"] = gap
+    if semi:
+        checks["semi_target_met"] = max(semi.values()) >= 0
     return {"mean": mean, "checks": checks}
 
 
@@ -158,8 +183,10 @@ def short_name(row: str) -> str:
 def markdown(result: dict) -> str:
     s = result["summary"]
     cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    changed = result.get("student_options")
     lines = [f"# Deployment students on {result['dataset']} ({result['mode']} mode, seeds {result['seeds']})", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['cpu_model']}", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['cpu_model']}  ",
+             f"Students' training changed: `{changed}`" if changed else "Students' training: the config's", "",
              "| model | test Dice | parameters (M) | GFLOPs/case | latency ms (PyTorch) | latency ms (ONNX Runtime) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row, m in s["mean"].items():
@@ -174,9 +201,11 @@ def markdown(result: dict) -> str:
                      f"{e['ensemble_flops_vs_student']:.1f}x fewer FLOPs, faster than the ensemble: "
                      f"{e['faster_than_ensemble']}; deployment target (>= 0.97x, >= 5x, faster): "
                      f"{'met' if e['met'] else '**not met**'}.  ")
-    lines += [f"Semi-supervised student - best teacher ({c['best_teacher']}): {c['semi_minus_best_teacher']:+.4f} "
-              f"(filtered: {c['semi_filtered_minus_best_teacher']:+.4f}); target (>= 0): "
-              f"{'met' if c['semi_target_met'] else '**not met**'}."]
+    if "semi_target_met" in c:
+        gaps = ", ".join(f"{key.removesuffix('_minus_best_teacher')}: {c[key]:+.4f}"
+                         for key in ("semi_minus_best_teacher", "semi_filtered_minus_best_teacher") if key in c)
+        lines.append(f"Semi-supervised student - best teacher ({c['best_teacher']}): {gaps}; target (>= 0): "
+                     f"{'met' if c['semi_target_met'] else '**not met**'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +219,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "deployment"))
     parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
     parser.add_argument("--resume", action="store_true", help="read back the seeds finished in the work folder")
+    parser.add_argument("--student-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a nakt.train option for every student (YAML value), e.g. patches_per_case=32; "
+                             "repeatable; results to deployment_<name>_<tag>.*")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
+                        help="the student rows to run (default all)")
     args = parser.parse_args(argv)
+    student_options = {}
+    for item in args.student_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--student-option {item!r}: expected KEY=VALUE")
+        student_options[key.replace("-", "_")] = yaml.safe_load(value)
+    tag = "_".join(f"{key}{value}" for key, value in student_options.items())
     cfg = load_config(Path(args.config), args.quick)
     data = dataset_folder(args.data or cfg["data"], "deployment")
     seeds = args.seeds or ([0] if args.quick else cfg.get("seeds", [0, 1, 2]))
@@ -200,26 +241,32 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed = {}
     for seed in seeds:
         work = Path(args.work) / cfg["name"] / mode / f"seed{seed}"
-        finished = work / "rows.json"
-        done = json.loads(finished.read_text(encoding="utf-8")) if args.resume and finished.is_file() else {}
-        if not set(ROWS.values()) <= set(done):  # a new seed, or rows added since: run what is missing
-            per_seed[str(seed)] = run_seed(Bench(cfg, data, work, args.max_cases), seed, work, done)
+        finished = work / (f"rows_{tag}.json" if tag else "rows.json")
+        done = read_rows(finished) if args.resume else {}
+        if tag:  # the teachers, the ensemble and the fused labels: the plain run's, never trained over
+            done = {**{row: v for row, v in read_rows(work / "rows.json").items() if row not in ROWS.values()},
+                    **done}
+        wanted = {ROWS[key] for key in args.rows}
+        if not wanted <= set(done):  # a new seed, or rows added since: run what is missing
+            per_seed[str(seed)] = run_seed(Bench(cfg, data, work, args.max_cases), seed, work, done,
+                                           student_options, tuple(args.rows), tag)
             finished.write_text(json.dumps(per_seed[str(seed)], indent=1) + "\n", encoding="utf-8")
         else:
             per_seed[str(seed)] = done
         print(f"[seed {seed}] " + json.dumps({r: round(v["dice"], 4) for r, v in per_seed[str(seed)].items()}),
               flush=True)
     result = {"dataset": cfg["name"], "mode": mode, "command": command, "seeds": seeds, "config": cfg,
-              "students": STUDENTS, "machine": this_machine().to_json(),
+              "students": STUDENTS, "student_options": student_options, "machine": this_machine().to_json(),
               "per_seed": per_seed, "summary": summarise(per_seed), "total_wall_s": time.time() - started}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"deployment_{cfg['name']}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (out / f"deployment_{cfg['name']}.md").write_text(markdown(result), encoding="utf-8")
+    name = f"deployment_{cfg['name']}" + (f"_{tag}" if tag else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text(markdown(result), encoding="utf-8")
     points = [{"name": short_name(row), "accuracy": m["dice"],
                "measure": f"test Dice, mean of {len(seeds)} seed(s)",
                "cost": {"gflops": m.get("flops") and m["flops"] / 1e9}} for row, m in result["summary"]["mean"].items()]
-    plot_accuracy_vs_cost(points, out / f"deployment_{cfg['name']}.png")
+    plot_accuracy_vs_cost(points, out / f"{name}.png")
     print(markdown(result))
     return result
 
