@@ -293,3 +293,27 @@ def test_trained_as_matches_a_finished_run_by_its_training_record(tmp_path):
     assert not segmentation_transfer.trained_as(tmp_path / "missing", asked)
     (run / "config.json").write_text(json.dumps({"complete": False, "training": record}))  # interrupted
     assert not segmentation_transfer.trained_as(run, asked)
+
+
+def test_deployment_summary_checks_only_the_students_it_ran():
+    """A --rows run of the two small students: the deployment ratios are taken against the ensemble from the
+    plain run's rows, the semi-supervised check is left out rather than failed, and the table says which
+    training change the students had."""
+    import deployment
+
+    def row(dice, flops=None, latency=None):
+        return {"dice": dice, "cost": {"flops": flops, "parameters": 1.0, "latency_s": latency,
+                                       "onnx_latency_s": None}} if flops else {"dice": dice}
+
+    seed = {"teacher a": row(0.80, 100.0, 1.0), "teacher b": row(0.70, 50.0, 1.0),
+            deployment.ENSEMBLE: row(0.80, 150.0, 2.0),
+            deployment.ROWS["small"]: row(0.78, 10.0, 0.5), deployment.ROWS["compact"]: row(0.76, 40.0, 3.0)}
+    summary = deployment.summarise({"0": seed, "1": {**seed, deployment.ROWS["small"]: row(0.80, 10.0, 0.5)}})
+    small, compact = (summary["checks"]["deployment"][deployment.ROWS[k]] for k in ("small", "compact"))
+    assert small["dice_vs_ensemble"] == pytest.approx(0.79 / 0.80) and small["ensemble_flops_vs_student"] == 15
+    assert small["met"] and not compact["met"]  # compact: 0.95x, 3.75x fewer FLOPs, slower
+    assert summary["checks"]["deployment_target_met"] and "semi_target_met" not in summary["checks"]
+    table = deployment.markdown({"dataset": "d", "mode": "full", "seeds": [0, 1], "command": "c",
+                                 "machine": {"cpu_model": "m"}, "student_options": {"patches_per_case": 32},
+                                 "summary": summary})
+    assert "Students' training changed: `{'patches_per_case': 32}`" in table and "Semi-supervised" not in table
