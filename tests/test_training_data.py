@@ -159,6 +159,39 @@ def test_compiled_training_follows_the_eager_one(synthetic2d, tmp_path):
     np.testing.assert_allclose(compiled_dice, eager_dice, atol=0.01)  # argmax flips at near-ties
 
 
+class _Miscompiled(torch.nn.Module):
+    """A stand-in for a graph Inductor got wrong: the module's output negated, or right but with gradients
+    three times too large."""
+
+    def __init__(self, module: torch.nn.Module, wrong: str):
+        super().__init__()
+        self.module, self.wrong = module, wrong
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        return -out if self.wrong == "output" else out.detach() + 3 * (out - out.detach())
+
+
+@pytest.mark.parametrize("wrong", ["output", "gradients"])
+def test_a_compiled_training_step_that_disagrees_with_eager_is_dropped(synthetic2d, tmp_path, monkeypatch, capfd,
+                                                                       wrong):
+    """A compiled training graph is trusted only once its first step agrees with the eager one (output, loss and
+    gradients): one that does not is dropped with a line, and the run trains exactly as an eager run does."""
+    import importlib
+
+    engine = importlib.import_module("nakt.train.engine")
+    monkeypatch.setattr(engine, "compile_for_training", lambda module: _Miscompiled(module, wrong))
+    split = synthetic2d / "splits.json"
+    common = dict(model="monai:UNet", model_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0,
+                                                    "norm": "batch"},  # running statistics: moved once a step
+                  images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), cases=f"{split}:teacher_train",
+                  size=[32], epochs=2, batch_size=4, precision="fp32", num_workers=0, progress=False, device="cpu")
+    compiled = nakt.train(out=str(tmp_path / "compiled"), compile=True, **common)
+    assert "the compiled training step disagrees with the eager one" in capfd.readouterr().err
+    eager = nakt.train(out=str(tmp_path / "eager"), **common)
+    assert losses(compiled) == losses(eager)
+
+
 def test_only_a_prepared_folder_nakt_marked_is_removed(tmp_path):
     """A run's prepared/ goes when training ends only if nakt wrote it; a user's folder of that name stays."""
     user = tmp_path / "user_run"

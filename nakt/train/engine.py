@@ -15,6 +15,7 @@ autocast -> loss -> backward -> step; the per-epoch bookkeeping (best epoch, fil
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -150,10 +151,13 @@ def _trainable(model: NaktModel, epoch: int, opts: FitOptions, encoder: set[str]
 class _Step:
     """One optimizer step (MONAI's ``_iteration``, detectron2's ``run_step``): batch to the device -> forward
     and loss under autocast (online teachers on the same images) -> backward (scaled for fp16) -> step ->
-    schedule -> EMA. Returns the loss."""
+    schedule -> EMA. Returns the loss.
+
+    With ``--compile``, `forward` is the compiled graph and `eager` the same module uncompiled: the first step
+    runs both (`_checked_compilation`) and keeps the compiled graph only if it agrees."""
 
     model: NaktModel
-    forward: nn.Module  # the model, or its DistributedDataParallel wrapper
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper; compiled with --compile
     task: Task
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
@@ -162,28 +166,76 @@ class _Step:
     teachers: OnlineTeachers | None
     precision: str
     nhwc: bool
+    eager: nn.Module | None = None  # set while a compiled `forward` has not yet been checked against it
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         if self.nhwc:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision, device):
-            if self.teachers is not None:  # online: the drawn teacher(s) see the same augmented batch
+        if self.teachers is not None:  # online: the drawn teacher(s) see the same augmented batch
+            with autocast(self.precision, device):
                 batch["teacher_probs"] = self.teachers(batch["image"])
-            loss = self.task.loss(self.forward(batch["image"]).float(), batch)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.eager is not None:
+            loss = self._checked_compilation(batch)
+        else:
+            loss = self._backward(self.forward, batch)[1]
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.schedule.step()
         if self.smoothed is not None:
             self.smoothed.update_parameters(self.model)
         return loss.item()
+
+    def _backward(self, forward: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss and backward (scaled for fp16) through `forward`; returns (output, loss)."""
+        with autocast(self.precision, batch["image"].device):
+            output = forward(batch["image"]).float()
+            loss = self.task.loss(output, batch)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return output.detach(), loss.detach()
+
+    def _checked_compilation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The first compiled step against the eager one on the same batch (output, loss and every gradient,
+        under DDP both averaged over the ranks): a compiled graph that disagrees is dropped for the rest of the
+        run, with a line, and the step is the eager one. Inductor's CPU code has trained to NaN where the eager
+        network did not (a channels-last monai:UNet with the ISA capped to AVX2), so a compiled graph is trusted
+        only once it has agreed. BatchNorm statistics are restored between the two passes, so they move once, as
+        without the check."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        eager_output, eager_loss = self._backward(self.eager, batch)
+        eager_grads = [p.grad for p in params]
+        for b, kept in zip(self.model.buffers(), buffers):
+            b.copy_(kept)
+        self.optimizer.zero_grad(set_to_none=True)
+        output, loss = self._backward(self.forward, batch)
+        tolerance = 1e-3 if self.precision == "fp32" else 5e-2  # reduced precision rounds in another order
+        same = _close(output, eager_output, tolerance) and _close(loss, eager_loss, tolerance) and all(
+            (g is None) == (p.grad is None) and (g is None or _close(p.grad, g, tolerance))
+            for p, g in zip(params, eager_grads))
+        eager, self.eager = self.eager, None
+        if same:
+            return loss
+        self.forward = eager
+        print(f"nakt: --compile: the compiled training step disagrees with the eager one on the first batch (loss "
+              f"{loss.item():.6g} against {eager_loss.item():.6g}): training eagerly", file=sys.stderr)
+        for b, kept in zip(self.model.buffers(), buffers):
+            b.copy_(kept)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._backward(eager, batch)[1]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
+    """`a` finite and within `tolerance` of `b` relative to b's largest magnitude (gradients are small, so the
+    scale is b's own)."""
+    if not bool(torch.isfinite(a).all()):
+        return False
+    return a.numel() == 0 or float((a - b).abs().max()) <= tolerance * float(b.abs().max()) + 1e-7
 
 
 def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: OnlineTeachers | None = None,
@@ -224,10 +276,11 @@ def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: Onl
     state = TrainingState(run, opts.epochs, log, {"model": model, "ema": smoothed, "optimizer": optimizer,
                                                   "schedule": schedule, "scaler": scaler}, generators)
     done = state.resume(scored) if resume else 0
-    forward = _distributed(model, opts) if world > 1 else model
-    if opts.compile:  # validation and saving keep using `model`, which shares the weights
-        forward = torch.compile(forward)
-    step = _Step(model, forward, task, optimizer, schedule, scaler, smoothed, teachers, precision, nhwc)
+    eager = _distributed(model, opts) if world > 1 else model
+    # validation and saving keep using `model`, which shares the weights
+    forward = compile_for_training(eager) if opts.compile else eager
+    step = _Step(model, forward, task, optimizer, schedule, scaler, smoothed, teachers, precision, nhwc,
+                 eager=eager if opts.compile else None)
     encoder = set(task.encoder(model)) if opts.freeze_encoder_epochs else set()
     loader = PlannedLoader(task.samples, opts.num_workers, rank, world)
     for epoch in range(done + 1, opts.epochs + 1):
@@ -263,6 +316,11 @@ def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def compile_for_training(module: nn.Module) -> nn.Module:
+    """`module` through ``torch.compile`` (Inductor): its forward and backward compile on the first steps."""
+    return torch.compile(module)
 
 
 def _distributed(model: NaktModel, opts: FitOptions) -> nn.Module:
