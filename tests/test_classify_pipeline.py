@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import shared_dataset, untrained_twin
 
+from nakt.classify.metrics import quadratic_kappa
 from nakt.cli import main
 
 
@@ -85,17 +86,19 @@ def test_classification_teacher_label_student_evaluate(pneumonia, tmp_path):
     assert preds[0]["image"].startswith(("NORMAL/", "PNEUMONIA/"))
 
     # what the student is for: it learnt the teacher's view of the images. Its class agrees with the teacher's
-    # on the test images more often than a constant class can (the teacher's majority share), and it ranks the
-    # test images (AUC) better than an untrained network of its architecture and than chance (0.5)
+    # on the test images beyond chance (Cohen's kappa, 0 for a constant or a random student: raw agreement was
+    # used before, but a teacher that calls 88% of the images one class, as one did with the ISA capped to AVX2,
+    # leaves a constant student 88%), and it ranks the test images (AUC) better than an untrained network of its
+    # architecture and than chance (0.5)
     teacher = {c["case"]: int(np.argmax(c["probs"])) for c in summary["per_case"]}
-    agree = np.mean([int(p["prediction"]) == teacher[p["image"]] for p in preds])
-    majority = max(np.mean(list(teacher.values())), 1 - np.mean(list(teacher.values())))
+    kappa = quadratic_kappa(np.array([int(p["prediction"]) for p in preds]),
+                            np.array([teacher[p["image"]] for p in preds]), 2)  # binary: Cohen's kappa
     aucs = {}
     for run_dir in (tmp_path / "student", untrained_twin(tmp_path / "student", tmp_path / "untrained")):
         assert run("evaluate", "--model", run_dir, "--images", r / "test", "--labels", r / "test.csv",
                    "--out", tmp_path / f"eval_{run_dir.name}") == 0
         aucs[run_dir.name] = json.loads((tmp_path / f"eval_{run_dir.name}" / "summary.json").read_text())["mean"]["auc"]
-    assert agree > majority + 0.1, (agree, majority)  # 0.87 against 0.73 here (AUC 0.87 against 0.53)
+    assert kappa > 0.3, kappa  # 0.65 here (AUC 0.89 against 0.53), 0.39 with the ISA capped to AVX2
     assert aucs["student"] > max(0.5, aucs["untrained"]) + 0.1, aucs
 
 
