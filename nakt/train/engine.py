@@ -210,9 +210,7 @@ class _Step:
         params = [p for p in self.model.parameters() if p.requires_grad]
         eager_output, eager_loss = self._backward(self.eager, batch)
         eager_grads = [p.grad for p in params]
-        for b, kept in zip(self.model.buffers(), buffers):
-            b.copy_(kept)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._rewind(buffers)
         output, loss = self._backward(self.forward, batch)
         tolerance = 1e-3 if self.precision == "fp32" else 5e-2  # reduced precision rounds in another order
         same = _close(output, eager_output, tolerance) and _close(loss, eager_loss, tolerance) and all(
@@ -224,10 +222,15 @@ class _Step:
         self.forward = eager
         print(f"nakt: --compile: the compiled training step disagrees with the eager one on the first batch (loss "
               f"{loss.item():.6g} against {eager_loss.item():.6g}): training eagerly", file=sys.stderr)
+        self._rewind(buffers)
+        return self._backward(eager, batch)[1]
+
+    def _rewind(self, buffers: list[torch.Tensor]) -> None:
+        """Undo a pass of `_checked_compilation`: the model's buffers (BatchNorm statistics) back to `buffers`,
+        no gradients."""
         for b, kept in zip(self.model.buffers(), buffers):
             b.copy_(kept)
         self.optimizer.zero_grad(set_to_none=True)
-        return self._backward(eager, batch)[1]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
