@@ -205,3 +205,19 @@ def test_only_a_prepared_folder_nakt_marked_is_removed(tmp_path):
     (folder / "case.pt").write_bytes(b"x")
     rundir.remove_prepared_cases(ours)
     assert not (ours / "prepared").exists()
+
+
+def test_patches_per_case_without_patch_says_it_is_ignored(synthetic2d, tmp_path, capfd):
+    """`patches_per_case` counts `patch` crops: without `patch` each case is one whole image per epoch, so a
+    changed value says so in one line rather than train as briefly as before in silence; with crops it counts."""
+    split = synthetic2d / "splits.json"
+    common = dict(model="monai:UNet", model_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+                  images=str(synthetic2d / "images"), masks=str(synthetic2d / "masks"), cases=f"{split}:teacher_train",
+                  size=[64], epochs=1, batch_size=4, val_fraction=0, precision="fp32", num_workers=0, progress=False,
+                  device="cpu", patches_per_case=3)
+    whole = nakt.train(out=str(tmp_path / "whole"), **common)
+    assert "--patches-per-case 3 is ignored" in capfd.readouterr().err
+    crops = nakt.train(out=str(tmp_path / "crops"), patch=[32], **common)
+    assert "ignored" not in capfd.readouterr().err
+    cases = len(json.loads(split.read_text())["teacher_train"])
+    assert [rundir.read_metrics(r)["history"][0]["samples"] for r in (whole, crops)] == [cases, 3 * cases]

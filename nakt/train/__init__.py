@@ -119,7 +119,8 @@ class TrainOptions:
     size: list[int] | None = option(None, "resize to this size before the network (128 or 256 192)", group="model")
     patch: list[int] | None = option(None, "train on patches, infer with sliding windows (96 96 64)",
                                      group="segmentation")
-    patches_per_case: int = option(4, "patches drawn from each case per epoch", group="segmentation")
+    patches_per_case: int = option(4, "--patch crops drawn from each case per epoch (without --patch: one whole "
+                                   "image per case)", group="segmentation")
     normalization: str = option("zscore", "per image and channel: zscore, minmax (to [0, 1]) or none",
                                 group="model", choices=NORMALIZATIONS)
     in_channels: int | None = option(None, "network input channels (default: the images'; grey<->RGB is "
