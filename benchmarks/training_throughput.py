@@ -9,6 +9,8 @@ One script run, the same model (smp U-Net/ResNet-18), batch (8), image size and 
   Training images/s leave validation out (nakt's metrics.json records ``val_seconds`` per epoch);
 - data-pipeline overhead: nakt's training images/s against the plain loop at nakt's own precision on the
   prepared tensors (pure compute), the median over seeds;
+- with ``--compile``, ``nakt train --compile`` (Inductor; its first epoch compiles the training step): images/s
+  over the whole run and after the first epoch, and the run length from which compiling pays (`compile_summary`);
 - peak memory of a fresh ``nakt train`` process at 1x and 10x the training cases (symlinked copies), with the
   default cache and with a cache smaller than the set: the process's own peak RSS (VmHWM; ``ru_maxrss`` is no
   use here, since after fork + exec it starts from the parent's RSS) and the peak PSS of the process and its
@@ -18,7 +20,7 @@ Writes ``benchmarks/results/training_throughput_<kind>.json`` and ``.md``, one p
 (`result_name`: the CPU's ISA level, or ``cuda``: everything on the GPU, the memory runs left out since they
 measure the CPU process), so that one kind's results never overwrite another's.
 
-    python benchmarks/training_throughput.py [--quick] [--device cuda] [--work runs/training_throughput]
+    python benchmarks/training_throughput.py [--quick] [--device cuda] [--compile] [--work runs/training_throughput]
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: i
              **options) -> dict:
     """`nakt.train` on `device` (defaults unless `options`): training images/s (validation left out) and final
     Dice."""
-    out = work / f"nakt_{device}_{seed}_{options.get('precision', 'default')}"
+    compiled = "_compile" if options.get("compile") else ""
+    out = work / f"nakt_{device}_{seed}_{options.get('precision', 'default')}{compiled}"
     nakt.train(model=MODEL, images=str(DATA / "images"), masks=str(DATA / "masks"), cases=lists["train"],
                val_images=str(DATA / "images"), val_masks=str(DATA / "masks"), val_cases=lists["val"], size=[size],
                epochs=epochs, batch_size=BATCH, lr=lr, seed=seed, out=str(out), overwrite=True, progress=False,
@@ -152,9 +155,26 @@ def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: i
     history = metrics["history"]
     seconds = sum(h["seconds"] - h["val_seconds"] for h in history)
     images = sum(h["samples"] for h in history)
+    later = history[1:]  # after the first epoch, where --compile compiles
+    later_seconds = sum(h["seconds"] - h["val_seconds"] for h in later)
     return {"train_seconds": seconds, "images": images, "images_per_s": images / seconds,
-            "val_dice": history[-1]["val_score"], "best_val_dice": metrics["best_val_score"],
+            "first_epoch_s": history[0]["seconds"] - history[0]["val_seconds"], "first_epoch_images":
+            history[0]["samples"], "later_images_per_s": sum(h["samples"] for h in later) / later_seconds
+            if later else None, "val_dice": history[-1]["val_score"], "best_val_dice": metrics["best_val_score"],
             "precision": metrics["precision"]}
+
+
+def compile_summary(per_seed: dict, plain_rate: float) -> dict:
+    """``nakt train --compile`` against the plain fp32 loop (whole runs, and after the first epoch, which
+    compiles) and against nakt's defaults after the first epoch; the break-even run length in images: the first
+    epoch's compile overhead over the time saved per image. Medians over seeds."""
+    median = lambda arm, key: statistics.median(r[arm][key] for r in per_seed.values())  # noqa: E731
+    compiled, eager = median("nakt --compile", "later_images_per_s"), median("nakt defaults", "later_images_per_s")
+    overhead = median("nakt --compile", "first_epoch_s") - median("nakt --compile", "first_epoch_images") / compiled
+    saved = 1 / eager - 1 / compiled
+    return {"speedup_whole_run": median("nakt --compile", "images_per_s") / plain_rate,
+            "speedup_after_first_epoch": compiled / plain_rate, "vs_defaults_after_first_epoch": compiled / eager,
+            "compile_overhead_s": overhead, "break_even_images": overhead / saved if saved > 0 else None}
 
 
 def scale_folder(work: Path, cases: list[str], n: int) -> Path:
@@ -276,6 +296,17 @@ def markdown(result: dict) -> str:
              f"{s['bf16_vs_fp32_dice_gap']:+.4f}", "", None),
             ("data-pipeline overhead (nakt vs plain loop at nakt's precision)", f"{100 * s['overhead']:.1f}%",
              "< 15%", t["overhead"])] + memory_rows(result)
+    if "compile" in s:
+        c, even = s["compile"], s["compile"]["break_even_images"]
+        rows += [("nakt train --compile vs plain fp32 loop, whole run (compiling included)",
+                  f"{c['speedup_whole_run']:.2f}x", "", None),
+                 ("nakt train --compile vs plain fp32 loop, after the first epoch",
+                  f"{c['speedup_after_first_epoch']:.2f}x", "", None),
+                 ("nakt train --compile vs nakt defaults, after the first epoch",
+                  f"{c['vs_defaults_after_first_epoch']:.2f}x", "", None),
+                 ("--compile: compile overhead / break-even run length",
+                  f"{c['compile_overhead_s']:.0f} s / " + ("never" if even is None else f"{even:,.0f} images"), "",
+                  None)]
     lines = [f"# Training throughput ({result['mode']} mode, {result['machine']['device']})", "",
              f"Command: `{result['command']}`  ", f"Model {MODEL}, batch {BATCH}, size {result['config']['size']}, "
              f"{result['config']['epochs']} epochs, {result['config']['train_cases']} training cases, seeds "
@@ -329,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: nakt.train and the plain loop on the GPU, written as training_throughput_cuda."
                         "{json,md}; the memory runs (CPU process memory) are left out")
+    parser.add_argument("--compile", action="store_true",
+                        help="also nakt train --compile (its first epoch compiles): speed with and without that "
+                        "epoch, and the run length from which it pays")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = args.device
@@ -374,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "plain fp32": plain_loop(card, data, epochs, args.lr, seed, "fp32", device),
                 "nakt fp32": nakt_run(work, lists, size, epochs, args.lr, seed, device, precision="fp32")}
         runs[f"plain {precision} (compute only)"] = plain_loop(card, data, epochs, args.lr, seed, precision, device)
+        if args.compile:
+            runs["nakt --compile"] = nakt_run(work, lists, size, epochs, args.lr, seed, device, compile=True)
         per_seed[str(seed)] = runs
         print(f"[seed {seed}] " + ", ".join(f"{k}: {v['images_per_s']:.2f} img/s, Dice {v['val_dice']:.4f}"
                                            for k, v in runs.items()), flush=True)
@@ -389,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for r in per_seed.values()),
                "overhead": statistics.median(r[compute]["images_per_s"] / r["nakt defaults"]["images_per_s"] - 1
                                              for r in per_seed.values())}
+    if args.compile:
+        summary["compile"] = compile_summary(per_seed, rate["plain fp32"])
     rss = [] if args.no_rss or device == "cuda" else [peak_rss(work, train_cases, scale_sizes, size, arm)
                                                       for arm in args.rss_arms]
     targets = {"speedup": summary["speedup"] >= speedup_target(precision), "dice_gap": summary["dice_gap_abs"] <= 0.005,

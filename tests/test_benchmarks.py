@@ -188,6 +188,23 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     assert "(defaults)" in (tmp_path / "out" / "training_throughput_memory.md").read_text()
 
 
+def test_compile_summary_weighs_the_compiling_epoch_against_the_time_saved_per_image():
+    """The --compile arm: 10 images in a first epoch of 12 s, then 10 images/s against the defaults' 5: 11 s of
+    compiling (12 s less the 1 s those 10 images take compiled), 0.1 s saved per image -> pays from 110 images."""
+    import training_throughput
+
+    arm = lambda rate, first_s: {"images_per_s": 20 / (first_s + 1), "first_epoch_s": first_s,  # noqa: E731
+                                 "first_epoch_images": 10, "later_images_per_s": rate}
+    per_seed = {"0": {"nakt --compile": arm(10.0, 12.0), "nakt defaults": arm(5.0, 2.0)}}
+    summary = training_throughput.compile_summary(per_seed, plain_rate=4.0)
+    assert summary["compile_overhead_s"] == pytest.approx(11.0)
+    assert summary["break_even_images"] == pytest.approx(110.0)
+    assert summary["speedup_after_first_epoch"] == pytest.approx(2.5)
+    assert summary["vs_defaults_after_first_epoch"] == pytest.approx(2.0)
+    per_seed["0"]["nakt --compile"]["later_images_per_s"] = 4.0  # slower than eager: it never pays
+    assert training_throughput.compile_summary(per_seed, plain_rate=4.0)["break_even_images"] is None
+
+
 def test_training_throughput_on_cuda_without_a_gpu_is_one_line(monkeypatch):
     import torch
     import training_throughput
