@@ -79,7 +79,7 @@ def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, stud
     run, and `tag` suffixes their run folders."""
     done, student_options = done or {}, student_options or {}
     suffix = f"_{tag}" if tag else ""
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = dict(done)  # finished rows of students not run now stay in the seed's rows
     costs: dict[str, tuple[list[str], Path | None]] = {}  # row -> (specs, ONNX run), measured after training
 
     def scored(row: str, run: Path, train: Callable[[], float | None], onnx: bool = False) -> None:

@@ -334,3 +334,33 @@ def test_deployment_summary_checks_only_the_students_it_ran():
                                  "machine": {"cpu_model": "m"}, "student_options": {"patches_per_case": 32},
                                  "summary": summary})
     assert "Students' training changed: `{'patches_per_case': 32}`" in table and "Semi-supervised" not in table
+
+
+def test_a_rows_run_keeps_the_other_students_finished_rows(tmp_path, monkeypatch):
+    """`--rows semi_filtered` on a seed whose small students finished with the same change: the seed's rows keep
+    them (the results table needs every row in every seed) and only the asked-for student trains."""
+    import deployment
+
+    class Bench:  # what run_seed reads of segmentation_transfer.Bench, the training and scoring stubbed
+        cfg, masks = {"teachers": ["smp:Unet/resnet18"]}, "masks"
+        lists = {"transferal": "t.txt", "teacher_train": "tt.txt", "test": "test.txt"}
+        io = {"images": "images", "channels": None}
+
+        def __init__(self):
+            self.trained = []
+
+        def train(self, spec, masks, split, run, role, seed, **options):
+            self.trained.append(run.name)
+
+        def evaluate(self, out, hd95, model):
+            return {"dice": 0.5}
+
+    monkeypatch.setattr(deployment, "stable_cases", lambda *args, **kwargs: tmp_path / "kept.txt")
+    monkeypatch.setattr(deployment, "discover_cases", lambda *args, **kwargs: ["first test case"])
+    monkeypatch.setattr(deployment, "cost_of", lambda specs, case, onnx_run=None: {"flops": 1.0})
+    done = {"teacher smp:Unet/resnet18": {"dice": 0.8}, deployment.ENSEMBLE: {"dice": 0.8},
+            "fused transferal labels (vs transferal truth)": {"dice": 0.8}, deployment.ROWS["small"]: {"dice": 0.7}}
+    bench = Bench()
+    rows = deployment.run_seed(bench, 0, tmp_path, dict(done), students=("semi_filtered",), tag="epochs100")
+    assert bench.trained == ["student_semi_filtered_epochs100"]
+    assert rows == {**done, deployment.ROWS["semi_filtered"]: {"dice": 0.5, "train_s": None, "cost": {"flops": 1.0}}}
