@@ -238,7 +238,7 @@ def train_segmentation(opts) -> Path:
     patch = None
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
-    elif opts.patches_per_case != type(opts).__dataclass_fields__["patches_per_case"].default:
+    elif opts.patches_per_case != type(opts).patches_per_case:  # the class attribute: the default
         print(f"nakt train: --patches-per-case {opts.patches_per_case} is ignored: without --patch each case is one "
               "whole image per epoch (train longer with --epochs)", file=sys.stderr)
     record = record_of(opts)
