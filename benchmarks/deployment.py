@@ -135,8 +135,10 @@ def read_rows(path: Path) -> dict:
 
 
 def summarise(per_seed: dict) -> dict:
-    """Per row: mean Dice, FLOPs, parameters and latencies over the seeds; the issue's ratios."""
-    rows = list(next(iter(per_seed.values())))
+    """Per row: mean Dice, FLOPs, parameters and latencies over the seeds; the issue's ratios. A row some seeds
+    lack (a student not yet run there) is left out of the means and named in ``partial_rows``."""
+    first = list(next(iter(per_seed.values())))
+    rows = [row for row in first if all(row in s for s in per_seed.values())]
     mean = {}
     for row in rows:
         entries = [s[row] for s in per_seed.values()]
@@ -167,7 +169,8 @@ def summarise(per_seed: dict) -> dict:
         checks[f"{key}_minus_best_teacher"] = gap
     if semi:
         checks["semi_target_met"] = max(semi.values()) >= 0
-    return {"mean": mean, "checks": checks}
+    partial = sorted({row for s in per_seed.values() for row in s} - set(rows))
+    return {"mean": mean, "checks": checks, "partial_rows": partial}
 
 
 def short_name(row: str) -> str:
@@ -196,6 +199,8 @@ def markdown(result: dict) -> str:
                      f"{cell(m.get('onnx_latency_s') and 1000 * m['onnx_latency_s'], '.1f')} |")
     c = s["checks"]
     lines.append("")
+    if s.get("partial_rows"):
+        lines.append(f"Left out, not run in every seed: {', '.join(s['partial_rows'])}.  ")
     for row, e in c["deployment"].items():
         lines.append(f"{row}: {e['dice_vs_ensemble']:.3f}x the ensemble's Dice with "
                      f"{e['ensemble_flops_vs_student']:.1f}x fewer FLOPs, faster than the ensemble: "

@@ -334,6 +334,9 @@ def test_deployment_summary_checks_only_the_students_it_ran():
                                  "machine": {"cpu_model": "m"}, "student_options": {"patches_per_case": 32},
                                  "summary": summary})
     assert "Students' training changed: `{'patches_per_case': 32}`" in table and "Semi-supervised" not in table
+    # a student row that only seed 0 has (not yet run in seed 1) is left out of the means, and said so
+    partial = deployment.summarise({"0": {**seed, deployment.ROWS["large"]: row(0.9)}, "1": seed})
+    assert deployment.ROWS["large"] not in partial["mean"] and partial["partial_rows"] == [deployment.ROWS["large"]]
 
 
 def test_a_rows_run_keeps_the_other_students_finished_rows(tmp_path, monkeypatch):
