@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import shared_dataset
@@ -367,3 +368,33 @@ def test_a_rows_run_keeps_the_other_students_finished_rows(tmp_path, monkeypatch
     rows = deployment.run_seed(bench, 0, tmp_path, dict(done), students=("semi_filtered",), tag="epochs100")
     assert bench.trained == ["student_semi_filtered_epochs100"]
     assert rows == {**done, deployment.ROWS["semi_filtered"]: {"dice": 0.5, "train_s": None, "cost": {"flops": 1.0}}}
+
+
+def test_nonempty_dice_scores_empty_and_foreground_cases_apart(tmp_path):
+    """benchmarks/nonempty_dice.py on a deployment-style work folder (case lists per seed): the Dice over the
+    cases with foreground and, apart, over the empty masks, written as a results file."""
+    import nonempty_dice
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    for name, foreground in (("lesion", True), ("normal", False)):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(data / "images" / f"{name}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:5, 2:5] = 255 if foreground else 0
+        Image.fromarray(mask).save(data / "masks" / f"{name}.png")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"name: toy\ndata: {data}\n")
+    seed = tmp_path / "work" / "seed0"
+    (seed / "cases").mkdir(parents=True)
+    (seed / "cases" / "test.txt").write_text("lesion\nnormal\n")
+    for run, dice in (("student", {"lesion": 0.6, "normal": 0.0}), ("labels", {"lesion": 0.1, "normal": 1.0})):
+        (seed / f"eval_{run}").mkdir()
+        (seed / f"eval_{run}" / "summary.json").write_text(json.dumps(
+            {"per_case": [{"case": c, "dice": d} for c, d in dice.items()]}))
+    out = tmp_path / "by_kind.json"
+    nonempty_dice.main(["--config", str(config), "--work", str(tmp_path / "work"), "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["mean"] == {"nonempty": {"student": 0.6}, "empty": {"student": 0.0}}  # eval_labels: transferal
+    assert written["test_cases"] == {"seed0": {"cases": 2, "empty": 1}}
