@@ -144,15 +144,17 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(synthe
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["batch_size"] == 4
 
 
-def test_compiled_training_follows_the_eager_one(synthetic2d, tmp_path):
-    """``--compile`` (torch.compile with Inductor) trains the same model: losses within float tolerance."""
+def test_compiled_training_follows_the_eager_one(synthetic2d, tmp_path, capfd):
+    """``--compile`` (torch.compile with Inductor) trains the same model: losses within float tolerance, and the
+    compiled graph is kept (BatchNorm's backward rounds differently compiled, well within what fp32 allows)."""
     split = synthetic2d / "splits.json"
-    small = {"channels": [4, 8], "strides": [2], "num_res_units": 0}  # a small graph compiles in seconds
+    small = {"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "batch"}  # compiles in seconds
     common = dict(model="monai:UNet", model_kwargs=small, images=str(synthetic2d / "images"),
                   masks=str(synthetic2d / "masks"), cases=f"{split}:teacher_train", size=[32], epochs=2, batch_size=4,
                   precision="fp32", num_workers=0, progress=False, device="cpu")
     eager = nakt.train(out=str(tmp_path / "eager"), **common)
     compiled = nakt.train(out=str(tmp_path / "compiled"), compile=True, **common)
+    assert "disagrees" not in capfd.readouterr().err
     (eager_loss, eager_dice), (compiled_loss, compiled_dice) = (np.array(losses(r), dtype=float).T
                                                                 for r in (eager, compiled))
     np.testing.assert_allclose(compiled_loss, eager_loss, rtol=1e-4)

@@ -201,20 +201,22 @@ class _Step:
 
     def _checked_compilation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The first compiled step against the eager one on the same batch (output, loss and every gradient,
-        under DDP both averaged over the ranks): a compiled graph that disagrees is dropped for the rest of the
-        run, with a line, and the step is the eager one. Inductor's CPU code has trained to NaN where the eager
-        network did not (a channels-last monai:UNet with the ISA capped to AVX2), so a compiled graph is trusted
-        only once it has agreed. BatchNorm statistics are restored between the two passes, so they move once, as
-        without the check."""
+        under DDP both averaged over the ranks; gradients by `_close_gradient`): a compiled graph that disagrees
+        is dropped for the rest of the run, with a line, and the step is the eager one. Inductor's CPU code has
+        trained to NaN where the eager network did not (a channels-last monai:UNet with the ISA capped to AVX2),
+        so a compiled graph is trusted only once it has agreed. BatchNorm statistics are restored between the
+        two passes, so they move once, as without the check."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
         params = [p for p in self.model.parameters() if p.requires_grad]
         eager_output, eager_loss = self._backward(self.eager, batch)
         eager_grads = [p.grad for p in params]
         self._rewind(buffers)
         output, loss = self._backward(self.forward, batch)
-        tolerance = 1e-3 if self.precision == "fp32" else 5e-2  # reduced precision rounds in another order
+        reduced = self.precision != "fp32"  # reduced precision rounds in another order
+        tolerance, gradient_tolerance = (5e-2, 0.25) if reduced else (1e-3, 5e-2)
+        largest = max((float(g.norm()) for g in eager_grads if g is not None), default=0.0)
         same = _close(output, eager_output, tolerance) and _close(loss, eager_loss, tolerance) and all(
-            (g is None) == (p.grad is None) and (g is None or _close(p.grad, g, tolerance))
+            (g is None) == (p.grad is None) and (g is None or _close_gradient(p.grad, g, gradient_tolerance, largest))
             for p, g in zip(params, eager_grads))
         eager, self.eager = self.eager, None
         if same:
@@ -239,6 +241,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
     if not bool(torch.isfinite(a).all()):
         return False
     return a.numel() == 0 or float((a - b).abs().max()) <= tolerance * float(b.abs().max()) + 1e-7
+
+
+def _close_gradient(a: torch.Tensor, b: torch.Tensor, tolerance: float, largest: float) -> bool:
+    """A gradient `a` finite and within `tolerance` of `b` in relative L2 norm, the norm taken as at least 1e-3
+    of the `largest` gradient norm in the model. Not elementwise: BatchNorm's backward subtracts means, and its
+    rounding leaves fp32 gradients of a freshly built smp Unet/resnet18 about 1% (relative L2, per tensor) from
+    their float64 values in eager mode as well as compiled; and the bias of a convolution followed by
+    BatchNorm has a gradient of zero but for rounding. A graph that is wrong is off by far more (a scaled
+    gradient, NaN)."""
+    if not bool(torch.isfinite(a).all()):
+        return False
+    return float((a - b).norm()) <= tolerance * max(float(b.norm()), 1e-3 * largest)
 
 
 def fit(model: NaktModel, task: Task, run: Path, opts: FitOptions, teachers: OnlineTeachers | None = None,
