@@ -1,0 +1,91 @@
+"""How far apart eager and compiled training gradients may be: one training step of a freshly built network, eager
+and through ``torch.compile`` (Inductor), each against the same step in float64.
+
+`nakt train --compile` keeps a compiled graph only if its first step agrees with the eager one
+(`nakt.train.engine._close_gradient`); this measures the rounding that agreement has to allow on this machine:
+per parameter tensor, the relative L2 distance of the fp32 gradient from the float64 one (the worst tensor, and
+over all gradients together), for the eager step and the compiled one, and between the two. BatchNorm's backward
+subtracts means, so fp32 gradients are less exact than fp32 outputs.
+
+    python benchmarks/compile_gradients.py      # -> results/compile_gradients_<isa>.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nakt.machine import this_machine
+from nakt.models import ModelCard, build_model
+from nakt.preprocess import one_hot
+from nakt.train.losses import SoftDiceCELoss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gradients(model: torch.nn.Module, forward, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one forward, soft Dice + cross-entropy loss and backward."""
+    model.zero_grad(set_to_none=True)
+    SoftDiceCELoss()(forward(x).float(), target).backward()
+    return {name: p.grad.detach().double().clone() for name, p in model.named_parameters()}
+
+
+def distance(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """The worst tensor's relative L2 distance (with its name) and the distance over all gradients together."""
+    per_tensor = {n: float((g - reference[n]).norm() / reference[n].norm()) for n, g in grads.items()
+                  if reference[n].norm() > 0}
+    worst = max(per_tensor, key=per_tensor.get)
+    whole = float(torch.cat([(g - reference[n]).flatten() for n, g in grads.items()]).norm()
+                  / torch.cat([r.flatten() for r in reference.values()]).norm())
+    return {"worst_tensor": worst, "worst_relative_l2": per_tensor[worst], "all_relative_l2": whole}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smp:Unet/resnet18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    started = time.time()
+    torch.manual_seed(0)
+    card = ModelCard(args.model, 1, 2, label_values=[0, 255], size=[args.size])
+    model = build_model(card).to(memory_format=torch.channels_last).train()
+    x = torch.randn(args.batch, 1, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    target = one_hot((torch.rand(args.batch, args.size, args.size) > 0.7).long(), 2)
+    exact = copy.deepcopy(model).double()  # before any step: the same weights and BatchNorm statistics
+    buffers = [b.clone() for b in model.buffers()]
+    eager = gradients(model, model, x, target)
+    for b, kept in zip(model.buffers(), buffers):  # the compiled step starts from the same statistics
+        b.copy_(kept)
+    compiled = gradients(model, torch.compile(model), x, target)
+    reference = gradients(exact, exact, x.double(), target.double())
+    result = {"command": " ".join(["python", "benchmarks/compile_gradients.py", *(sys.argv[1:] if argv is None
+                                                                                  else argv)]),
+              "config": vars(args), "machine": this_machine().to_json(),
+              "eager_vs_float64": distance(eager, reference), "compiled_vs_float64": distance(compiled, reference),
+              "compiled_vs_eager": distance(compiled, eager), "total_wall_s": time.time() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"compile_gradients_{this_machine().isa}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    lines = [f"# fp32 training gradients, eager and compiled, against float64 ({args.model}, {args.size} px, batch "
+             f"{args.batch}; {result['machine']['cpu_model']}, ISA {result['machine']['isa']})", "",
+             "| pair | worst tensor | its relative L2 | all gradients, relative L2 |", "| --- | --- | --- | --- |"]
+    for pair in ("eager_vs_float64", "compiled_vs_float64", "compiled_vs_eager"):
+        d = result[pair]
+        lines.append(f"| {pair.replace('_', ' ')} | {d['worst_tensor']} | {d['worst_relative_l2']:.4f} | "
+                     f"{d['all_relative_l2']:.4f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
