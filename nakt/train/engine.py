@@ -247,9 +247,9 @@ def _close_gradient(a: torch.Tensor, b: torch.Tensor, tolerance: float, largest:
     """A gradient `a` finite and within `tolerance` of `b` in relative L2 norm, the norm taken as at least 1e-3
     of the `largest` gradient norm in the model. Not elementwise: BatchNorm's backward subtracts means, and its
     rounding leaves fp32 gradients of a freshly built smp Unet/resnet18 about 1% (relative L2, per tensor) from
-    their float64 values in eager mode as well as compiled; and the bias of a convolution followed by
-    BatchNorm has a gradient of zero but for rounding. A graph that is wrong is off by far more (a scaled
-    gradient, NaN)."""
+    their float64 values in eager mode as well as compiled (benchmarks/compile_gradients.py); and the bias of a
+    convolution followed by BatchNorm has a gradient of zero but for rounding. A graph that is wrong is off by
+    far more (a scaled gradient, NaN)."""
     if not bool(torch.isfinite(a).all()):
         return False
     return float((a - b).norm()) <= tolerance * max(float(b.norm()), 1e-3 * largest)
