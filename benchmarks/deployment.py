@@ -84,7 +84,6 @@ def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, stud
 
     def scored(row: str, run: Path, train: Callable[[], float | None], onnx: bool = False) -> None:
         if row in done:
-            rows[row] = done[row]
             return
         train_s = train()
         rows[row] = {"dice": bench.evaluate(work / f"eval_{run.name}", hd95=False, model=str(run))["dice"],
@@ -97,17 +96,13 @@ def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, stud
     teachers = [work / f"teacher{i}" for i in range(len(bench.cfg["teachers"]))]
     for run, spec in zip(teachers, bench.cfg["teachers"]):
         scored(f"teacher {spec}", run, trained_on(spec, bench.masks, "teacher_train", run, "train", val=True))
-    if ENSEMBLE in done:
-        rows[ENSEMBLE] = done[ENSEMBLE]
-    else:
+    if ENSEMBLE not in done:
         test_labels = nakt.label(teacher=[str(t) for t in teachers], cases=bench.lists["test"],
                                  out=str(work / "labels_test"), overwrite=True, **bench.io)
         rows[ENSEMBLE] = {"dice": bench.evaluate(work / "eval_ensemble", hd95=False, pred=str(test_labels))["dice"]}
         costs[ENSEMBLE] = ([str(t) for t in teachers], None)
     labels, fused_row = work / "labels_transferal", "fused transferal labels (vs transferal truth)"
-    if fused_row in done:
-        rows[fused_row] = done[fused_row]
-    else:
+    if fused_row not in done:
         bench.label(teachers, None, labels)
         rows[fused_row] = {"dice": bench.label_dice(labels, work / "eval_labels")}
     for key, spec in STUDENTS.items():

@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or ROOT / "runs" / "benchmarks" / cfg["name"])
     data = work / "prepared" if cfg.get("prepare") else dataset_folder(cfg["data"], "nonempty_dice")
     table: dict[str, dict[str, list[float]]] = {"nonempty": {}, "empty": {}}
-    counts = {}
+    counts, surveyed = {}, {}  # surveyed: case list text -> its empty cases, so each list's masks are read once
     for seed_dir in sorted(work.glob("seed*")):
         # the case lists: the seed's own (deployment.py) or the benchmark's
         cases_file = next(p for p in (seed_dir / "cases" / "test.txt", work / "cases" / "test.txt") if p.is_file())
-        empty, n = empty_cases(data, cases_file, cfg.get("channels"))
+        listed = cases_file.read_text(encoding="utf-8")
+        if listed not in surveyed:
+            surveyed[listed] = empty_cases(data, cases_file, cfg.get("channels"))
+        empty, n = surveyed[listed]
         counts[seed_dir.name] = {"cases": n, "empty": len(empty)}
         for summary in sorted(seed_dir.glob("eval_*/summary.json")):
             if summary.parent.name.startswith("eval_labels"):

@@ -155,13 +155,13 @@ def nakt_run(work: Path, lists: dict, size: int, epochs: int, lr: float, seed: i
     history = metrics["history"]
     seconds = sum(h["seconds"] - h["val_seconds"] for h in history)
     images = sum(h["samples"] for h in history)
-    later = history[1:]  # after the first epoch, where --compile compiles
-    later_seconds = sum(h["seconds"] - h["val_seconds"] for h in later)
+    first, later = history[0], history[1:]  # --compile compiles in the first epoch
+    later_rate = (sum(h["samples"] for h in later) / sum(h["seconds"] - h["val_seconds"] for h in later)
+                  if later else None)
     return {"train_seconds": seconds, "images": images, "images_per_s": images / seconds,
-            "first_epoch_s": history[0]["seconds"] - history[0]["val_seconds"], "first_epoch_images":
-            history[0]["samples"], "later_images_per_s": sum(h["samples"] for h in later) / later_seconds
-            if later else None, "val_dice": history[-1]["val_score"], "best_val_dice": metrics["best_val_score"],
-            "precision": metrics["precision"]}
+            "first_epoch_s": first["seconds"] - first["val_seconds"], "first_epoch_images": first["samples"],
+            "later_images_per_s": later_rate, "val_dice": history[-1]["val_score"],
+            "best_val_dice": metrics["best_val_score"], "precision": metrics["precision"]}
 
 
 def compile_summary(per_seed: dict, plain_rate: float) -> dict:
