@@ -239,8 +239,8 @@ def train_segmentation(opts) -> Path:
     if card.patch:
         patch = tuple(card.patch * card.spatial_dims if len(card.patch) == 1 else card.patch)
     elif opts.patches_per_case != type(opts).patches_per_case:  # the class attribute: the default
-        print(f"nakt train: --patches-per-case {opts.patches_per_case} is ignored: without --patch each case is one "
-              "whole image per epoch (train longer with --epochs)", file=sys.stderr)
+        print(f"nakt: --patches-per-case {opts.patches_per_case} is ignored: without --patch each case is one whole "
+              "image per epoch (train longer with --epochs)", file=sys.stderr)
     record = record_of(opts)
     train_names, val_names = [i.case.name for i in train_infos], [i.case.name for i in val_infos]
     record.update(continued_from=init_run, soft_targets=soft_from is not None, trained_on=train_names,
