@@ -21,6 +21,8 @@ that every model's latency is taken under the same load of the machine.
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume  # seed 0 kept
     python benchmarks/deployment.py --config configs/benchmarks/drive.yaml --seeds 0 1 --resume \
         --student-option val_fraction=0 --student-option patches_per_case=32 --rows small compact
+    python benchmarks/deployment.py --config configs/benchmarks/busi.yaml --seeds 0 1 2 --resume --online \
+        --student-option epochs=100 --rows small compact    # online distillation -> deployment_busi_online_*
 
 The table goes to results/deployment_<name>.{json,md} and Dice against GFLOPs per case to deployment_<name>.png.
 Each finished seed's rows are written to its work folder (``rows.json``); ``--resume`` reads them back instead of
@@ -31,6 +33,8 @@ config's) one change at a time: the teachers, the ensemble and the fused labels 
 its ``rows.json`` with ``--resume``), the students train into folders and rows of their own
 (``student_<row>_<tag>``, ``rows_<tag>.json``) and the results go to deployment_<name>_<tag>.*, never over the
 plain run's. ``--rows`` trains only some of the students (e.g. the two small ones of the deployment target).
+``--online`` trains the students of the fused labels by online distillation instead (``nakt distill``: the
+teachers run on each augmented batch, fused by ``nakt label``'s default rule), tagged ``online``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from segmentation_transfer import ROOT, Bench, dataset_folder, load_config  # no
 
 import nakt  # noqa: E402
 from nakt.cost import case_cost, onnx_latency  # noqa: E402
+from nakt.fusion import default_fusion  # noqa: E402
 from nakt.io.dataset import discover_cases  # noqa: E402
 from nakt.machine import this_machine  # noqa: E402
 from nakt.predict import load_checked  # noqa: E402
@@ -72,11 +77,13 @@ def cost_of(specs: list[str], case, onnx_run: Path | None = None) -> dict:
 
 
 def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, student_options: dict | None = None,
-             students: tuple[str, ...] = tuple(ROWS), tag: str = "") -> dict:
+             students: tuple[str, ...] = tuple(ROWS), tag: str = "", online: bool = False) -> dict:
     """The rows of one seed; rows in `done` (an earlier run's, read back by --resume) are kept as measured and
     only the others are trained, scored and costed (their teachers and labels read from the work folder).
     `student_options` go to every student's training, `students` names the student rows (keys of `ROWS`) to
-    run, and `tag` suffixes their run folders."""
+    run, and `tag` suffixes their run folders. `online`: the students of the fused labels learn instead from the
+    teachers themselves, run on each augmented batch and fused per sample by `nakt label`'s default rule
+    (``nakt distill --teacher-mode mean``): the same fused labels, on every view the augmentation makes."""
     done, student_options = done or {}, student_options or {}
     suffix = f"_{tag}" if tag else ""
     rows: dict[str, dict] = dict(done)  # finished rows of students not run now stay in the seed's rows
@@ -105,10 +112,14 @@ def run_seed(bench: Bench, seed: int, work: Path, done: dict | None = None, stud
     if fused_row not in done:
         bench.label(teachers, None, labels)
         rows[fused_row] = {"dice": bench.label_dice(labels, work / "eval_labels")}
+    targets, online_options = str(labels), {}
+    if online:
+        targets, online_options = None, {"teacher": [str(t) for t in teachers], "teacher_mode": "mean",
+                                         "fusion": default_fusion("segmentation", len(teachers))}
     for key, spec in STUDENTS.items():
         if key in students:
             run = work / f"student_{key}{suffix}"
-            scored(ROWS[key], run, trained_on(spec, str(labels), "transferal", run, "student_train",
+            scored(ROWS[key], run, trained_on(spec, targets, "transferal", run, "student_train", **online_options,
                                               **student_options), onnx=True)
     labelled = {"labelled_images": bench.io["images"], "labelled_masks": bench.masks,
                 "labelled_cases": bench.lists["teacher_train"], "labelled_ratio": 0.5}
@@ -184,7 +195,9 @@ def markdown(result: dict) -> str:
     changed = result.get("student_options")
     lines = [f"# Deployment students on {result['dataset']} ({result['mode']} mode, seeds {result['seeds']})", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']['cpu_model']}  ",
-             f"Students' training changed: `{changed}`" if changed else "Students' training: the config's", "",
+             f"Students' training changed: `{changed}`" if changed else "Students' training: the config's",
+             *(["Students of the fused labels: online, from the teachers fused on each augmented batch  "]
+               if result.get("online") else []), "",
              "| model | test Dice | parameters (M) | GFLOPs/case | latency ms (PyTorch) | latency ms (ONNX Runtime) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row, m in s["mean"].items():
@@ -224,14 +237,19 @@ def main(argv: list[str] | None = None) -> dict:
                              "repeatable; results to deployment_<name>_<tag>.*")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
                         help="the student rows to run (default all)")
+    parser.add_argument("--online", action="store_true",
+                        help="the students of the fused labels distil online from the teachers (fused per "
+                             "augmented batch) instead of the stored label set; results to deployment_<name>_online*")
     args = parser.parse_args(argv)
+    if args.online and not set(args.rows) <= set(STUDENTS):
+        parser.error(f"--online trains the students of the fused labels: --rows {' '.join(STUDENTS)}")
     student_options = {}
     for item in args.student_option:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--student-option {item!r}: expected KEY=VALUE")
         student_options[key.replace("-", "_")] = yaml.safe_load(value)
-    tag = "_".join(f"{key}{value}" for key, value in student_options.items())
+    tag = "_".join((["online"] if args.online else []) + [f"{key}{value}" for key, value in student_options.items()])
     cfg = load_config(Path(args.config), args.quick)
     data = dataset_folder(args.data or cfg["data"], "deployment")
     seeds = args.seeds or ([0] if args.quick else cfg.get("seeds", [0, 1, 2]))
@@ -249,15 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
         wanted = {ROWS[key] for key in args.rows}
         if not wanted <= set(done):  # a new seed, or rows added since: run what is missing
             per_seed[str(seed)] = run_seed(Bench(cfg, data, work, args.max_cases), seed, work, done,
-                                           student_options, tuple(args.rows), tag)
+                                           student_options, tuple(args.rows), tag, args.online)
             finished.write_text(json.dumps(per_seed[str(seed)], indent=1) + "\n", encoding="utf-8")
         else:
             per_seed[str(seed)] = done
         print(f"[seed {seed}] " + json.dumps({r: round(v["dice"], 4) for r, v in per_seed[str(seed)].items()}),
               flush=True)
     result = {"dataset": cfg["name"], "mode": mode, "command": command, "seeds": seeds, "config": cfg,
-              "students": STUDENTS, "student_options": student_options, "machine": this_machine().to_json(),
-              "per_seed": per_seed, "summary": summarise(per_seed), "total_wall_s": time.time() - started}
+              "students": STUDENTS, "student_options": student_options, "online": args.online,
+              "machine": this_machine().to_json(), "per_seed": per_seed, "summary": summarise(per_seed),
+              "total_wall_s": time.time() - started}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     name = f"deployment_{cfg['name']}" + (f"_{tag}" if tag else "")

@@ -370,6 +370,37 @@ def test_a_rows_run_keeps_the_other_students_finished_rows(tmp_path, monkeypatch
     assert rows == {**done, deployment.ROWS["semi_filtered"]: {"dice": 0.5, "train_s": None, "cost": {"flops": 1.0}}}
 
 
+def test_online_students_learn_from_the_teachers_not_the_label_set(tmp_path, monkeypatch):
+    """`deployment.py --online`: the students of the fused labels train with no stored targets, the seed's
+    teachers running on their batches, fused per sample by `nakt label`'s default rule (the vote for 2+)."""
+    import deployment
+
+    class Bench:
+        cfg, masks = {"teachers": ["smp:Unet/resnet18", "monai:UNet"]}, "masks"
+        lists = {"transferal": "t.txt", "teacher_train": "tt.txt", "test": "test.txt"}
+        io = {"images": "images", "channels": None}
+        trained: dict = {}
+
+        def train(self, spec, masks, split, run, role, seed, **options):
+            self.trained[run.name] = (masks, options)
+
+        def evaluate(self, out, hd95, model):
+            return {"dice": 0.5}
+
+    monkeypatch.setattr(deployment, "stable_cases", lambda *args, **kwargs: tmp_path / "kept.txt")
+    monkeypatch.setattr(deployment, "discover_cases", lambda *args, **kwargs: ["first test case"])
+    monkeypatch.setattr(deployment, "cost_of", lambda specs, case, onnx_run=None: {"flops": 1.0})
+    done = {f"teacher {spec}": {"dice": 0.8} for spec in Bench.cfg["teachers"]}
+    done |= {deployment.ENSEMBLE: {"dice": 0.8}, "fused transferal labels (vs transferal truth)": {"dice": 0.8}}
+    bench = Bench()
+    deployment.run_seed(bench, 0, tmp_path, done, {"epochs": 100}, ("small", "compact"), "online_epochs100",
+                        online=True)
+    assert sorted(bench.trained) == ["student_compact_online_epochs100", "student_small_online_epochs100"]
+    masks, options = bench.trained["student_small_online_epochs100"]
+    assert masks is None and options == {"teacher": [str(tmp_path / "teacher0"), str(tmp_path / "teacher1")],
+                                         "teacher_mode": "mean", "fusion": "vote", "epochs": 100}
+
+
 def test_nonempty_dice_scores_empty_and_foreground_cases_apart(tmp_path):
     """benchmarks/nonempty_dice.py on a deployment-style work folder (case lists per seed): the Dice over the
     cases with foreground and, apart, over the empty masks, written as a results file."""
