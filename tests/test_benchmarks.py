@@ -433,12 +433,15 @@ def test_nonempty_dice_scores_empty_and_foreground_cases_apart(tmp_path):
 
 def test_compile_gradients_distance_is_relative_l2_worst_tensor_and_overall():
     """benchmarks/compile_gradients.py's measure: per tensor the relative L2 distance (the worst one named) and
-    over all gradients together; a tensor whose reference is zero is left out of the per-tensor worst."""
+    over all gradients together; a tensor whose reference is zero is left out of the per-tensor worst; the logits'
+    largest difference relative to the largest reference logit."""
     import compile_gradients
     import torch
 
     reference = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0, 10.0]), "zero": torch.zeros(2)}
     grads = {"a": torch.tensor([3.0, 4.5]), "b": torch.tensor([0.0, 10.0]), "zero": torch.tensor([0.0, 0.1])}
-    d = compile_gradients.distance(grads, reference)
+    logits = torch.tensor([-2.0, 4.0])
+    d = compile_gradients.distance((logits + torch.tensor([0.0, 0.2]), grads), (logits, reference))
     assert d["worst_tensor"] == "a" and d["worst_relative_l2"] == pytest.approx(0.1)
     assert d["all_relative_l2"] == pytest.approx((0.5**2 + 0.1**2) ** 0.5 / 125**0.5)
+    assert d["logits_relative_max"] == pytest.approx(0.05)
