@@ -243,7 +243,9 @@ def test_fusion_ceiling_scores_every_weighting_as_evaluate_does(synthetic2d, two
 
     split = synthetic2d / "splits.json"
     common = dict(images=str(synthetic2d / "images"), cases=f"{split}:transferal", progress=False)
-    sets = [nakt.label(teacher=[str(t)], out=str(tmp_path / f"labels{i}"), device="cpu", **common)
+    # fp32, so that the rounding below is fp32's on every CPU: with bf16 labels (--precision auto on a CPU with
+    # AVX512-BF16) the two scorings differed by 0.0030 on one teacher, just over the tolerance
+    sets = [nakt.label(teacher=[str(t)], out=str(tmp_path / f"labels{i}"), device="cpu", precision="fp32", **common)
             for i, t in enumerate(two_teachers)]
     result = fusion_ceiling(sets, str(synthetic2d / "masks"), common["cases"], step=0.25)
     assert [g["weights"] for g in result["grid"]] == [(0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (1.0, 0.0)]
