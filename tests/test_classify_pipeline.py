@@ -42,9 +42,9 @@ def run(*args) -> int:
 
 def test_classification_teacher_label_student_evaluate(pneumonia, tmp_path):
     r = pneumonia
-    # fp32 throughout, so that the test means the same on every CPU: with --precision auto = bf16 (a CPU with
-    # AVX512-BF16) this 4-epoch teacher ranked the test images well (AUC 0.82) but called 119 of 120 one class,
-    # and its student learnt that constant (kappa 0)
+    # fp32 throughout, so that the test means the same on every CPU: a 4-epoch teacher ranks the images well (AUC
+    # ~0.82) but where it puts the threshold is fragile; trained in bf16 (--precision auto on a CPU with
+    # AVX512-BF16) it called 119 of 120 test images one class, and its student learnt that constant (kappa 0)
     common = ["--task", "classification", "--size", 28, "--batch-size", 32, "--precision", "fp32"]
     assert run("train", "--model", "timm:resnet18", "--images", r / "train", "--labels", r / "train.csv",
                "--val-images", r / "val", "--val-labels", r / "val.csv", "--epochs", 4, "--lr", 3e-3,
