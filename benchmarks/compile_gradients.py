@@ -2,8 +2,8 @@
 and through ``torch.compile`` (Inductor), each against the same step in float64.
 
 `nakt train --compile` keeps a compiled graph only if its first step agrees with the eager one
-(`nakt.train.engine._close_gradient`); this measures the rounding that agreement has to allow on this machine:
-per parameter tensor, the relative L2 distance of the fp32 gradient from the float64 one (the worst tensor, and
+(`nakt.train.engine._agrees`); this measures the rounding that agreement has to allow on this machine: per
+parameter tensor, the relative L2 distance of the fp32 gradient from the float64 one (the worst tensor, and
 over all gradients together), for the eager step and the compiled one, and between the two. BatchNorm's backward
 subtracts means, so fp32 gradients are less exact than fp32 outputs. ``--precision bf16`` takes both steps under
 bf16 autocast (the check then measures them against an fp32 step, `nakt.train.engine._agrees`), and also reports
