@@ -254,28 +254,36 @@ def fuse_partial(probs: np.ndarray, known: np.ndarray, method: str = "mean",
     """Fuse teachers that know only some of the C classes: ``probs [K, C, *spatial]`` (zeros where a teacher
     does not know a class), ``known [K, C]`` bool. Each foreground class c is fused one against the rest with
     `method` over the teachers that know it alone (a teacher that does not know c says nothing about it,
-    neither "present" nor "background"); a pixel takes the class of highest fused probability, background where
-    none exceeds 0.5 (a tie is background, as in every rule's argmax).
+    neither "present" nor "background"). A teacher's evidence for c is its probability of c for the soft rules
+    and, for the rules on hard labels (vote, trimmed vote, STAPLE), whether c is its argmax: the class it would
+    itself predict, even at a probability under 0.5 where its classes share a pixel.
+
+    Background takes what the fused foreground classes leave, ``max(0, 1 - sum_c per_class[c])``, and the result
+    is normalised; a pixel's label is its argmax (ties: background first, then the lower class value). So one
+    teacher that knows every class keeps its own labels under every rule (its probabilities under mean), and
+    teachers that all know every class fuse as `fuse` does under mean and weighted.
 
     Returns ``(fused [C, *spatial], per_class [C, *spatial])``: `per_class[c]` is class c's fused probability
-    (row 0 unused); `fused` is ``[1 - max_c per_class, per_class[1:]]`` normalised, whose argmax is that rule.
+    (row 0 unused).
 
-    >>> probs = np.array([[[0.2], [0.8], [0.0]], [[0.7], [0.0], [0.3]]])  # A knows class 1, B class 2
-    >>> fused, per_class = fuse_partial(probs, np.array([[1, 1, 0], [1, 0, 1]], bool))
-    >>> [round(float(p), 2) for p in per_class[1:].ravel()], int(fused.argmax())
-    ([0.8, 0.3], 1)
+    >>> probs = np.array([[[0.3], [0.45], [0.25], [0.0]], [[0.7], [0.0], [0.2], [0.1]]])  # A: 1, 2; B: 2, 3
+    >>> known = np.array([[1, 1, 1, 0], [1, 0, 1, 1]], bool)
+    >>> [int(fuse_partial(probs, known, m)[0].argmax()) for m in ("mean", "vote")]  # A's argmax, under 0.5
+    [1, 1]
     """
+    hard = method in ("vote", "trimmed-vote", "staple")
+    choice = hard_labels(probs, 1) if hard else None  # [K, *spatial]: each teacher's own prediction
     per_class = np.zeros(probs.shape[1:], dtype=np.float32)
     for c in range(1, probs.shape[1]):
         knowing = np.flatnonzero(known[:, c])
         if not len(knowing):
             continue
-        binary = np.stack([1 - probs[knowing, c], probs[knowing, c]], axis=1)
-        single = "vote" if method in ("vote", "trimmed-vote", "staple") else "mean"  # what K rules do with one
-        rule = method if len(knowing) > 1 else single
+        evidence = (choice[knowing] == c).astype(probs.dtype) if hard else probs[knowing, c]
+        binary = np.stack([1 - evidence, evidence], axis=1)
+        rule = method if len(knowing) > 1 else ("vote" if hard else "mean")  # what K rules do with one
         per_class[c] = fuse(binary, rule, None if weights is None else [weights[k] for k in knowing])[1]
     fused = per_class.copy()
-    fused[0] = 1 - per_class[1:].max(axis=0)
+    fused[0] = np.maximum(1 - per_class[1:].sum(axis=0), 0)
     return fused / np.maximum(fused.sum(axis=0, keepdims=True), 1e-12), per_class
 
 

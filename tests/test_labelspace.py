@@ -61,10 +61,14 @@ def test_a_label_map_maps_values_and_names_onto_the_target():
     assert spec_map.values == [0, 255] and spec_map.mappings[2].target_index == [0, 1, 1]
 
 
-@pytest.mark.parametrize("method", ["mean", "vote", "staple", "weighted", "trimmed-vote"])
+METHODS = ["mean", "vote", "staple", "weighted", "trimmed-vote"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_partial_fusion_per_class_equals_fusing_only_the_knowing_teachers(method):
     """Each class's fused probability is the same rule applied to the teachers that know that class alone (a
-    teacher that does not know it is not counted as 'background' there)."""
+    teacher that does not know it is not counted as 'background' there); the hard rules count a teacher for c
+    where c is its own argmax."""
     rng = np.random.default_rng(0)
     known = np.array([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]], bool)  # K=4, C=4
     probs = rng.dirichlet(np.ones(4), size=(4, 6, 5)).transpose(0, 3, 1, 2).astype(np.float32)
@@ -74,12 +78,38 @@ def test_partial_fusion_per_class_equals_fusing_only_the_knowing_teachers(method
     fused, per_class = fuse_partial(probs, known, method, weights)
     for c in range(1, 4):
         knowing = np.flatnonzero(known[:, c])
-        binary = np.stack([1 - probs[knowing, c], probs[knowing, c]], axis=1)
-        expected = fuse(binary, method, [weights[k] for k in knowing])[1]
+        if method in ("vote", "staple", "trimmed-vote"):
+            evidence = (probs[knowing].argmax(1) == c).astype(np.float32)
+        else:
+            evidence = probs[knowing, c]
+        expected = fuse(np.stack([1 - evidence, evidence], axis=1), method, [weights[k] for k in knowing])[1]
         np.testing.assert_allclose(per_class[c], expected, atol=1e-6)
     assert np.allclose(fused.sum(0), 1, atol=1e-5)
-    winner = per_class[1:].argmax(0) + 1
-    np.testing.assert_array_equal(fused.argmax(0), np.where(per_class[1:].max(0) > 0.5, winner, 0))
+    background = np.maximum(1 - per_class[1:].sum(0), 0)
+    np.testing.assert_array_equal(fused.argmax(0), np.concatenate([background[None], per_class[1:]]).argmax(0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_partial_fusion_keeps_each_teachers_own_prediction(method):
+    """A teacher alone on its classes keeps its argmax, also where its winning class has less than 0.5 (the
+    pixels between two of its classes): teacher A knows classes 1 and 2, B knows 3; B sees background there."""
+    rng = np.random.default_rng(1)
+    a = rng.dirichlet(np.ones(3), size=(8, 8)).transpose(2, 0, 1).astype(np.float32)  # [3, 8, 8], often < 0.5
+    b = np.stack([np.ones((8, 8)), np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 8))])
+    probs = np.stack([np.concatenate([a, np.zeros((1, 8, 8))]), b]).astype(np.float32)
+    known = np.array([[1, 1, 1, 0], [1, 0, 0, 1]], bool)
+    assert (a.max(0) < 0.5).any()
+    np.testing.assert_array_equal(fuse_partial(probs, known, method)[0].argmax(0), a.argmax(0))
+    if method == "mean":  # one teacher that knows every class: returned as it is
+        np.testing.assert_allclose(fuse_partial(probs[:1, :3], known[:1, :3], method)[0], a, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted"])
+def test_partial_fusion_of_teachers_that_know_everything_is_the_ordinary_fusion(method):
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(3), size=(3, 5, 5)).transpose(0, 3, 1, 2).astype(np.float32)
+    fused = fuse_partial(probs, np.ones((3, 3), bool), method, [0.2, 0.3, 0.5])[0]
+    np.testing.assert_allclose(fused, fuse(probs, method, [0.2, 0.3, 0.5]), atol=1e-5)
 
 
 def write_partial_teachers(root: Path, rng) -> tuple[Path, dict, np.ndarray]:
@@ -129,7 +159,8 @@ def test_partial_teachers_fuse_into_the_union_and_a_student_learns_it(tmp_path):
         for c in range(1, 4):
             knowing = [k for k in specs if own_values[k][c]]
             per_class[c] = np.mean([masks[k] == own_values[k][c] for k in knowing], axis=0)
-        expected = np.where(per_class[1:].max(0) > 0.5, per_class[1:].argmax(0) + 1, 0)  # ties: background
+        per_class[0] = np.maximum(1 - per_class[1:].sum(0), 0)  # background: what the classes leave
+        expected = per_class.argmax(0)  # ties: background, then the lower class
         written = read_mask(out / "masks" / f"case{i}.png")
         np.testing.assert_array_equal(written, np.array([0, 1, 2, 20])[expected])
     student = nakt.train(model="monai:UNet", images=str(images), masks=str(out), out=str(tmp_path / "student"),
