@@ -14,7 +14,8 @@ Per seed:
   other classes are background in their masks, as in a dataset that never annotated them), keeping the epoch
   that scores best on `teacher_val` or (``--teacher-epoch last``) their last one, as the students do;
 - `nakt label` fuses them on `teacher_train` + `transferal` (the teachers' own images and the pool, as partial
-  annotations are merged in practice), matching classes by the names the specs declare
+  annotations are merged in practice; ``--pool all`` adds `teacher_val` and `finetune`, every slice of the four
+  subjects that are not test subjects), matching classes by the names the specs declare
   (``?labels=0:background,20:edema,...``): edema is fused over both teachers, every other class over the one
   that knows it;
 - the union student (smp Unet/resnet34, one network) learns from that label set alone, and a control of the
@@ -29,6 +30,9 @@ Every model is scored on `test` per class, as Dice pooled over the test slices (
     python benchmarks/partial_teachers.py --quick    # 1 seed, 64 px, 3 epochs -> results/quick/partial_teachers.*
     python benchmarks/partial_teachers.py --batch-dice   # every network with --batch-dice -> *_batch_dice.*
     python benchmarks/partial_teachers.py --teacher-epoch last  # teachers keep their last epoch -> *_last_epoch.*
+    python benchmarks/partial_teachers.py --teacher-epoch last --reuse --union-fusion mean --union-epochs 40
+        # a union-student variant on the same teachers (runs already in the work folder are kept)
+        # -> *_last_epoch_union_mean_e40.*
 """
 
 from __future__ import annotations
@@ -124,8 +128,45 @@ def pooled_dice(pred_dir: Path, truth_dir: Path, cases: list[str], values: dict[
     return {name: 2 * inter[name] / total[name] if total[name] else 1.0 for name in values}
 
 
+SETTINGS = ("model", "masks", "cases", "epochs", "size", "lr", "batch_size", "batch_dice", "val_metric", "val_cases",
+            "val_masks", "val_fraction", "annotated_classes", "seed")  # what decides a run here (--reuse)
+
+
+def train_or_reuse(reuse: bool, **options) -> Path:
+    """`nakt.train(**options)`, or with `reuse` the finished run already at ``options["out"]`` when its card
+    records the same settings (`SETTINGS` among `options`), so that a variant retrains only what it changes."""
+    config = Path(options["out"]) / "config.json"
+    if reuse and config.is_file():
+        record = json.loads(config.read_text())
+        if record.get("complete") and all(record["training"].get(k) == v for k, v in options.items()
+                                          if k in SETTINGS):
+            return Path(options["out"])
+    return nakt.train(**options)
+
+
+POOLS = {"train+transferal": ("teacher_train", "transferal"),  # the splits the students learn from
+         "all": ("teacher_train", "teacher_val", "transferal", "finetune")}  # every slice but the test subjects'
+STUDENTS = {"union": "union student (teachers' labels)", "control": "control student (full true masks)",
+            "marginal": "marginal student (partial true masks)",
+            "naive": "naive student (partial true masks, unannotated = background)"}
+
+
+def variant_tags(variant: dict) -> tuple[str, str]:
+    """Folder and results suffixes of a variant: ``(pool, union)``, e.g. ``("_pool_all", "_mean_e40")``; empty
+    for the defaults (so the default run's folders keep their names)."""
+    pool = "" if variant.get("pool", "train+transferal") == "train+transferal" else f"_pool_{variant['pool']}"
+    union = (f"_{variant['fusion']}" if variant.get("fusion") else "") + (
+        f"_e{variant['epochs']}" if variant.get("epochs") else "")
+    return pool, union
+
+
 def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, scheme: str,
-             teacher_epoch: str = "best") -> dict:
+             teacher_epoch: str = "best", reuse: bool = False, variant: dict | None = None) -> dict:
+    """One seed: teachers, union labels and students, scored on test. `variant`: ``fusion`` (nakt label's rule
+    for the union labels; None: its default), ``epochs`` (the union student's; None: as every network), ``pool``
+    (a key of `POOLS`) and ``students`` (which of `STUDENTS` to train; None: all)."""
+    variant = variant or {}
+    pool_tag, union_tag = variant_tags(variant)
     classes, teachers = SCHEMES[scheme]
     splits = data / "splits.json"
     test = json.loads(splits.read_text())["test"]
@@ -137,35 +178,39 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, 
             validation = dict(val_images=str(data / "images"), val_masks=str(masks), val_cases=f"{splits}:teacher_val")
         else:  # the last epoch, as the students keep
             validation = dict(val_fraction=0)
-        run = nakt.train(model=model, masks=str(masks), cases=f"{splits}:teacher_train",
-                         out=str(work / f"s{seed}" / name), **validation, **common)
+        run = train_or_reuse(reuse, model=model, masks=str(masks), cases=f"{splits}:teacher_train",
+                             out=str(work / f"s{seed}" / name), **validation, **common)
         specs.append(spec_with_names(run, codes))
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(work / f"s{seed}" / f"pred_{name}"), overwrite=True, progress=False)
         scores[f"teacher {name}"] = pooled_dice(pred, data / "masks", test, codes, classes)
-    pool = work / "pool.txt"  # teacher_train + transferal: the slices the union student learns from
+    pool = work / f"pool{pool_tag}.txt"  # the slices the students learn from
     names = json.loads(splits.read_text())
-    pool.write_text("\n".join(names["teacher_train"] + names["transferal"]) + "\n")
+    pool_cases = [case for split in POOLS[variant.get("pool", "train+transferal")] for case in names[split]]
+    pool.write_text("\n".join(pool_cases) + "\n")
+    fusion_tag = f"_{variant['fusion']}" if variant.get("fusion") else ""  # the labels do not depend on epochs
     labels = nakt.label(teacher=specs, images=str(data / "images"), cases=str(pool), channels=CHANNELS,
-                        out=str(work / f"s{seed}" / "union_labels"), overwrite=True, progress=False)
+                        fusion=variant.get("fusion"), overwrite=True, progress=False,
+                        out=str(work / f"s{seed}" / f"union_labels{pool_tag}{fusion_tag}"))
     manifest = json.loads((labels / "manifest.json").read_text())
     union_values = dict(zip(manifest["class_names"][1:], manifest["label_values"][1:]))
     full = {name: values[0] for name, values in classes.items()}
     full_masks = partial_masks(data, work / "masks_full", full, classes)
-    annotated = partially_annotated(data, work / "masks_partial", pool.read_text().split(), scheme)
-    students = {"union student (teachers' labels)": ("union", str(labels), union_values, None),
-                "control student (full true masks)": ("control", str(full_masks), full, None),
-                "marginal student (partial true masks)": ("marginal", str(work / "masks_partial"), full,
-                                                          str(annotated)),
-                "naive student (partial true masks, unannotated = background)": (
-                    "naive", str(work / "masks_partial"), full, None)}
-    for row, (tag, masks, values, annotated_classes) in students.items():
-        out = work / f"s{seed}" / f"{tag}_student"
-        run = nakt.train(model=STUDENT, masks=masks, cases=str(pool), out=str(out), val_fraction=0,
-                         annotated_classes=annotated_classes, **{**common, "lr": student_lr})
+    partial = work / f"masks_partial{pool_tag}"
+    annotated = partially_annotated(data, partial, pool_cases, scheme)
+    students = {"union": (f"union{pool_tag}{union_tag}", str(labels), union_values, None),
+                "control": (f"control{pool_tag}", str(full_masks), full, None),
+                "marginal": (f"marginal{pool_tag}", str(partial), full, str(annotated)),
+                "naive": (f"naive{pool_tag}", str(partial), full, None)}
+    for key in variant.get("students") or STUDENTS:
+        folder, masks, values, annotated_classes = students[key]
+        out = work / f"s{seed}" / f"{folder}_student"
+        epochs = (variant.get("epochs") if key == "union" else None) or common["epochs"]
+        run = train_or_reuse(reuse, model=STUDENT, masks=masks, cases=str(pool), out=str(out), val_fraction=0,
+                             annotated_classes=annotated_classes, **{**common, "lr": student_lr, "epochs": epochs})
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(out.with_name(out.name + "_pred")), overwrite=True, progress=False)
-        scores[row] = pooled_dice(pred, data / "masks", test, values, classes)
+        scores[STUDENTS[key]] = pooled_dice(pred, data / "masks", test, values, classes)
     return {"scores": scores, "label_mapping": manifest["label_mapping"], "union_values": union_values}
 
 
@@ -182,9 +227,8 @@ def summarise(per_seed: dict, scheme: str) -> dict:
         best = max(knowing, key=knowing.get)
         per_class[c] = {"best_teacher": best, "best_teacher_dice": knowing[best], "union_dice": mean[union][c],
                         "ratio": mean[union][c] / knowing[best] if knowing[best] else None,
-                        "control_dice": mean["control student (full true masks)"][c],
-                        "marginal_dice": mean["marginal student (partial true masks)"][c],
-                        "naive_dice": mean["naive student (partial true masks, unannotated = background)"][c]}
+                        **{f"{key}_dice": mean.get(STUDENTS[key], {}).get(c) for key in ("control", "marginal",
+                                                                                          "naive")}}
     # a class no teacher segments (Dice 0) is met trivially; the table shows its ratio as "-"
     return {"mean": mean, "per_class": per_class,
             "target_met": all(p["union_dice"] >= 0.95 * p["best_teacher_dice"] for p in per_class.values())}
@@ -195,7 +239,8 @@ def markdown(result: dict) -> str:
     config = result["config"]
     lines = [f"# Partial teachers on brats6 ({result['mode']} mode, scheme {config['scheme']}, seeds "
              f"{config['seeds']}, Dice loss {'per batch' if config.get('batch_dice') else 'per image'}, teachers' "
-             f"validation {config.get('val_metric', 'dice')}, teachers' epoch {config.get('teacher_epoch', 'best')})",
+             f"validation {config.get('val_metric', 'dice')}, teachers' epoch {config.get('teacher_epoch', 'best')}"
+             f"{union_variant(config)})",
              "",
              f"Command: `{result['command']}`  ", "",
              f"| class | teacher A ({teachers['A'][0]}) | teacher B ({teachers['B'][0]}) | union student ({STUDENT}) | "
@@ -206,11 +251,21 @@ def markdown(result: dict) -> str:
         a, b = (s["mean"][f"teacher {t}"].get(c) for t in teachers)
         cell = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         ratio = "-" if p["ratio"] is None else f"{p['ratio']:.2f}x"
-        lines.append(f"| {c} | {cell(a)} | {cell(b)} | {p['union_dice']:.4f} | {ratio} | {p['control_dice']:.4f} | "
-                     f"{p['marginal_dice']:.4f} | {p['naive_dice']:.4f} |")
+        lines.append(f"| {c} | {cell(a)} | {cell(b)} | {p['union_dice']:.4f} | {ratio} | {cell(p['control_dice'])} | "
+                     f"{cell(p['marginal_dice'])} | {cell(p['naive_dice'])} |")
     lines += ["", f"Target (union student >= 0.95x the best teacher that knows each class, mean of the seeds): "
               f"{'met' if s['target_met'] else '**not met**'}"]
     return "\n".join(lines) + "\n"
+
+
+def union_variant(config: dict) -> str:
+    """The variant for the title: the union labels' fusion, the union student's epochs and the students' pool
+    where they are not the defaults."""
+    parts = [f"union labels fused by {config['union_fusion']}"] if config.get("union_fusion") else []
+    parts += [f"union student {config['union_epochs']} epochs"] if config.get("union_epochs") else []
+    parts += [f"students learn from {config['pool']}"] if config.get("pool", "train+transferal") != "train+transferal" \
+        else []
+    return "".join(f", {p}" for p in parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,10 +279,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-metric", default="dice", help="the teachers' validation score (nakt's --val-metric)")
     parser.add_argument("--teacher-epoch", choices=("best", "last"), default="best",
                         help="the teachers keep their best epoch on teacher_val, or their last (as the students)")
+    parser.add_argument("--union-fusion", help="nakt label's rule for the union labels (default: nakt's default)")
+    parser.add_argument("--union-epochs", type=int, help="the union student's epochs (default: as every network)")
+    parser.add_argument("--pool", choices=POOLS, default="train+transferal",
+                        help="the slices the students learn from: teacher_train + transferal, or every slice of the "
+                             "four non-test subjects")
+    parser.add_argument("--students", nargs="+", choices=STUDENTS, help="train only these students (default: all)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs in the work folder trained with the same settings (variants)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "partial_teachers"))
     parser.add_argument("--out", help="results folder (default benchmarks/results, or its quick/ in quick mode)")
     args = parser.parse_args(argv)
+    if args.students and "union" not in args.students:
+        parser.error("--students: the union student is what the benchmark measures; name it too")
     source = Path(args.data)
     if not source.is_dir():
         sys.exit(f"partial_teachers: {source}: dataset folder not found")
@@ -237,15 +302,17 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     train = {"size": [args.size or (64 if args.quick else 128)], "epochs": args.epochs or (3 if args.quick else 20),
              "batch_size": 8, "lr": 1e-3, "batch_dice": args.batch_dice, "val_metric": args.val_metric}
+    variant = {"fusion": args.union_fusion, "epochs": args.union_epochs, "pool": args.pool, "students": args.students}
     command = " ".join(["python", "benchmarks/partial_teachers.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.time()
     per_seed = {}
     for seed in seeds:
         per_seed[str(seed)] = run_seed(seed, data, work, train, student_lr=1e-3, scheme=args.scheme,
-                                       teacher_epoch=args.teacher_epoch)
+                                       teacher_epoch=args.teacher_epoch, reuse=args.reuse, variant=variant)
         print(f"[seed {seed}] " + json.dumps(per_seed[str(seed)]["scores"]), flush=True)
     result = {"mode": "quick" if args.quick else "full", "command": command,
               "config": {**train, "seeds": seeds, "scheme": args.scheme, "teacher_epoch": args.teacher_epoch,
+                         "union_fusion": args.union_fusion, "union_epochs": args.union_epochs, "pool": args.pool,
                          "classes": SCHEMES[args.scheme][0],
                          "teachers": SCHEMES[args.scheme][1],
                          "student": STUDENT},
@@ -253,9 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
               "total_wall_s": time.time() - started}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
+    pool_tag, union_tag = variant_tags(variant)
     stem = ("partial_teachers" + ("" if args.scheme == "brats17" else f"_{args.scheme}")
             + ("_batch_dice" if args.batch_dice else "") + ("" if args.val_metric == "dice" else f"_{args.val_metric}")
-            + ("" if args.teacher_epoch == "best" else f"_{args.teacher_epoch}_epoch"))
+            + ("" if args.teacher_epoch == "best" else f"_{args.teacher_epoch}_epoch")
+            + pool_tag + (f"_union{union_tag}" if union_tag else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
