@@ -30,9 +30,9 @@ Every model is scored on `test` per class, as Dice pooled over the test slices (
     python benchmarks/partial_teachers.py --quick    # 1 seed, 64 px, 3 epochs -> results/quick/partial_teachers.*
     python benchmarks/partial_teachers.py --batch-dice   # every network with --batch-dice -> *_batch_dice.*
     python benchmarks/partial_teachers.py --teacher-epoch last  # teachers keep their last epoch -> *_last_epoch.*
-    python benchmarks/partial_teachers.py --teacher-epoch last --reuse --union-fusion mean --union-epochs 40
+    python benchmarks/partial_teachers.py --teacher-epoch last --reuse --union-fusion mean --union-option epochs=40
         # a union-student variant on the same teachers (runs already in the work folder are kept)
-        # -> *_last_epoch_union_mean_e40.*
+        # -> *_last_epoch_union_mean_epochs40.*
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,18 +129,14 @@ def pooled_dice(pred_dir: Path, truth_dir: Path, cases: list[str], values: dict[
     return {name: 2 * inter[name] / total[name] if total[name] else 1.0 for name in values}
 
 
-SETTINGS = ("model", "masks", "cases", "epochs", "size", "lr", "batch_size", "batch_dice", "val_metric", "val_cases",
-            "val_masks", "val_fraction", "annotated_classes", "seed")  # what decides a run here (--reuse)
-
-
 def train_or_reuse(reuse: bool, **options) -> Path:
     """`nakt.train(**options)`, or with `reuse` the finished run already at ``options["out"]`` when its card
-    records the same settings (`SETTINGS` among `options`), so that a variant retrains only what it changes."""
+    records the same options, so that a variant retrains only what it changes."""
     config = Path(options["out"]) / "config.json"
     if reuse and config.is_file():
         record = json.loads(config.read_text())
         if record.get("complete") and all(record["training"].get(k) == v for k, v in options.items()
-                                          if k in SETTINGS):
+                                          if k not in ("out", "overwrite", "progress")):
             return Path(options["out"])
     return nakt.train(**options)
 
@@ -155,15 +152,15 @@ def variant_tags(variant: dict) -> tuple[str, str]:
     """Folder and results suffixes of a variant: ``(pool, union)``, e.g. ``("_pool_all", "_mean_e40")``; empty
     for the defaults (so the default run's folders keep their names)."""
     pool = "" if variant.get("pool", "train+transferal") == "train+transferal" else f"_pool_{variant['pool']}"
-    union = (f"_{variant['fusion']}" if variant.get("fusion") else "") + (
-        f"_e{variant['epochs']}" if variant.get("epochs") else "")
+    union = (f"_{variant['fusion']}" if variant.get("fusion") else "") + "".join(
+        f"_{key}{value}" for key, value in (variant.get("options") or {}).items())
     return pool, union
 
 
 def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, scheme: str,
              teacher_epoch: str = "best", reuse: bool = False, variant: dict | None = None) -> dict:
     """One seed: teachers, union labels and students, scored on test. `variant`: ``fusion`` (nakt label's rule
-    for the union labels; None: its default), ``epochs`` (the union student's; None: as every network), ``pool``
+    for the union labels; None: its default), ``options`` (the union student's own `nakt.train` options), ``pool``
     (a key of `POOLS`) and ``students`` (which of `STUDENTS` to train; None: all)."""
     variant = variant or {}
     pool_tag, union_tag = variant_tags(variant)
@@ -188,7 +185,7 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, 
     names = json.loads(splits.read_text())
     pool_cases = [case for split in POOLS[variant.get("pool", "train+transferal")] for case in names[split]]
     pool.write_text("\n".join(pool_cases) + "\n")
-    fusion_tag = f"_{variant['fusion']}" if variant.get("fusion") else ""  # the labels do not depend on epochs
+    fusion_tag = f"_{variant['fusion']}" if variant.get("fusion") else ""  # nor on the union student's options
     labels = nakt.label(teacher=specs, images=str(data / "images"), cases=str(pool), channels=CHANNELS,
                         fusion=variant.get("fusion"), overwrite=True, progress=False,
                         out=str(work / f"s{seed}" / f"union_labels{pool_tag}{fusion_tag}"))
@@ -205,9 +202,9 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, 
     for key in variant.get("students") or STUDENTS:
         folder, masks, values, annotated_classes = students[key]
         out = work / f"s{seed}" / f"{folder}_student"
-        epochs = (variant.get("epochs") if key == "union" else None) or common["epochs"]
+        own = (variant.get("options") or {}) if key == "union" else {}
         run = train_or_reuse(reuse, model=STUDENT, masks=masks, cases=str(pool), out=str(out), val_fraction=0,
-                             annotated_classes=annotated_classes, **{**common, "lr": student_lr, "epochs": epochs})
+                             annotated_classes=annotated_classes, **{**common, "lr": student_lr, **own})
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
                             out=str(out.with_name(out.name + "_pred")), overwrite=True, progress=False)
         scores[STUDENTS[key]] = pooled_dice(pred, data / "masks", test, values, classes)
@@ -259,10 +256,10 @@ def markdown(result: dict) -> str:
 
 
 def union_variant(config: dict) -> str:
-    """The variant for the title: the union labels' fusion, the union student's epochs and the students' pool
+    """The variant for the title: the union labels' fusion, the union student's options and the students' pool
     where they are not the defaults."""
     parts = [f"union labels fused by {config['union_fusion']}"] if config.get("union_fusion") else []
-    parts += [f"union student {config['union_epochs']} epochs"] if config.get("union_epochs") else []
+    parts += [f"union student {k}={v}" for k, v in (config.get("union_options") or {}).items()]
     parts += [f"students learn from {config['pool']}"] if config.get("pool", "train+transferal") != "train+transferal" \
         else []
     return "".join(f", {p}" for p in parts)
@@ -280,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-epoch", choices=("best", "last"), default="best",
                         help="the teachers keep their best epoch on teacher_val, or their last (as the students)")
     parser.add_argument("--union-fusion", help="nakt label's rule for the union labels (default: nakt's default)")
-    parser.add_argument("--union-epochs", type=int, help="the union student's epochs (default: as every network)")
+    parser.add_argument("--union-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a nakt.train option for the union student alone (e.g. epochs=40, spatial_augment=true)")
     parser.add_argument("--pool", choices=POOLS, default="train+transferal",
                         help="the slices the students learn from: teacher_train + transferal, or every slice of the "
                              "four non-test subjects")
@@ -302,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     train = {"size": [args.size or (64 if args.quick else 128)], "epochs": args.epochs or (3 if args.quick else 20),
              "batch_size": 8, "lr": 1e-3, "batch_dice": args.batch_dice, "val_metric": args.val_metric}
-    variant = {"fusion": args.union_fusion, "epochs": args.union_epochs, "pool": args.pool, "students": args.students}
+    options = {key.replace("-", "_"): yaml.safe_load(value)
+               for key, _, value in (item.partition("=") for item in args.union_option)}
+    variant = {"fusion": args.union_fusion, "options": options, "pool": args.pool, "students": args.students}
     command = " ".join(["python", "benchmarks/partial_teachers.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.time()
     per_seed = {}
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[seed {seed}] " + json.dumps(per_seed[str(seed)]["scores"]), flush=True)
     result = {"mode": "quick" if args.quick else "full", "command": command,
               "config": {**train, "seeds": seeds, "scheme": args.scheme, "teacher_epoch": args.teacher_epoch,
-                         "union_fusion": args.union_fusion, "union_epochs": args.union_epochs, "pool": args.pool,
+                         "union_fusion": args.union_fusion, "union_options": options, "pool": args.pool,
                          "classes": SCHEMES[args.scheme][0],
                          "teachers": SCHEMES[args.scheme][1],
                          "student": STUDENT},
