@@ -26,7 +26,7 @@ from nakt.io.images import Image
 from nakt.labelspace import Unified, parse_labels, parse_map, read_label_map, split_label_options, unify
 from nakt.models import ModelCard, NaktModel, load, spec_scheme
 
-__all__ = ["NetTeacher", "Teacher", "common_label_values", "declare_classes", "fold_pays", "load_teacher",
+__all__ = ["NetTeacher", "Teacher", "declare_classes", "fold_pays", "load_teacher",
            "reading_orientation", "runs_own_inference", "teacher_space"]
 
 # teachers that read their label values themselves from ``?labels=`` (as values only)
@@ -135,22 +135,8 @@ def fold_pays(precision: str, device: torch.device | str) -> bool:
 
 def runs_own_inference(spec: str) -> bool:
     """Whether `spec` names a teacher that runs its own inference (nnU-Net, bundles, predictions on disk) rather
-    than a network nakt feeds."""
-    return spec_scheme(str(spec))[0].teacher is not None
-
-
-def common_label_values(teachers: list[Teacher]) -> list[int]:
-    """The label values all teachers share (sorted), or a one-line error listing both sides of a mismatch."""
-    first = teachers[0]
-    values = sorted(int(v) for v in first.card.label_values)
-    for other in teachers[1:]:
-        theirs = sorted(int(v) for v in other.card.label_values)
-        if theirs != values:
-            raise NaktError(other.spec, f"label values {theirs} differ from {first.spec}'s {values}",
-                            "teachers must share one label space (map the values before fusing)")
-        if other.card.spatial_dims != first.card.spatial_dims:
-            raise NaktError(other.spec, f"is {other.card.spatial_dims}D, {first.spec} is {first.card.spatial_dims}D")
-    return values
+    than a network nakt feeds (label-space options such as ``?labels=`` aside)."""
+    return spec_scheme(split_label_options(str(spec))[0])[0].teacher is not None
 
 
 def reading_orientation(teachers: list[Teacher]) -> str:

@@ -1,19 +1,23 @@
 """Online distillation for segmentation: teachers run on the student's own augmented batch, in their own terms
 (channels, normalisation, grid), fused per sample, alone or mixed with a stored label set."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import constant_floor, read_label_maps, untrained_twin
+from conftest import constant_floor, dice, read_label_maps, untrained_twin
 
 import nakt
 from nakt.cli import main
+from nakt.errors import NaktError
+from nakt.fusion import fuse_partial
 from nakt.io import rundir
 from nakt.models import ModelCard, build_model
 from nakt.preprocess import prepare_image
-from nakt.train.online import OnlineTeachers
+from nakt.teachers import NetTeacher
+from nakt.train.online import OnlineTeachers, online_teachers, student_classes
 
 
 def run(*args) -> int:
@@ -106,3 +110,58 @@ def test_teachers_that_cannot_see_a_batch_are_one_line(synthetic2d, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def _net(values: list[int], names: list[str], seed: int):
+    torch.manual_seed(seed)
+    card = ModelCard("monai:UNet", 1, len(values), label_values=values, class_names=names, size=[32])
+    return NetTeacher(f"teacher{seed}", build_model(card).eval())
+
+
+def test_online_teachers_in_other_label_languages_are_mapped_and_partial_ones_fused_per_class():
+    """Teachers that name their classes differently from the student, and know only some of them: each one's
+    probabilities land on the student's classes by name, and every sample is fused per class over the teachers
+    that know it (`fuse_partial`), as `nakt label` does."""
+    a = _net([0, 1, 2], ["background", "liver", "spleen"], 0)
+    b = _net([0, 10, 20], ["background", "spleen", "kidney"], 1)
+    student = ModelCard("monai:UNet", 1, 4, label_values=[0, 1, 2, 3],
+                        class_names=["background", "liver", "spleen", "kidney"], size=[32])
+    targets = student_classes([a, b], student)
+    assert targets == [[0, 1, 2], [0, 2, 3]]
+    x = torch.randn(2, 1, 32, 32)
+    got = online_teachers([a, b], student, torch.device("cpu"), "mean", "vote")(x)
+    own = [OnlineTeachers([t.model], t.card)(x).numpy() for t in (a, b)]  # each in its own classes
+    mapped = np.zeros((2, 2, 4, 32, 32), np.float32)  # [K, B, C, ...]
+    mapped[0][:, [0, 1, 2]], mapped[1][:, [0, 2, 3]] = own
+    known = np.array([[1, 1, 1, 0], [1, 0, 1, 1]], bool)
+    expected = np.stack([fuse_partial(mapped[:, i], known, "vote")[0] for i in range(2)])
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    with pytest.raises(NaktError, match="teacher-mode mean"):  # one partial teacher alone would teach "absent"
+        online_teachers([a, b], student, torch.device("cpu"), "random")
+    binary = _net([0, 1], ["0", "1"], 2)  # {0, 1} onto a {0, 255} student: one foreground each, no map needed
+    grey = ModelCard("monai:UNet", 1, 2, label_values=[0, 255], size=[32])
+    torch.testing.assert_close(online_teachers([binary], grey, torch.device("cpu"))(x),
+                               OnlineTeachers([binary.model], binary.card)(x))
+    with pytest.raises(NaktError, match=r"predicts label values \[20\]"):  # kidney: not the student's
+        student_classes([b], dataclasses.replace(student, classes=3, label_values=[0, 1, 2],
+                                                 class_names=["background", "liver", "spleen"]))
+
+
+def test_distill_from_teachers_with_different_label_values_needs_no_map(synthetic2d, teacher_run, tmp_path):
+    """The issue's case online: the same teacher as 0/255 and declared as 0/1 (`?labels=0,1`) teach one student
+    together, without a map; the student learns their masks."""
+    s = synthetic2d / "splits.json"
+    assert run("distill", "--model", "monai:UNet", "--teacher", teacher_run, "--teacher", f"{teacher_run}?labels=0,1",
+               "--teacher-mode", "mean", "--images", synthetic2d / "images", "--cases", f"{s}:transferal",
+               "--size", 32, "--epochs", 3, "--lr", 1e-2, "--val-fraction", 0, "--precision", "fp32",
+               "--out", tmp_path / "student") == 0
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["label_values"] in ([0, 1], [0, 255])
+    labels = nakt.label(teacher=[str(teacher_run)], images=str(synthetic2d / "images"), cases=f"{s}:transferal",
+                        out=str(tmp_path / "labels"), progress=False, device="cpu")
+    taught = read_label_maps(sorted((labels / "masks").glob("*.png")), [0, 255])
+    pred = nakt.predict(model=str(tmp_path / "student"), images=str(synthetic2d / "images"), cases=f"{s}:transferal",
+                        out=str(tmp_path / "pred"), progress=False)
+    learnt = read_label_maps(sorted(pred.glob("*.png")), config["label_values"])
+    agreement = float(np.mean([dice(p, t, 2) for p, t in zip(learnt, taught)]))
+    assert agreement > constant_floor(taught, 2) + 0.3, agreement

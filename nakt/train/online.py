@@ -2,22 +2,27 @@
 student always see the same view (consistent teaching: a flip or rotation never breaks the labels).
 
 Each step draws the supervising teachers (``random``: one, RoS-KD; ``mean``: all of them, fused per sample by
-any rule of `nakt.fusion.FUSIONS`). A teacher gets the student's batch in its own terms: its input channels, its
-intensity normalisation (z-score and min-max undo the student's and the augmentation's affine intensity changes;
-their statistics are taken on the student's grid), its grid; its probabilities come back on the student's grid,
-in the student's label order.
+any rule of `nakt.fusion.FUSIONS`). Teachers may speak other label languages than the student (values, names,
+``?map=``: `nakt.labelspace.unify`); teachers that know only some of the student's classes are fused per class
+over those that know it (`nakt.fusion.fuse_partial`), which needs them all at every step (``mean``).
+
+A teacher gets the student's batch in its own terms: its input channels, its intensity normalisation (z-score
+and min-max undo the student's and the augmentation's affine intensity changes; their statistics are taken on
+the student's grid), its grid; its probabilities come back on the student's grid, in the student's classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from nakt.classify.roskd import TeacherSampler
 from nakt.errors import NaktError
-from nakt.fusion import fuse
+from nakt.fusion import fuse, fuse_partial
 from nakt.inference import probs_on_grid, probs_to_grid
+from nakt.labelspace import parse_map, split_label_options, unify
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import target_size
 from nakt.teachers import NetTeacher, load_teacher, runs_own_inference
@@ -53,10 +58,37 @@ def load_net_teachers(specs: Sequence[str], trust: bool = False) -> list[NetTeac
 def online_teachers(teachers: Sequence[NetTeacher], student: ModelCard, device: torch.device, mode: str = "random",
                     fusion: str = "mean", seed: int = 0) -> OnlineTeachers:
     """Loaded networks (`load_net_teachers`) as the student's online teachers on `device`, each checked to fit
-    the student's task, label values, channels and normalisation."""
+    the student's task, channels and normalisation, its classes mapped onto the student's (`student_classes`)."""
     for teacher in teachers:
         _check_fits(teacher.spec, teacher.card, student)
-    return OnlineTeachers([t.model.to(device).eval() for t in teachers], student, mode, fusion, seed)
+    targets = student_classes(teachers, student) if student.task == "segmentation" else None
+    if targets is not None and mode == "random":
+        for teacher, target in zip(teachers, targets):
+            if len(set(target)) < student.classes:
+                raise NaktError(teacher.spec, f"knows {len(set(target))} of the student's {student.classes} classes: "
+                                "alone at a step it would teach the others as absent",
+                                "use --teacher-mode mean (every teacher at every step, fused per class over the "
+                                "teachers that know it)")
+    return OnlineTeachers([t.model.to(device).eval() for t in teachers], student, mode, fusion, seed, targets)
+
+
+def student_classes(teachers: Sequence[NetTeacher], student: ModelCard) -> list[list[int]]:
+    """For each teacher, the student's class index of each of its own classes: the student's and the teachers'
+    label spaces unified by value, name or ``?map=`` as `nakt label` does (`nakt.labelspace.unify`). A teacher
+    class the student does not predict is refused in one line."""
+    spaces = [("the student", [int(v) for v in student.label_values], list(student.class_names))]
+    spaces += [(t.spec, [int(v) for v in t.card.label_values], list(t.card.class_names)) for t in teachers]
+    spec_maps = [{}] + [parse_map(split_label_options(t.spec)[1].get("map", ""), t.spec) for t in teachers]
+    unified = unify(spaces, None, spec_maps)
+    own = unified.mappings[0].target_index  # the student's class i -> unified class own[i]
+    to_student = {target: i for i, target in enumerate(own)}
+    for teacher, mapping in zip(teachers, unified.mappings[1:]):
+        missing = [v for v, target in zip(mapping.own_values, mapping.target_index) if target not in to_student]
+        if missing:
+            raise NaktError(teacher.spec, f"predicts label values {missing} the student does not (its label values: "
+                            f"{student.label_values})", "name or map its classes onto the student's (?labels="
+                            "VALUE:NAME, ?map=FROM:TO), or train the student on these teachers' label set")
+    return [[to_student[target] for target in m.target_index] for m in unified.mappings[1:]]
 
 
 def _check_fits(spec: str, card: ModelCard, student: ModelCard) -> None:
@@ -69,9 +101,6 @@ def _check_fits(spec: str, card: ModelCard, student: ModelCard) -> None:
                             f"student's {student.class_names} / {student.size}", "online teachers see the student's "
                             "batch")
         return
-    if sorted(card.label_values) != sorted(student.label_values):
-        raise NaktError(spec, f"label values {sorted(card.label_values)} differ from the student's "
-                        f"{sorted(student.label_values)}")
     if card.normalization == "none" and student.normalization != "none":
         raise NaktError(spec, "takes unnormalised intensities, the student's batches are normalised",
                         "train the student with --normalization none")
@@ -99,26 +128,46 @@ def _resized(x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 
 class OnlineTeachers:
     """``teachers(x)``: the drawn teachers' fused probabilities ``[B, C, *grid]`` (float32) for the student's
-    prepared batch `x` ``[B, C_in, *grid]``. `rng` (the draws) belongs in the resume state."""
+    prepared batch `x` ``[B, C_in, *grid]``. `rng` (the draws) belongs in the resume state.
+
+    `targets` (segmentation): for each model, the student's class index of each of its classes
+    (`student_classes`); by default its label values' places among the student's. Where some model knows only
+    some classes, each sample is fused by `fuse_partial`."""
 
     def __init__(self, models: Sequence[NaktModel], student: ModelCard, mode: str = "random", fusion: str = "mean",
-                 seed: int = 0):
+                 seed: int = 0, targets: Sequence[Sequence[int]] | None = None):
         self.models, self.student, self.fusion = list(models), student, fusion
         self.sampler = TeacherSampler(len(self.models), mode, seed)
         self.rng = self.sampler.rng
+        if student.task == "classification":
+            self.targets, self.known = None, None
+            return
+        values = [int(v) for v in student.label_values]
+        self.targets = [list(t) for t in targets] if targets is not None else [
+            [values.index(int(v)) for v in m.card.label_values] for m in self.models]
+        self.known = np.zeros((len(self.models), len(values)), dtype=bool)  # [K, C]: model k knows class c
+        for k, target in enumerate(self.targets):
+            self.known[k, target] = True
 
     def __len__(self) -> int:
         return len(self.models)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([self._probs(self.models[k], x) for k in self.sampler.draw()])  # [K, B, C, *grid]
-        if len(probs) == 1 or self.fusion == "mean":
+        drawn = list(self.sampler.draw())
+        probs = torch.stack([self._probs(k, x) for k in drawn])  # [K, B, C, *grid]
+        partial = self.known is not None and not self.known[drawn].all()
+        if not partial and (len(probs) == 1 or self.fusion == "mean"):
             return probs.mean(0)
-        per_case = probs.transpose(0, 1).cpu().numpy()  # [B, K, C, *grid]
-        return torch.stack([torch.from_numpy(fuse(p, self.fusion)) for p in per_case]).float().to(x.device)
+        per_case = probs.transpose(0, 1).float().cpu().numpy()  # [B, K, C, *grid]
+        fused = [fuse_partial(p, self.known[drawn], self.fusion)[0] if partial else fuse(p, self.fusion)
+                 for p in per_case]
+        return torch.stack([torch.from_numpy(f) for f in fused]).float().to(x.device)
 
-    def _probs(self, model: NaktModel, x: torch.Tensor) -> torch.Tensor:
+    def _probs(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Model k's probabilities of the student's batch, in the student's classes ``[B, C, *grid]`` (zeros for
+        the classes it does not know; two of its classes on one of the student's add up)."""
+        model = self.models[k]
         card = model.card
         if card.task == "classification":
             return model.predict_proba(x).float()
@@ -127,6 +176,9 @@ class OnlineTeachers:
         grid = tuple(x.shape[2:])
         x = _resized(_normalized(x, card.normalization), target_size(card, grid))
         probs = probs_to_grid(probs_on_grid(model, x), grid)
-        own = [int(v) for v in card.label_values]
-        return probs[:, [own.index(int(v)) for v in self.student.label_values]]
+        target = self.targets[k]
+        if target == list(range(self.student.classes)):
+            return probs
+        out = probs.new_zeros((probs.shape[0], self.student.classes, *probs.shape[2:]))
+        return out.index_add_(1, torch.tensor(target, device=probs.device), probs)
 

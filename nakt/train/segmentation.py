@@ -17,11 +17,12 @@ from nakt.errors import NaktError
 from nakt.inference import autocast, probs_on_grid
 from nakt.io import labelset, rundir, tables
 from nakt.io.dataset import discover_cases
+from nakt.labelspace import Unified
 from nakt.machine import channels_last_pays
 from nakt.metrics import case_scores
 from nakt.models import ModelCard, NaktModel, build_model, parse_spec
 from nakt.preprocess import target_size
-from nakt.teachers import common_label_values
+from nakt.teachers import teacher_space
 from nakt.train.augment import Augmentation
 from nakt.train.data import CaseInfo, TrainingSamples, cached_cases, hard_target, label_values_of, survey_cases
 from nakt.train.losses import SoftDiceCELoss
@@ -209,7 +210,7 @@ def train_segmentation(opts) -> Path:
 
     net_teachers = load_net_teachers(opts.teacher or [])  # once: without masks their label values are the student's
     card, init_run = _card_for(opts, train_infos + val_infos, label_set,
-                               common_label_values(net_teachers) if masks is None else None)
+                               teacher_space(net_teachers) if masks is None else None)
     extra = sorted(set(label_values_of(labelled_infos)) - set(card.label_values)) if labelled_infos else []
     if extra:
         raise NaktError(opts.labelled_masks, f"hold label values {extra} the student does not predict "
@@ -312,11 +313,11 @@ def _orientation(opts, label_set: Path | None) -> str:
 
 
 def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
-              teacher_values: list[int] | None = None) -> tuple[ModelCard, str | None]:
+              teachers: Unified | None = None) -> tuple[ModelCard, str | None]:
     """The model card: from the run being continued, or from the data (channels, classes, dimensions)
     unless `in_channels` / `label_values` are given. A label set's classes are its teachers' (from its
-    manifest), soft or hard targets alike: its masks may never show a rare class; so are online teachers'
-    (`teacher_values`) when there are no masks."""
+    manifest), soft or hard targets alike: its masks may never show a rare class; so are online teachers' (the
+    union of their label spaces, `teachers`) when there are no masks."""
     if parse_spec(opts.model)[0] == "run":
         card, _ = rundir.read_config(Path(opts.model))
         return card, opts.model
@@ -329,8 +330,9 @@ def _card_for(opts, infos: list[CaseInfo], label_set: Path | None,
                             f"{first.case.name} has {first.channels}, {len(first.spatial_shape)}D")
     spatial_dims = len(first.spatial_shape)
     names_by_value: dict[int, str] = {}
-    if teacher_values is not None:
-        values = list(teacher_values)
+    if teachers is not None:
+        values = list(teachers.values)
+        names_by_value = dict(zip(values, teachers.names))
     elif label_set is not None:
         manifest = labelset.read_manifest(label_set)
         values = [int(v) for v in manifest["label_values"]]
