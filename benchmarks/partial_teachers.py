@@ -149,12 +149,12 @@ STUDENTS = {"union": "union student (teachers' labels)", "control": "control stu
 
 
 def variant_tags(variant: dict) -> tuple[str, str]:
-    """Folder and results suffixes of a variant: ``(pool, union)``, e.g. ``("_pool_all", "_mean_e40")``; empty
-    for the defaults (so the default run's folders keep their names)."""
+    """Folder and results suffixes of a variant: ``(pool, union)``, e.g. ``("_pool_all", "_online_epochs40")``;
+    empty for the defaults (so the default run's folders keep their names)."""
     pool = "" if variant.get("pool", "train+transferal") == "train+transferal" else f"_pool_{variant['pool']}"
-    union = (f"_{variant['fusion']}" if variant.get("fusion") else "") + "".join(
-        f"_{key}{value}" for key, value in (variant.get("options") or {}).items())
-    return pool, union
+    union = (["online"] if variant.get("online") else []) + ([variant["fusion"]] if variant.get("fusion") else [])
+    union += [f"{key}{value}" for key, value in (variant.get("options") or {}).items()]
+    return pool, "".join(f"_{part}" for part in union)
 
 
 def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, scheme: str,
@@ -203,6 +203,9 @@ def run_seed(seed: int, data: Path, work: Path, train: dict, student_lr: float, 
         folder, masks, values, annotated_classes = students[key]
         out = work / f"s{seed}" / f"{folder}_student"
         own = (variant.get("options") or {}) if key == "union" else {}
+        if key == "union" and variant.get("online"):  # the teachers themselves, on every augmented batch
+            masks = None
+            own = {**own, "teacher": specs, "teacher_mode": "mean", "fusion": variant.get("fusion") or "vote"}
         run = train_or_reuse(reuse, model=STUDENT, masks=masks, cases=str(pool), out=str(out), val_fraction=0,
                              annotated_classes=annotated_classes, **{**common, "lr": student_lr, **own})
         pred = nakt.predict(model=str(run), images=str(data / "images"), cases=f"{splits}:test", channels=CHANNELS,
@@ -258,7 +261,8 @@ def markdown(result: dict) -> str:
 def union_variant(config: dict) -> str:
     """The variant for the title: the union labels' fusion, the union student's options and the students' pool
     where they are not the defaults."""
-    parts = [f"union labels fused by {config['union_fusion']}"] if config.get("union_fusion") else []
+    parts = ["union student taught online by the teachers"] if config.get("union_online") else []
+    parts += [f"union labels fused by {config['union_fusion']}"] if config.get("union_fusion") else []
     parts += [f"union student {k}={v}" for k, v in (config.get("union_options") or {}).items()]
     parts += [f"students learn from {config['pool']}"] if config.get("pool", "train+transferal") != "train+transferal" \
         else []
@@ -277,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-epoch", choices=("best", "last"), default="best",
                         help="the teachers keep their best epoch on teacher_val, or their last (as the students)")
     parser.add_argument("--union-fusion", help="nakt label's rule for the union labels (default: nakt's default)")
+    parser.add_argument("--union-online", action="store_true",
+                        help="the union student learns from the teachers run on its own augmented batches "
+                             "(nakt distill --teacher-mode mean, fused by --union-fusion or the vote), not the labels")
     parser.add_argument("--union-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a nakt.train option for the union student alone (e.g. epochs=40, spatial_augment=true)")
     parser.add_argument("--pool", choices=POOLS, default="train+transferal",
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
              "batch_size": 8, "lr": 1e-3, "batch_dice": args.batch_dice, "val_metric": args.val_metric}
     options = {key.replace("-", "_"): yaml.safe_load(value)
                for key, _, value in (item.partition("=") for item in args.union_option)}
-    variant = {"fusion": args.union_fusion, "options": options, "pool": args.pool, "students": args.students}
+    variant = {"fusion": args.union_fusion, "online": args.union_online, "options": options, "pool": args.pool,
+               "students": args.students}
     command = " ".join(["python", "benchmarks/partial_teachers.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.time()
     per_seed = {}
@@ -312,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[seed {seed}] " + json.dumps(per_seed[str(seed)]["scores"]), flush=True)
     result = {"mode": "quick" if args.quick else "full", "command": command,
               "config": {**train, "seeds": seeds, "scheme": args.scheme, "teacher_epoch": args.teacher_epoch,
-                         "union_fusion": args.union_fusion, "union_options": options, "pool": args.pool,
+                         "union_fusion": args.union_fusion, "union_online": args.union_online,
+                         "union_options": options, "pool": args.pool,
                          "classes": SCHEMES[args.scheme][0],
                          "teachers": SCHEMES[args.scheme][1],
                          "student": STUDENT},
