@@ -3,12 +3,15 @@ by class name into one label set; one student learns the union. Beside it, stude
 annotated true masks, with and without the marginal loss.
 
 brats6 as 2D axial slices (`segmentation_transfer.prepare_brats_slices`: FLAIR + T1c, labels 1 necrosis, 2 edema,
-3 non-enhancing tumour, 4 enhancing tumour), in one of two class schemes (`--scheme`):
+3 non-enhancing tumour, 4 enhancing tumour), in one of three class schemes (`--scheme`):
 - ``brats17`` (default): the BraTS 2017-2020 labels, necrosis and non-enhancing tumour merged into one tumour
   core class (NCR/NET), with edema and enhancing tumour; teacher A knows core + edema (values 1/2), teacher B
   edema + enhancing (20/40);
 - ``four``: the four labels as stored; teacher A knows necrosis + edema (1/2), teacher B edema + non-enhancing +
   enhancing (20/30/40).
+- ``tc_edema``: two classes, the tumour core as BraTS scores it (necrosis, non-enhancing and enhancing tumour)
+  and edema; teacher A knows only the core (value 1), teacher B only edema (20): neither knows the other's class,
+  each calls it background.
 Per seed:
 - teacher A (smp Unet/resnet18) and teacher B (smp FPN/resnet34) learn their classes from `teacher_train` (the
   other classes are background in their masks, as in a dataset that never annotated them), keeping the epoch
@@ -63,6 +66,9 @@ SCHEMES = {  # scheme -> (class -> the true masks' values, {teacher: (architectu
     "four": ({"necrosis": (1,), "edema": (2,), "non-enhancing": (3,), "enhancing": (4,)}, {
         "A": ("smp:Unet/resnet18", {"necrosis": 1, "edema": 2}),
         "B": ("smp:FPN/resnet34", {"edema": 20, "non-enhancing": 30, "enhancing": 40})}),
+    "tc_edema": ({"tumour_core": (1, 3, 4), "edema": (2,)}, {
+        "A": ("smp:Unet/resnet18", {"tumour_core": 1}),
+        "B": ("smp:FPN/resnet34", {"edema": 20})}),
 }
 STUDENT = "smp:Unet/resnet34"
 CHANNELS = ["flair*", "t1c*"]
