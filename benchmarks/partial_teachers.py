@@ -225,7 +225,7 @@ def summarise(per_seed: dict, scheme: str) -> dict:
     rows = list(next(iter(per_seed.values()))["scores"])
     mean = {row: {c: statistics.fmean(s["scores"][row][c] for s in per_seed.values())
                   for c in next(iter(per_seed.values()))["scores"][row]} for row in rows}
-    union = "union student (teachers' labels)"
+    union = STUDENTS["union"]
     per_class = {}
     classes, teachers = SCHEMES[scheme]
     for c in classes:

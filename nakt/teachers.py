@@ -115,15 +115,20 @@ def declare_classes(teacher: Teacher, label_options: dict[str, str]) -> Teacher:
     return teacher
 
 
-def teacher_space(teachers: list[Teacher], label_map: str | None = None) -> Unified:
+def teacher_space(teachers: list[Teacher], label_map: str | None = None,
+                  target: tuple[str, list[int], list[str]] | None = None) -> Unified:
     """The one label space `teachers` are fused in, and each teacher's mapping onto it (`nakt.labelspace.unify`):
-    from ``--label-map`` (`label_map`, a YAML file), each spec's ``?map=``, and the teachers' values and names."""
+    from ``--label-map`` (`label_map`, a YAML file), each spec's ``?map=``, and the teachers' values and names.
+    `target`, a space ``(name, values, class names)`` such as a student's, is unified with them, ahead of them
+    (its mapping is ``mappings[0]``)."""
     first = teachers[0]
     for other in teachers[1:]:
         if other.card.spatial_dims != first.card.spatial_dims:
             raise NaktError(other.spec, f"is {other.card.spatial_dims}D, {first.spec} is {first.card.spatial_dims}D")
     spaces = [(t.spec, [int(v) for v in t.card.label_values], list(t.card.class_names)) for t in teachers]
     spec_maps = [parse_map(split_label_options(t.spec)[1].get("map", ""), t.spec) for t in teachers]
+    if target is not None:
+        spaces, spec_maps = [target, *spaces], [{}, *spec_maps]
     return unify(spaces, read_label_map(label_map) if label_map else None, spec_maps)
 
 

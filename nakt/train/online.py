@@ -22,10 +22,9 @@ from nakt.classify.roskd import TeacherSampler
 from nakt.errors import NaktError
 from nakt.fusion import fuse, fuse_partial
 from nakt.inference import probs_on_grid, probs_to_grid
-from nakt.labelspace import parse_map, split_label_options, unify
 from nakt.models import ModelCard, NaktModel
 from nakt.preprocess import target_size
-from nakt.teachers import NetTeacher, load_teacher, runs_own_inference
+from nakt.teachers import NetTeacher, load_teacher, runs_own_inference, teacher_space
 
 __all__ = ["OnlineTeachers", "check_online_specs", "load_net_teachers", "load_online_teachers", "online_teachers"]
 
@@ -62,24 +61,23 @@ def online_teachers(teachers: Sequence[NetTeacher], student: ModelCard, device: 
     for teacher in teachers:
         _check_fits(teacher.spec, teacher.card, student)
     targets = student_classes(teachers, student) if student.task == "segmentation" else None
-    if targets is not None and mode == "random":
-        for teacher, target in zip(teachers, targets):
-            if len(set(target)) < student.classes:
-                raise NaktError(teacher.spec, f"knows {len(set(target))} of the student's {student.classes} classes: "
-                                "alone at a step it would teach the others as absent",
+    online = OnlineTeachers([t.model.to(device).eval() for t in teachers], student, mode, fusion, seed, targets)
+    if online.known is not None and mode == "random":
+        for teacher, known in zip(teachers, online.known):
+            if not known.all():
+                raise NaktError(teacher.spec, f"knows {int(known.sum())} of the student's {student.classes} "
+                                "classes: alone at a step it would teach the others as absent",
                                 "use --teacher-mode mean (every teacher at every step, fused per class over the "
                                 "teachers that know it)")
-    return OnlineTeachers([t.model.to(device).eval() for t in teachers], student, mode, fusion, seed, targets)
+    return online
 
 
 def student_classes(teachers: Sequence[NetTeacher], student: ModelCard) -> list[list[int]]:
     """For each teacher, the student's class index of each of its own classes: the student's and the teachers'
-    label spaces unified by value, name or ``?map=`` as `nakt label` does (`nakt.labelspace.unify`). A teacher
+    label spaces unified by value, name or ``?map=`` as `nakt label` does (`nakt.teachers.teacher_space`). A teacher
     class the student does not predict is refused in one line."""
-    spaces = [("the student", [int(v) for v in student.label_values], list(student.class_names))]
-    spaces += [(t.spec, [int(v) for v in t.card.label_values], list(t.card.class_names)) for t in teachers]
-    spec_maps = [{}] + [parse_map(split_label_options(t.spec)[1].get("map", ""), t.spec) for t in teachers]
-    unified = unify(spaces, None, spec_maps)
+    unified = teacher_space(list(teachers), target=("the student", [int(v) for v in student.label_values],
+                                                    list(student.class_names)))
     own = unified.mappings[0].target_index  # the student's class i -> unified class own[i]
     to_student = {target: i for i, target in enumerate(own)}
     for teacher, mapping in zip(teachers, unified.mappings[1:]):
